@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh Debian machine:
+#   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
+#   make test    -> same set-up, then the test suite
+PY := .venv/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data train test bench clean
+
+$(PY):
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+
+.venv/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[dev,onnx]"
+	touch $@
+
+setup: .venv/.installed data
+
+# Debian ships the four original Fashion-MNIST files; install them when missing and apt is here.
+data:
+	@if [ ! -f $(FMNIST) ] && [ -z "$$NIN_DATA" ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	fi
+
+train: setup
+	.venv/bin/nin train $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .venv runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from nin.cli import main
+
+sys.exit(main())

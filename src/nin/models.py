@@ -1,0 +1,254 @@
+"""The NiN networks, written out like the tables in ANCHORS.md, and a small registry.
+
+Every network is ``features`` (mlpconv blocks, pools, dropout; it ends in one map per class)
+followed by ``head`` (global average pooling + flatten).  There is no fully connected layer.
+``forward_features`` returns the class maps, ``forward_head`` turns them into logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = [
+    "NiN", "ModelInfo", "nin_block", "nin_block_bn", "register_model", "list_models",
+    "create_model", "model_info", "min_input_size", "InputTooSmallError",
+]
+
+
+def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> nn.Sequential:
+    """The seed's mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(inplace=True),
+    )
+
+
+def nin_block_bn(in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, padding: int,
+                 last_relu: bool = True) -> nn.Sequential:
+    """mlpconv with batch norm after every conv (the convs then need no bias).
+
+    ``last_relu=False`` on the class-map block lets the maps be negative, so the logits are
+    never all clamped at 0 (the seed's "stuck at ln 10" failure).
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, mid_channels, kernel_size, padding=padding, bias=False),
+        nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(mid_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(mid_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+    ]
+    if last_relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class NiN(nn.Module):
+    """features -> class maps (N x num_classes x H x W) -> global average pool -> logits."""
+
+    def __init__(self, features: nn.Sequential, num_classes: int, in_chans: int,
+                 default_input_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.features = features
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.default_input_size = default_input_size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # N x num_classes x H x W: one map per class
+
+    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.head(maps)  # N x num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def layers(self) -> list[nn.Module]:
+        """Top-level layers in order, as the seed's printout lists them."""
+        return [*self.features, *self.head]
+
+
+# --- registry (as torchvision's models/_api.py) -------------------------------------------
+_MODELS: dict[str, Callable[..., NiN]] = {}
+
+
+def register_model(fn: Callable[..., NiN]) -> Callable[..., NiN]:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs) -> NiN:
+    if name not in _MODELS:
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _MODELS[name](**kwargs)
+
+
+class UnknownModelError(UsageError, ValueError):
+    pass
+
+
+# --- the networks -------------------------------------------------------------------------
+@register_model
+def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5) -> NiN:
+    """The seed (d2l.ai): 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters."""
+    features = nn.Sequential(
+        nin_block(in_chans, 96, kernel_size=11, stride=4, padding=0),  # 96 x 54 x 54
+        nn.MaxPool2d(3, stride=2),                                     # 96 x 26 x 26
+        nin_block(96, 256, kernel_size=5, stride=1, padding=2),        # 256 x 26 x 26
+        nn.MaxPool2d(3, stride=2),                                     # 256 x 12 x 12
+        nin_block(256, 384, kernel_size=3, stride=1, padding=1),       # 384 x 12 x 12
+        nn.MaxPool2d(3, stride=2),                                     # 384 x 5 x 5
+        nn.Dropout(drop_rate),
+        nin_block(384, num_classes, kernel_size=3, stride=1, padding=1),  # 10 x 5 x 5
+    )
+    return NiN(features, num_classes, in_chans, (in_chans, 224, 224))
+
+
+@register_model
+def nin_cifar10(*, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.5,
+                pool2: Literal["max", "avg"] = "max") -> NiN:
+    """The paper's CIFAR-10 network (cuda-convnet config); 966,986 parameters.
+
+    Pools round up like Caffe/cuda-convnet (ceil_mode) so 32 -> 16 -> 8 and the last pool is 8 x 8.
+    ``pool2="avg"`` gives the Caffe model zoo's variant.
+    """
+    if pool2 not in ("max", "avg"):
+        raise ValueError(f"pool2 must be 'max' or 'avg', got {pool2!r}")
+    second_pool = (nn.MaxPool2d(3, stride=2, ceil_mode=True) if pool2 == "max"
+                   else nn.AvgPool2d(3, stride=2, ceil_mode=True))
+    features = nn.Sequential(
+        nn.Sequential(
+            nn.Conv2d(in_chans, 192, 5, padding=2), nn.ReLU(inplace=True),  # 192 x 32 x 32
+            nn.Conv2d(192, 160, 1), nn.ReLU(inplace=True),                  # 160 x 32 x 32
+            nn.Conv2d(160, 96, 1), nn.ReLU(inplace=True),                   # 96 x 32 x 32
+        ),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),                          # 96 x 16 x 16
+        nn.Dropout(drop_rate),
+        nin_block(96, 192, kernel_size=5, stride=1, padding=2),             # 192 x 16 x 16
+        second_pool,                                                        # 192 x 8 x 8
+        nn.Dropout(drop_rate),
+        nn.Sequential(
+            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True),       # 192 x 8 x 8
+            nn.Conv2d(192, 192, 1), nn.ReLU(inplace=True),                  # 192 x 8 x 8
+            nn.Conv2d(192, num_classes, 1), nn.ReLU(inplace=True),          # 10 x 8 x 8
+        ),
+    )
+    return NiN(features, num_classes, in_chans, (in_chans, 32, 32))
+
+
+@register_model
+def nin_imagenet(*, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5) -> NiN:
+    """The Caffe model zoo's 4-layer ImageNet NiN; 7,595,176 parameters; pools round up as in Caffe."""
+    features = nn.Sequential(
+        nin_block(in_chans, 96, kernel_size=11, stride=4, padding=0),  # 96 x 54 x 54
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),                     # 96 x 27 x 27
+        nin_block(96, 256, kernel_size=5, stride=1, padding=2),        # 256 x 27 x 27
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),                     # 256 x 13 x 13
+        nin_block(256, 384, kernel_size=3, stride=1, padding=1),       # 384 x 13 x 13
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),                     # 384 x 6 x 6
+        nn.Dropout(drop_rate),
+        nn.Sequential(
+            nn.Conv2d(384, 1024, 3, padding=1), nn.ReLU(inplace=True),       # 1024 x 6 x 6
+            nn.Conv2d(1024, 1024, 1), nn.ReLU(inplace=True),                 # 1024 x 6 x 6
+            nn.Conv2d(1024, num_classes, 1), nn.ReLU(inplace=True),          # 1000 x 6 x 6
+        ),
+    )
+    return NiN(features, num_classes, in_chans, (in_chans, 224, 224))
+
+
+@register_model
+def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, width: int = 64) -> NiN:
+    """Native-resolution NiN for 28 x 28 inputs: three BN mlpconv blocks, GAP, no FC layer.
+
+    Sized for 2 CPU cores (one Fashion-MNIST epoch well under a minute).  ``width`` scales
+    every block (64 -> 64/128/192); the ``best`` recipe uses a wider one.
+    """
+    w1, w2, w3 = width, 2 * width, 3 * width
+    features = nn.Sequential(
+        nin_block_bn(in_chans, w1, w1, kernel_size=3, padding=1),   # w1 x 28 x 28
+        nn.MaxPool2d(2),                                            # w1 x 14 x 14
+        nn.Dropout(drop_rate),
+        nin_block_bn(w1, w2, w2, kernel_size=3, padding=1),         # w2 x 14 x 14
+        nn.MaxPool2d(2),                                            # w2 x 7 x 7
+        nn.Dropout(drop_rate),
+        nin_block_bn(w2, w3, num_classes, kernel_size=3, padding=1, last_relu=False),  # 10 x 7 x 7
+    )
+    return NiN(features, num_classes, in_chans, (in_chans, 28, 28))
+
+
+# --- inspection ---------------------------------------------------------------------------
+class InputTooSmallError(UsageError, ValueError):
+    """The input is smaller than (or has other channels than) what the network can take."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    input_size: tuple[int, int, int]
+    params: int
+    flops: int  # forward FLOPs per image (2 per multiply-add), torch.utils.flop_counter
+    layers: list[tuple[str, tuple[int, ...]]]  # (layer class name, output shape without batch)
+
+
+def _fits(model: NiN, c: int, h: int, w: int) -> bool:
+    try:
+        with torch.no_grad():
+            model.forward_features(torch.zeros(1, c, h, w))
+        return True
+    except RuntimeError:
+        return False
+
+
+def min_input_size(model: NiN) -> int:
+    """The smallest square input side the network accepts (binary search on a dry forward)."""
+    lo, hi = 1, max(model.default_input_size[1:])
+    was_training = model.training
+    model.eval()
+    try:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _fits(model, model.in_chans, mid, mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    finally:
+        model.train(was_training)
+    return lo
+
+
+def check_input_size(model: NiN, input_size: tuple[int, int, int], name: str = "model") -> None:
+    """Raise InputTooSmallError (a user mistake, not a traceback) if ``model`` cannot take ``input_size``."""
+    c, h, w = input_size
+    if c != model.in_chans:
+        raise InputTooSmallError(f"{name} takes {model.in_chans} input channel(s), got an input of {c}")
+    model.eval()
+    if not _fits(model, c, h, w):
+        m = min_input_size(model)
+        raise InputTooSmallError(
+            f"{name} cannot take a {c}x{h}x{w} input: the smallest input it accepts is {c}x{m}x{m}")
+
+
+def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwargs) -> ModelInfo:
+    """Per-layer output shapes, parameter count and forward FLOPs of a registered model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(name, **kwargs).eval()
+    size = tuple(input_size) if input_size is not None else model.default_input_size
+    check_input_size(model, size, name)
+    x = torch.zeros(1, *size)
+    shapes = []
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for layer in model.layers():
+            x = layer(x)
+            shapes.append((layer.__class__.__name__, tuple(x.shape[1:])))
+    params = sum(p.numel() for p in model.parameters())
+    return ModelInfo(name, size, params, counter.get_total_flops(), shapes)
