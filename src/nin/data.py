@@ -1,0 +1,208 @@
+"""Datasets and the on-device batch loader.
+
+Each split lives on the target device as uint8 (as in airbench): an epoch is one ``randperm``,
+a batch is an index into that tensor, and augmentation, conversion, resizing and normalisation
+run on the whole batch.  No DataLoader workers, no per-image PIL calls.
+
+Resizing is two matrix products, ``A_h @ x @ A_w^T`` (the second by row blocks that skip A_h's
+zeros), with the weights of PIL's bilinear
+filter (the same weights as ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)``),
+so ``to_float_batch(x, resize=224)`` matches the seed's ``Resize(224)`` + ``ToTensor()``.  Scaling
+by 1/255 and the mean/std normalisation are folded into ``A_h`` and one bias add.
+
+Finding and parsing the files is in ``datasets.py``; its public names are re-exported here.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from .datasets import DATASETS, Dataset, Split, find_dataset, load_dataset, search_dirs
+
+__all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs",
+           "to_float_batch", "resize_matrix", "augment", "BatchLoader"]
+
+
+@lru_cache(maxsize=64)
+def _resize_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """n_out x n_in float64 weights of PIL's bilinear (triangle) filter, widened when shrinking."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # antialias: the filter covers `scale` input pixels when shrinking
+    centers = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    pos = torch.arange(n_in, dtype=torch.float64) + 0.5
+    w = (1 - ((pos[None, :] - centers[:, None]) / support).abs()).clamp_(min=0)
+    return w / w.sum(1, keepdim=True)
+
+
+def resize_matrix(n_in: int, n_out: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Resizing a length-``n_in`` axis to ``n_out`` is ``resize_matrix(n_in, n_out) @ axis``."""
+    return _resize_weights(n_in, n_out).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=64)
+def _row_blocks(n_in: int, n_out: int, banded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The resize matrix cut into G blocks of B output rows, each with its band of k input rows:
+    weights G x B x k (float64) and input-row indices G x k.  Enlarging 28 -> 224, every output
+    reads 2 inputs, so a dense K = 28 product would do ~5x the needed work."""
+    w = _resize_weights(n_in, n_out)
+    b = next((b for b in range(32, 7, -1) if n_out % b == 0), n_out) if banded else n_out
+    bands = [w[r:r + b].abs().sum(0).nonzero().flatten() for r in range(0, n_out, b)]
+    k = max(int(nz[-1] - nz[0]) + 1 for nz in bands)
+    if k * 4 > n_in * 3:  # the bands would cover nearly everything: one dense block
+        b, k, bands = n_out, n_in, [torch.zeros(1, dtype=torch.long)]
+    starts = [min(int(nz[0]), n_in - k) for nz in bands]
+    index = torch.tensor([list(range(s, s + k)) for s in starts])
+    blocks = torch.stack([w[g * b:(g + 1) * b, s:s + k] for g, s in enumerate(starts)])
+    return blocks, index
+
+
+def _channel_params(values, c: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(c)
+    if t.numel() != c:
+        raise ValueError(f"{what} has {t.numel()} values for {c} channels")
+    return t
+
+
+def to_float_batch(x: torch.Tensor, *, resize: int | None = None, mean=None, std=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 N x C x H x W (any device) -> float in [0, 1], resized to ``resize`` x ``resize`` as PIL's
+    bilinear ``Resize`` + ``ToTensor`` would, then ``(x - mean) / std`` per channel if given.
+
+    The arithmetic runs in ``dtype`` (bfloat16 is several times faster on CPUs with AVX-512 bf16;
+    its error is that of bfloat16 itself, about 1/256 relative)."""
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"expected a uint8 N x C x H x W tensor, got {x.dtype} {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:  # y = (v / 255 - mean) / std = v * scale + bias
+        scale64 = 1 / (255 * _channel_params(std, c, "std"))
+        bias64 = -_channel_params(mean, c, "mean") / _channel_params(std, c, "std")
+    if resize is None or (resize == h and resize == w):
+        y = x.to(dtype)
+        if mean is None:
+            return y.div_(255)
+        return y.mul_(scale64.to(x.device, dtype).view(1, c, 1, 1)).add_(bias64.to(x.device, dtype).view(1, c, 1, 1))
+    # y_i = A_h x_i A_w^T for every image: t = x A_w^T (one GEMM), then A_h t by row blocks, each
+    # block of output rows reading only its band of t's rows; the result lands in N x C x H x W order.
+    dev = x.device
+    a_w = resize_matrix(w, resize, dev, dtype)  # resize x W
+    t = torch.matmul(x.to(dtype), a_w.T)  # N x C x H x resize
+    blocks, index = _row_blocks(h, resize, dev.type == "cpu" and dtype in (torch.float32, torch.float64))
+    blocks = blocks / 255  # G x B x k, carries the 1/255 of ToTensor
+    if mean is not None:
+        blocks = blocks[None] * (255 * scale64).view(c, 1, 1, 1)  # C x G x B x k
+    g, b, k = index.shape[0], blocks.shape[-2], index.shape[1]
+    rows = t if g == 1 else t[:, :, index.to(dev)]  # N x C x G x k x resize
+    y = torch.matmul(blocks.to(dev, dtype), rows.view(n, c, g, k, resize))  # N x C x G x B x resize
+    if mean is not None:
+        y.add_(bias64.to(dev, dtype).view(1, c, 1, 1, 1))
+    return y.view(n, c, resize, resize)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 0, flip: bool = False) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip on a uint8 batch, each image its own draw.
+
+    Draws come from ``generator`` (a CPU generator) in a fixed order -- crop rows, crop columns,
+    flips -- so a batch's augmentation depends only on the generator's seed, never on the device."""
+    n, c, h, w = x.shape
+    p = crop_padding
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    if not p and not flip:
+        return x
+    cols = torch.arange(w)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + dx[:, None]  # N x W, in padded coordinates
+    rows = torch.arange(h) + dy[:, None]  # N x H
+    xp = torch.nn.functional.pad(x, (p, p, p, p)) if p else x
+    dev = x.device
+    i = torch.arange(n, device=dev)[:, None, None, None]
+    ch = torch.arange(c, device=dev)[None, :, None, None]
+    return xp[i, ch, rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (distinct tuples give unrelated seeds)."""
+    s = 0x9E3779B97F4A7C15
+    for v in values:
+        s = (s ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        s ^= s >> 31
+    return s & 0x7FFFFFFFFFFFFFFF
+
+
+class BatchLoader:
+    """Batches of one split, held on ``device`` as uint8: ``for x, y in loader`` yields float x, int64 y.
+
+    Epoch ``e`` is ``randperm`` from a CPU generator seeded with ``seed + 1000003 * e`` (or 0..N-1 without
+    ``shuffle``); batch ``b``'s augmentation draws come from a generator seeded from (seed, e, b, rank).
+    So ``iterate(e, start_batch=k)`` yields exactly the tail of ``iterate(e)`` (resume mid-epoch).
+
+    Sharding: every rank computes the same order and takes ``order[rank::world_size]``.  With
+    ``drop_last`` the order is first cut to a multiple of ``world_size`` (every rank gets the same
+    number of samples and batches, as DDP training needs); without it nothing is dropped or repeated
+    and shards differ by at most one sample (what evaluation needs: each sample counted once).
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
+                 crop_padding: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.resize, self.mean, self.std, self.dtype = resize, mean, std, dtype
+        self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def _num_samples(self) -> int:
+        n = len(self.labels)
+        if self.drop_last:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        m = self._num_samples()
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """The sample indices (int64, CPU) this rank sees in ``epoch``, in order."""
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000003 * epoch))
+        else:
+            order = torch.arange(n)
+        if self.drop_last:
+            order = order[: n - n % self.world_size]
+        return order[self.rank::self.world_size]
+
+    def iterate(self, epoch: int, start_batch: int = 0):
+        """Yields (x float on device, y int64 on device) for batches ``start_batch..len(self)-1``."""
+        idx = self.epoch_indices(epoch).to(self.device)
+        b_size = self.batch_size
+        for b in range(start_batch, len(self)):
+            i = idx[b * b_size:(b + 1) * b_size]
+            x = self.images[i]
+            if self.crop_padding or self.flip:
+                g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, self.rank))
+                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip)
+            x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[i]
+
+    def __iter__(self):
+        return self.iterate(self.epoch)

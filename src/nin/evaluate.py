@@ -1,0 +1,245 @@
+"""Accuracy, per-class precision/recall, the confusion matrix, and class activation maps.
+
+Every model here is used through two calls: ``model(x)`` -> logits and, for CAMs,
+``model.forward_features(x)`` -> one map per class (N x K x h x w) before global average pooling.
+Raw images (uint8 N x C x H x W) become model input only through ``data.to_float_batch`` with the
+model's ``meta.preprocess``, so ``nin eval`` and ``nin predict`` see exactly the same numbers.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+TTA_CHOICES = ("none", "flip")
+
+
+def preprocess(model, images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x C x H x W -> the float input ``model`` was trained on (its meta.preprocess)."""
+    from .data import to_float_batch
+
+    p = getattr(getattr(model, "meta", None), "preprocess", None) or {}
+    return to_float_batch(images, resize=p.get("resize"), mean=p.get("mean"), std=p.get("std"))
+
+
+@torch.inference_mode()
+def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None) -> torch.Tensor:
+    """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
+    logits of the image and its horizontal mirror."""
+    if tta not in (None, "none", "flip"):
+        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = preprocess(model, images[i:i + batch_size])
+        logits = model(x).float()
+        if tta == "flip":
+            logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits.cpu())
+    if not out:
+        return torch.zeros(0, len(getattr(model, "classes", [])))
+    return torch.cat(out)
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """K x K counts, rows = true class, columns = predicted class."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+@dataclass
+class EvalResult:
+    classes: list[str]
+    confusion: np.ndarray  # rows: true class, columns: predicted class
+    tta: str = "none"
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.trace(self.confusion) / max(self.n, 1))
+
+    @property
+    def precision(self) -> np.ndarray:
+        """Per class: correct / predicted as that class (0 when never predicted)."""
+        predicted = self.confusion.sum(0)
+        return np.divide(np.diag(self.confusion), predicted, out=np.zeros(len(self.classes)),
+                         where=predicted > 0)
+
+    @property
+    def recall(self) -> np.ndarray:
+        """Per class: correct / examples of that class (0 when there are none)."""
+        actual = self.confusion.sum(1)
+        return np.divide(np.diag(self.confusion), actual, out=np.zeros(len(self.classes)), where=actual > 0)
+
+    def most_confused(self, k: int = 5) -> list[tuple[str, str, int]]:
+        """The k largest off-diagonal cells: (true class, predicted class, count), count > 0."""
+        off = self.confusion.copy()
+        np.fill_diagonal(off, 0)
+        order = np.argsort(-off, axis=None, kind="stable")[:k]
+        pairs = [np.unravel_index(i, off.shape) for i in order]
+        return [(self.classes[t], self.classes[p], int(off[t, p])) for t, p in pairs if off[t, p] > 0]
+
+    def to_json(self) -> dict:
+        return {
+            "n": self.n, "accuracy": self.accuracy, "tta": self.tta,
+            "per_class": [{"class": c, "precision": float(p), "recall": float(r), "support": int(s)}
+                          for c, p, r, s in zip(self.classes, self.precision, self.recall, self.confusion.sum(1))],
+            "most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in self.most_confused()],
+            "confusion": self.confusion.tolist(),
+        }
+
+
+def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None) -> EvalResult:
+    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``)."""
+    images, labels = split.images, split.labels
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    classes = list(model.classes)
+    logits = predict_logits(model, images, batch_size=batch_size, tta=tta)
+    if logits.shape[1] != len(classes):
+        raise UsageError(f"the model gives {logits.shape[1]} logits but has {len(classes)} class names")
+    labels = torch.as_tensor(labels).cpu().numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise UsageError(f"the labels go up to {labels.max()} but the model knows {len(classes)} classes")
+    cm = confusion_matrix(labels, logits.argmax(1).numpy(), len(classes))
+    return EvalResult(classes, cm, tta or "none")
+
+
+def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:
+    from .export import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *result.classes])
+            for name, row in zip(result.classes, result.confusion):
+                w.writerow([name, *map(int, row)])
+    atomic_write(path, write)
+
+
+def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    from .export import atomic_write
+
+    k = len(result.classes)
+    fig = Figure(figsize=(1.0 + 0.6 * k, 0.6 + 0.55 * k), layout="constrained")
+    ax = fig.add_subplot()
+    # Colour by row share (recall) so rare classes are as visible as common ones; print the counts.
+    share = result.confusion / np.maximum(result.confusion.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for t in range(k):
+        for p in range(k):
+            n = result.confusion[t, p]
+            if n:
+                ax.text(p, t, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if share[t, p] > 0.5 else "black")
+    ax.set_xticks(range(k), result.classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), result.classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {result.accuracy:.4f} on {result.n:,} images", fontsize=9)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+# --- class activation maps ------------------------------------------------------------------
+@torch.inference_mode()
+def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps N x K x h x w, logits N x K) for a preprocessed float batch.
+
+    NiN's last block already gives one map per class and the head only averages it, so these are
+    the class activation maps, no gradient needed: ``maps.mean((2, 3)) == logits``.
+    """
+    maps = model.forward_features(x)
+    return maps, model.forward_head(maps)
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x K x h x w -> N x K x H x W (bilinear), for overlaying on the input image."""
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def _show_image(ax, image: torch.Tensor) -> None:
+    img = image.cpu().numpy()
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img.transpose(1, 2, 0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _overlay(ax, image: torch.Tensor, cam: torch.Tensor, title: str) -> None:
+    """The image in grey with one class map (min-max scaled) in colour on top."""
+    _show_image(ax, image.float().mean(0, keepdim=True).to(torch.uint8))
+    cam = cam.cpu().numpy()
+    span = cam.max() - cam.min()
+    ax.imshow((cam - cam.min()) / span if span > 0 else np.zeros_like(cam), cmap="jet", alpha=0.45,
+              vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+
+
+def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
+                    title: str = "") -> list[tuple[str, float]]:
+    """The image (uint8 C x H x W, model-sized) and its top-k classes' maps overlaid, with their
+    probabilities.  Returns the top-k (class, probability)."""
+    from matplotlib.figure import Figure
+
+    from .export import atomic_write
+
+    x = preprocess(model, image[None])
+    maps, logits = class_activation_maps(model, x)
+    probs = logits.float().softmax(1)[0]
+    k = max(1, min(topk, probs.numel()))
+    top = probs.topk(k)
+    cams = upsample_maps(maps, tuple(image.shape[1:]))[0]
+    fig = Figure(figsize=(2.1 * (k + 1), 2.5), layout="constrained")
+    axes = fig.subplots(1, k + 1, squeeze=False)[0]
+    _show_image(axes[0], image)
+    axes[0].set_title(title or "input", fontsize=8)
+    result = []
+    for ax, p, c in zip(axes[1:], top.values.tolist(), top.indices.tolist()):
+        _overlay(ax, image, cams[c], f"{model.classes[c]}  {p:.1%}")
+        result.append((model.classes[c], p))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    return result
+
+
+def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, *, cols: int = 0) -> float:
+    """N images each with the map of its predicted class; titles 'predicted p (true)'.
+
+    Returns the accuracy on these images.
+    """
+    from matplotlib.figure import Figure
+
+    from .export import atomic_write
+
+    n = images.shape[0]
+    cols = cols or min(n, 8)
+    rows = -(-n // cols)
+    maps, logits = class_activation_maps(model, preprocess(model, images))
+    probs = logits.float().softmax(1)
+    pred = probs.argmax(1)
+    cams = upsample_maps(maps, tuple(images.shape[2:]))
+    fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        if i >= n:
+            ax.axis("off")
+            continue
+        c, t = int(pred[i]), int(labels[i])
+        mark = "" if c == t else f"\n(true: {model.classes[t]})"
+        _overlay(ax, images[i], cams[i, c], f"{model.classes[c]} {probs[i, c]:.0%}{mark}")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    return float((pred == torch.as_tensor(labels)).float().mean()) if n else 0.0

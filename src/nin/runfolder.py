@@ -1,0 +1,113 @@
+"""The run folder: config.json, metrics.csv/.jsonl, curves.png and last.ckpt (atomic, safe to load)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, UsageError
+from .export import atomic_write
+
+CKPT_FORMAT = "nin-ckpt/1"
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "lr", "images_per_sec", "seconds"]
+
+
+def prepare(out: str | os.PathLike, resume: bool) -> Path:
+    """Create the run folder; refuse to reuse one that holds a run unless resuming."""
+    out = Path(out)
+    if not resume and out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out}: the folder already holds a run; use --resume {out} to continue it, "
+                         f"or --out to choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_config(out: Path, cfg: dict, extra: dict) -> None:
+    from . import __version__
+
+    doc = {"config": cfg, **extra,
+           "versions": {"nin": __version__, "torch": torch.__version__, "python": platform.python_version()},
+           "git_commit": _git_commit(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
+
+
+def read_config(run: Path) -> dict:
+    path = Path(run) / "config.json"
+    try:
+        return json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's config ({e})") from None
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """Rewrite both metric files from the full history (so a resumed run never duplicates rows)."""
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_write(out / "metrics.csv", write_csv)
+    atomic_write(out / "metrics.jsonl",
+                 lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
+
+
+def plot_curves(out: Path, history: list[dict], title: str) -> None:
+    """train loss, train acc and test acc against epoch on one axis, like the seed's animator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
+    ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
+    ax.plot(epochs, [r["test_acc"] for r in history], "g-.", label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0.5, max(epochs) + 0.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save of tensors and plain containers only, so it loads with weights_only=True."""
+    atomic_write(path, lambda tmp: torch.save({"format": CKPT_FORMAT, **state}, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # truncated zip, pickle payloads refused by the weights-only unpickler, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"{path}: not a loadable nin checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a nin checkpoint (expected format {CKPT_FORMAT})")
+    return state

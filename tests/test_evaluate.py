@@ -1,0 +1,125 @@
+"""Accuracy, confusion matrix, precision/recall and class activation maps, against direct computations."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from nin.cli import main
+from nin.evaluate import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
+                          save_cam_figure, save_cam_grid, save_confusion_csv, save_confusion_png)
+from nin.export import ModelMeta, load, save_model
+from nin.models import create_model, list_models
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small nin_fmnist trained for a few SGD steps on real Fashion-MNIST, saved as a run folder."""
+    from nin.data import load_dataset, to_float_batch
+
+    ds = load_dataset("fashion-mnist")
+    mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]
+    torch.manual_seed(0)
+    model = create_model("nin_fmnist", width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(30):
+        x = to_float_batch(ds.train.images[i * 64:(i + 1) * 64], mean=mean, std=std)
+        loss = torch.nn.functional.cross_entropy(model(x), ds.train.labels[i * 64:(i + 1) * 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = ModelMeta("nin_fmnist", {"width": 8}, list(ds.classes), [1, 28, 28], "fashion-mnist",
+                     {"resize": None, "mean": mean, "std": std})
+    path = tmp_path_factory.mktemp("run")
+    save_model(path, model.eval(), meta)
+    return path, load(path), ds
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=60))
+def test_confusion_matrix_counts_pairs(pairs):
+    cm = confusion_matrix([t for t, _ in pairs], [p for _, p in pairs], 5)
+    expected = np.zeros((5, 5), dtype=np.int64)
+    for t, p in pairs:
+        expected[t, p] += 1
+    np.testing.assert_array_equal(cm, expected)
+
+
+def test_precision_recall_and_most_confused_by_hand():
+    # rows: true a, b, c; columns: predicted a, b, c
+    r = EvalResult(["a", "b", "c"], np.array([[5, 3, 0], [1, 4, 0], [2, 0, 0]]))
+    assert r.n == 15 and r.accuracy == pytest.approx(9 / 15)
+    np.testing.assert_allclose(r.precision, [5 / 8, 4 / 7, 0.0])  # c is never predicted: 0, not NaN
+    np.testing.assert_allclose(r.recall, [5 / 8, 4 / 5, 0.0])
+    assert r.most_confused(10) == [("a", "b", 3), ("c", "a", 2), ("b", "a", 1)]
+
+
+def test_evaluate_matches_a_direct_computation(run):
+    _, model, ds = run
+    x, y = ds.test.images[:1000], ds.test.labels[:1000]
+    mean, std = model.meta.preprocess["mean"][0], model.meta.preprocess["std"][0]
+    with torch.no_grad():
+        direct = model((x.float() / 255 - mean) / std).argmax(1)
+    result = evaluate(model, ds.test, limit=1000, batch_size=300)
+    assert result.accuracy == pytest.approx((direct == y).float().mean().item())
+    assert result.accuracy > 0.3  # the few training steps learned something: the test can tell models apart
+    np.testing.assert_array_equal(result.confusion, confusion_matrix(y.numpy(), direct.numpy(), 10))
+
+
+def test_flip_tta_averages_mirrored_logits(run):
+    _, model, ds = run
+    x = ds.test.images[:50]
+    plain = predict_logits(model, x)
+    mirrored = predict_logits(model, x.flip(-1))
+    torch.testing.assert_close(predict_logits(model, x, tta="flip"), (plain + mirrored) / 2)
+
+
+def test_confusion_files(run, tmp_path):
+    _, model, ds = run
+    result = evaluate(model, ds.test, limit=300)
+    save_confusion_csv(result, tmp_path / "c.csv")
+    save_confusion_png(result, tmp_path / "c.png")
+    rows = list(csv.reader(open(tmp_path / "c.csv")))
+    assert rows[0][1:] == result.classes and [r[0] for r in rows[1:]] == result.classes
+    np.testing.assert_array_equal(np.array([r[1:] for r in rows[1:]], dtype=int), result.confusion)
+    assert Image.open(tmp_path / "c.png").format == "PNG"
+
+
+def test_cli_eval_json(run, tmp_path, capsys):
+    path, model, ds = run
+    assert main(["eval", str(path), "--limit", "500", "--json", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accuracy"] == pytest.approx(evaluate(model, ds.test, limit=500).accuracy)
+    assert out["n"] == 500 and len(out["per_class"]) == 10
+    assert (tmp_path / "confusion.png").exists() and (tmp_path / "confusion.csv").exists()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_cam_spatial_mean_is_the_logits(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.randn(2, *model.default_input_size)
+    maps, logits = class_activation_maps(model, x)
+    assert maps.shape[:2] == (2, model.num_classes) and maps.shape[2] > 1  # really spatial maps
+    with torch.no_grad():
+        torch.testing.assert_close(maps.mean((2, 3)), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, maps.mean((2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_cam_pictures(run, tmp_path):
+    _, model, ds = run
+    image = ds.test.images[0]
+    top = save_cam_figure(model, image, tmp_path / "one.png", topk=3)
+    probs = predict_logits(model, image[None]).softmax(1)[0]
+    expected = probs.topk(3)
+    assert [c for c, _ in top] == [model.classes[i] for i in expected.indices.tolist()]
+    np.testing.assert_allclose([p for _, p in top], expected.values.tolist(), rtol=1e-5)
+    acc = save_cam_grid(model, ds.test.images[:6], ds.test.labels[:6], tmp_path / "grid.png")
+    pred = predict_logits(model, ds.test.images[:6]).argmax(1)
+    assert acc == pytest.approx((pred == ds.test.labels[:6]).float().mean().item())
+    for f in ("one.png", "grid.png"):
+        assert Image.open(tmp_path / f).size[0] > 200

@@ -1,0 +1,127 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from nin.cli import main
+from nin.models import InputTooSmallError, check_input_size, create_model, list_models, model_info
+
+# Parameter counts published for each network (ANCHORS.md); nin_fmnist is ours (sized for 2 CPU cores).
+EXPECTED_PARAMS = {"nin_d2l": 1_992_166, "nin_cifar10": 966_986, "nin_imagenet": 7_595_176, "nin_fmnist": 377_172}
+
+
+def test_every_model_has_an_expected_count():
+    assert sorted(EXPECTED_PARAMS) == list_models()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_contract(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    n_classes = model.num_classes
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMS[name]
+    x = torch.randn(2, *model.default_input_size)
+    with torch.no_grad():
+        logits = model(x)
+        maps = model.forward_features(x)
+        again = model.forward_head(maps)
+    assert logits.shape == (2, n_classes)
+    assert torch.isfinite(logits).all()
+    assert maps.dim() == 4 and maps.shape[:2] == (2, n_classes)
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+    # the head is global average pooling: logits are the maps' spatial means
+    torch.testing.assert_close(maps.mean(dim=(2, 3)), logits)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_num_classes_and_in_chans(name):
+    model = create_model(name, num_classes=7, in_chans=2).eval()
+    _, h, w = model.default_input_size
+    with torch.no_grad():
+        assert model(torch.randn(1, 2, h, w)).shape == (1, 7)
+
+
+def seed_net():
+    """The seed's network, written out from ANCHORS.md section 1 (d2l.ai's code)."""
+    def nin_block(in_channels, out_channels, kernel_size, strides, padding):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU())
+
+    return nn.Sequential(
+        nin_block(1, 96, kernel_size=11, strides=4, padding=0), nn.MaxPool2d(3, stride=2),
+        nin_block(96, 256, kernel_size=5, strides=1, padding=2), nn.MaxPool2d(3, stride=2),
+        nin_block(256, 384, kernel_size=3, strides=1, padding=1), nn.MaxPool2d(3, stride=2),
+        nn.Dropout(0.5),
+        nin_block(384, 10, kernel_size=3, strides=1, padding=1),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+
+
+def test_nin_d2l_equals_the_seed_by_position():
+    torch.manual_seed(1)
+    seed = seed_net().eval()
+    ours = create_model("nin_d2l").eval()
+    seed_params, our_params = list(seed.parameters()), list(ours.parameters())
+    assert [p.shape for p in seed_params] == [p.shape for p in our_params]
+    with torch.no_grad():
+        for s, o in zip(seed_params, our_params):
+            o.copy_(s)
+        x = torch.randn(3, 1, 224, 224)
+        torch.testing.assert_close(ours(x), seed(x), rtol=0, atol=1e-6)
+
+
+def test_nin_cifar10_pool_variants():
+    x = torch.randn(1, 3, 32, 32)
+    for pool2, cls in (("max", nn.MaxPool2d), ("avg", nn.AvgPool2d)):
+        m = create_model("nin_cifar10", pool2=pool2).eval()
+        assert isinstance(m.features[4], cls)
+        assert m.forward_features(x).shape == (1, 10, 8, 8)  # the paper's 8x8 global pool
+    with pytest.raises(ValueError, match="pool2"):
+        create_model("nin_cifar10", pool2="min")
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*nin_d2l"):
+        create_model("resnet")
+
+
+SEED_SHAPES = [(96, 54, 54), (96, 26, 26), (256, 26, 26), (256, 12, 12), (384, 12, 12), (384, 5, 5),
+               (384, 5, 5), (10, 5, 5), (10, 1, 1), (10,)]
+
+
+def test_model_info_matches_anchors():
+    info = model_info("nin_d2l")
+    assert [shape for _, shape in info.layers] == SEED_SHAPES
+    assert info.params == 1_992_166
+    assert round(info.flops / 2 / 1e6, 1) == 762.3  # ANCHORS: 762.3 M multiply-adds per image
+
+
+def test_summary_cli_prints_seed_shapes(capsys):
+    assert main(["summary", "nin_d2l"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "output shape" in line]
+    assert len(lines) == len(SEED_SHAPES)
+    for line, shape in zip(lines, SEED_SHAPES):
+        assert line.split("\t")[-1] == " x ".join(map(str, (1, *shape)))
+    assert "1,992,166" in out
+
+
+def test_too_small_input_is_one_clear_error(capsys):
+    assert main(["summary", "nin_d2l", "--input-size", "1", "32", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "smallest input it accepts is 1x67x67" in err
+    assert "Traceback" not in err
+    # 67 is really the smallest: it fits, 66 does not
+    model = create_model("nin_d2l")
+    check_input_size(model, (1, 67, 67))
+    with pytest.raises(InputTooSmallError):
+        check_input_size(model, (1, 66, 66))
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from nin.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,179 @@
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nin.cli import main
+from nin.errors import UsageError
+from nin.recipes import RECIPES, TrainConfig, get_recipe, lr_at
+from nin.runfolder import load_checkpoint
+from nin.train import TrainingDiverged, train
+
+from .fakedata import fake_fashion_dir, has_real_fmnist
+
+# A tiny, quick configuration of the fast recipe on made-up IDX files (tests write them).
+TINY = dict(model_kwargs={"width": 8}, epochs=2, batch_size=64, limit_train=512, eval_batch_size=256,
+            warmup_epochs=0.0, quiet=None)
+
+
+def tiny_cfg(data_dir, **kw):
+    base = {k: v for k, v in TINY.items() if k != "quiet"}
+    return get_recipe("fast", data_dir=str(data_dir), **{**base, **kw})
+
+
+def test_d2l_recipe_is_the_seed():
+    cfg = get_recipe("d2l")
+    # d2l.train_ch6 + load_data_fashion_mnist(batch_size=128, resize=224), lr 0.1, 10 epochs
+    assert (cfg.model, cfg.dataset, cfg.resize, cfg.normalize) == ("nin_d2l", "fashion-mnist", 224, False)
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (0.1, 10, 128, 0.0, 0.0)
+    assert (cfg.schedule, cfg.warmup_epochs, cfg.label_smoothing, cfg.init) == ("constant", 0.0, 0.0, "xavier")
+    assert (cfg.crop_padding, cfg.flip, cfg.tta_flip) == (0, False, False)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipes_validate_and_round_trip(name):
+    cfg = get_recipe(name)
+    cfg.validate()
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(epochs=2, schedule="onecycle", warmup_epochs=0.5)
+    lrs = [lr_at(cfg, s, 10, 1.0) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)  # warm-up over 5 steps
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.07
+    step = TrainConfig(epochs=3, schedule="step", step_epochs=(1, 2))
+    assert [lr_at(step, s, 10, 1.0) for s in (0, 10, 25)] == pytest.approx([1.0, 0.1, 0.01])
+    assert lr_at(TrainConfig(schedule="constant"), 123, 10, 0.1) == 0.1
+
+
+@pytest.mark.parametrize("field,value,flag", [("lr", 0.0, "--lr"), ("lr", -1.0, "--lr"),
+                                              ("batch_size", 0, "--batch-size"), ("epochs", 0, "--epochs"),
+                                              ("schedule", "linear", "--schedule")])
+def test_bad_options_are_usage_errors(field, value, flag):
+    cfg = dataclasses.replace(get_recipe("fast"), **{field: value})
+    with pytest.raises(UsageError, match=flag):
+        cfg.validate()
+
+
+def test_run_folder_contents_and_config_round_trip(tmp_path):
+    data = fake_fashion_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    final = train(tiny_cfg(data), out, quiet=True, log=lambda *a, **k: None)
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "curves.png", "last.ckpt",
+                 "best.safetensors", "model.json"):
+        assert (out / name).exists(), name
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "test_acc", "lr", "images_per_sec", "seconds"}
+    jsonl = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert jsonl[-1]["test_acc"] == pytest.approx(final["test_acc"])
+    saved = json.loads((out / "config.json").read_text())
+    assert TrainConfig.from_dict(saved["config"]) == tiny_cfg(data)
+    assert saved["versions"]["torch"] == torch.__version__
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["model"] == "nin_fmnist" and meta["model_kwargs"]["width"] == 8 and len(meta["classes"]) == 10
+    assert set(load_file(out / "best.safetensors")) == set(torch.load(out / "last.ckpt", weights_only=True)["model"])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    data = fake_fashion_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("precious")
+    rc = main(["train", "--data-dir", str(data), "--out", str(out), "--limit-train", "64", "--epochs", "1",
+               "--quiet", "--model-kwargs", '{"width": 8}'])
+    assert rc == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.csv").read_text() == "precious"
+
+
+def _weights(run):
+    return torch.load(run / "last.ckpt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stop", ["epoch", "mid-epoch"])
+def test_resume_is_bit_identical(tmp_path, stop):
+    data = fake_fashion_dir(tmp_path / "data")
+    cfg = tiny_cfg(data, epochs=2, model_kwargs={"width": 8, "drop_rate": 0.2})  # dropout: RNG matters
+    full = train(cfg, tmp_path / "full", quiet=True, log=lambda *a, **k: None)
+    steps_per_epoch = 512 // 64
+    cut = steps_per_epoch if stop == "epoch" else steps_per_epoch + 3
+    # a run stopped after `cut` steps (at an epoch end, or mid-epoch via the --save-every checkpoint)
+    part = dataclasses.replace(cfg, max_steps=cut)
+    train(part, tmp_path / "part", quiet=True, log=lambda *a, **k: None)
+    if stop == "mid-epoch":
+        st = load_checkpoint(tmp_path / "part" / "last.ckpt")
+        assert (st["epoch"], st["step"]) == (1, cut)
+    # resuming uses the saved config; lift the step limit as a user would by finishing the run
+    ck = tmp_path / "part" / "last.ckpt"
+    st = torch.load(ck, weights_only=True)
+    st["config"]["max_steps"] = None
+    torch.save(st, ck)
+    resumed = train(None, resume=tmp_path / "part", quiet=True, log=lambda *a, **k: None)
+    for k, v in _weights(tmp_path / "full").items():
+        assert torch.equal(v, _weights(tmp_path / "part")[k]), k
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["train_loss"] == full["train_loss"]
+
+
+def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    data = fake_fashion_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    train(tiny_cfg(data, epochs=1), out, quiet=True, log=lambda *a, **k: None)
+    before = (out / "last.ckpt").read_bytes()
+    # inject: the loss becomes NaN from the first step of the resumed epoch
+    import nin.train as t
+
+    real = t.F.cross_entropy
+    monkeypatch.setattr(t.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    st = torch.load(out / "last.ckpt", weights_only=True)
+    st["config"]["epochs"] = 2
+    torch.save(st, out / "last.ckpt")
+    before = (out / "last.ckpt").read_bytes()
+    with pytest.raises(TrainingDiverged, match="loss became nan.*last good checkpoint"):
+        train(None, resume=out, quiet=True, log=lambda *a, **k: None)
+    assert (out / "last.ckpt").read_bytes() == before
+
+
+def test_plateau_warning(tmp_path, monkeypatch, capsys):
+    data = fake_fashion_dir(tmp_path / "data")
+    import nin.train as t
+
+    # inject: constant logits (the seed's dead class-map ReLU) -> loss ln(10) for the whole epoch
+    real = t.F.cross_entropy
+    monkeypatch.setattr(t.F, "cross_entropy", lambda logits, y, **k: real(logits * 0, y, **k) + 0 * logits.sum())
+    train(tiny_cfg(data, epochs=1, label_smoothing=0.0), tmp_path / "run", quiet=True, log=lambda *a, **k: None)
+    err = capsys.readouterr().err
+    assert f"ln(10) = {math.log(10):.3f}" in err and "d2l-stable" in err
+
+
+def test_cli_train_dry_run_writes_nothing(tmp_path, capsys):
+    data = fake_fashion_dir(tmp_path / "data")
+    rc = main(["train", "--data-dir", str(data), "--dry-run", "--out", str(tmp_path / "run"),
+               "--model-kwargs", '{"width": 8}'])
+    assert rc == 0
+    assert "dry run" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_resize_smaller_than_model_accepts(tmp_path, capsys):
+    data = fake_fashion_dir(tmp_path / "data")
+    rc = main(["train", "--recipe", "d2l", "--data-dir", str(data), "--resize", "32", "--dry-run"])
+    assert rc == 2
+    assert "smallest input it accepts is 1x67x67" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_real_fmnist(), reason="real Fashion-MNIST not installed")
+def test_fast_recipe_learns_real_fashion_mnist(tmp_path):
+    """A short real run: the fast recipe on 10,000 real training images reaches >= 80% test accuracy."""
+    cfg = get_recipe("fast", limit_train=10_000, epochs=2, model_kwargs={"width": 32})
+    final = train(cfg, tmp_path / "run", quiet=True, log=lambda *a, **k: None)
+    assert final["test_acc"] >= 0.80
