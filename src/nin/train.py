@@ -178,7 +178,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
 
     mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
     common = dict(device=device, resize=cfg.resize, mean=mean, std=std, channels_last=cfg.channels_last)
-    train_loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False,
+    # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
+    train_loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
                                crop_padding=cfg.crop_padding, flip=cfg.flip, rank=d.rank,
                                world_size=d.world_size, **common)
     test_loader = BatchLoader(ds.test, cfg.eval_batch_size, shuffle=False, **common)
@@ -263,7 +264,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     while epoch < cfg.epochs and not stop:
         net.train()
         bar = tqdm(total=steps_per_epoch, initial=batch0, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=quiet, leave=False, dynamic_ncols=True, file=sys.stderr)
+                   disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, file=sys.stderr)
         t0 = time.perf_counter()
         batch = batch0
         for x, y in train_loader.iterate(epoch, start_batch=batch0):
