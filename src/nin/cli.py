@@ -79,6 +79,8 @@ TRAIN_HELP = {
     "precision": "auto (bf16 autocast where the CPU/GPU supports it), bf16, fp16 or fp32",
     "channels_last": "channels_last memory format",
     "compile": "torch.compile the model (slower on CPU for these networks)",
+    "sync_bn": "with torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); "
+               "CUDA only, an error on CPU, where each process normalises with its own batch",
     "seed": "random seed (same seed, same machine: same numbers on CPU)",
     "max_steps": "stop after this many optimizer steps",
     "save_every": "also checkpoint every N minutes mid-epoch (0: once per epoch)",
