@@ -8,7 +8,6 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 $(PY):
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 
 .venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision

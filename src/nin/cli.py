@@ -72,7 +72,8 @@ TRAIN_HELP = {
     "warmup_epochs": "linear lr warm-up over this many epochs",
     "step_epochs": "epochs at which schedule=step multiplies the lr by 0.1",
     "label_smoothing": "label smoothing for the cross-entropy",
-    "lr_scale": "with several processes: none, or linear (lr x world size)",
+    "lr_scale": "with several processes: none (use --lr as given) or linear (--lr x world size, the "
+                "usual rule when the global batch grows with the world size)",
     "tta_flip": "test-time augmentation: average the logits of each image and its mirror",
     "eval_batch_size": "batch size for the test-set evaluation",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
@@ -130,7 +131,8 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser("train", help="train a recipe; writes a run folder (see --help)",
                        description="Train a NiN. A recipe sets every option; any flag below overrides it. "
-                                   f"Recipes: {', '.join(RECIPES)}.")
+                                   f"Recipes: {', '.join(RECIPES)}. On several processes or machines, start it "
+                                   "with torchrun (--batch-size is then per process; see --lr-scale, --sync-bn).")
     p.add_argument("--recipe", default="fast", help="named recipe (default: fast): " + ", ".join(RECIPES))
     p.add_argument("--out", help="run folder (default: runs/RECIPE-DATE-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last.ckpt")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NinError
 
 FORMAT = "nin-model/1"
 META_KEY = "nin.meta"  # the model.json text, embedded in safetensors / ONNX metadata
@@ -32,24 +32,30 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename.
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
+    A failed write (full disk, unwritable folder) raises NinError naming ``path``, and removes the temp file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, replaced = None, False
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        replaced = True
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and not replaced and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        kept = "" if replaced or not path.exists() else f"; the previous {path.name} is unchanged"
+        raise NinError(f"{path}: cannot write ({e.strerror or e}){kept}") from None
 
 
 @dataclass
@@ -72,14 +78,14 @@ class ModelMeta:
 def save_model(out_dir: str | os.PathLike, model: torch.nn.Module, meta: ModelMeta,
                weights_name: str = WEIGHTS_NAME) -> Path:
     """Write ``weights_name`` (safetensors) and model.json into ``out_dir``, each atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_dir = Path(out_dir)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     text = json.dumps(meta.to_json(), indent=2)
-    atomic_write(out_dir / weights_name,
-                 lambda tmp: save_file(state, tmp, metadata={"format": FORMAT, META_KEY: text}))
+    data = save(state, metadata={"format": FORMAT, META_KEY: text})  # in memory: disk errors are OSErrors
+    atomic_write(out_dir / weights_name, lambda tmp: Path(tmp).write_bytes(data))
     atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(text))
     return out_dir / weights_name
 
@@ -171,13 +177,14 @@ class ExportError(CheckpointError):
 
 def export_safetensors(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
     """One self-contained .safetensors file: fp32 weights, model.json embedded in the header."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     text = json.dumps(meta.to_json(), indent=2)
-    atomic_write(out, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT, META_KEY: text}))
+    data = save(state, metadata={"format": FORMAT, META_KEY: text})  # in memory: disk errors are OSErrors
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
     return out
 
 

@@ -172,6 +172,8 @@ def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0
     Sized for 2 CPU cores (one Fashion-MNIST epoch well under a minute).  ``width`` scales
     every block (32 -> 32/64/96 channels); the ``best`` recipe uses a wider one.
     """
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a whole number >= 1, got {width!r}")
     w1, w2, w3 = width, 2 * width, 3 * width
     features = nn.Sequential(
         nin_block_bn(in_chans, w1, w1, kernel_size=3, padding=1),   # w1 x 28 x 28

@@ -42,7 +42,9 @@ def collect_files(paths) -> list["Path | Prediction"]:
     items: list[Path | Prediction] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # a broken link named like an image is kept, so that it is reported rather than skipped
+            found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.exists())
+                           and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 items.append(Prediction(str(p), error=f"{p}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder"))
             items.extend(found)

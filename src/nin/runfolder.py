@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -95,8 +96,14 @@ def plot_curves(out: Path, history: list[dict], title: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save of tensors and plain containers only, so it loads with weights_only=True."""
-    atomic_write(path, lambda tmp: torch.save({"format": CKPT_FORMAT, **state}, tmp))
+    """torch.save of tensors and plain containers only, so it loads with weights_only=True.
+
+    Serialised in memory first: a full disk then fails as an OSError (a clear NinError from
+    atomic_write) rather than torch's opaque RuntimeError, and the previous last.ckpt is kept."""
+    buf = io.BytesIO()
+    torch.save({"format": CKPT_FORMAT, **state}, buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -110,4 +117,34 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a loadable nin checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not a nin checkpoint (expected format {CKPT_FORMAT})")
+    missing = [k for k in CKPT_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: an incomplete nin checkpoint (missing {', '.join(missing) or 'config/model'})")
+    return state
+
+
+CKPT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "sums", "epoch_seconds", "best_acc", "history",
+             "train_seconds", "world_size", "config")
+
+
+def load_for_resume(run: str | os.PathLike) -> dict:
+    """The run's last.ckpt, checked against its config.json; removes temp files a killed write left.
+
+    A last.ckpt copied in from a run of another model (model, its arguments, dataset, input size or
+    seed differ from the folder's config.json) is refused: resuming it would overwrite this run's
+    best.safetensors and metrics with another run's.  (Other fields, e.g. --epochs, may be edited.)"""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run folder")
+    path = run / "last.ckpt"
+    state = load_checkpoint(path)
+    if (run / "config.json").exists():
+        folder = read_config(run)
+        ckpt = json.loads(json.dumps(state["config"]))
+        differ = [k for k in ("model", "model_kwargs", "dataset", "resize", "seed") if folder.get(k) != ckpt.get(k)]
+        if differ:
+            raise CheckpointError(f"{path}: belongs to another run ({', '.join(differ)} differ from "
+                                  f"{run / 'config.json'})")
+    for tmp in run.glob(".*.tmp"):  # a write killed before its rename; the real file is intact
+        tmp.unlink(missing_ok=True)
     return state

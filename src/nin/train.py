@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runfolder
-from .errors import NinError, UsageError
+from .errors import CheckpointError, NinError, UsageError
 from .recipes import TrainConfig, lr_at
 
 
@@ -71,6 +71,60 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 nn.init.xavier_uniform_(m.weight)
 
 
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process instead of handing it back to the kernel (glibc malloc).
+
+    glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free, so each of the
+    seed network's large activations (44-72 MB in bf16 at batch 128) is page-faulted and zeroed by
+    the kernel again on every step: about a third of a CPU step (benchmarks/README.md).  Raising
+    the mmap and trim thresholds makes the heap reuse those blocks.  Process-wide; only called for
+    CPU training.  A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap top
+    except (OSError, AttributeError):
+        pass
+
+
+def input_dtype(amp_dtype: torch.dtype | None) -> torch.dtype:
+    """The loader's output dtype: under bf16 autocast the first conv reads bf16 anyway, and resizing
+    straight into bf16 is several times faster on CPU (its error is bf16's own, about 1/256)."""
+    return torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, base_lr: float, device: torch.device) -> torch.optim.SGD:
+    """SGD with weight decay on weights only; the fused kernel (one pass over all parameters) on CPU/CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN affine
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           fused=True if device.type in ("cpu", "cuda") else None)
+
+
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor, *, lr: float,
+               amp_dtype: torch.dtype | None, label_smoothing: float, sums: torch.Tensor):
+    """One optimizer step, exactly as ``train`` runs it (benchmarks/bench_train.py times this function).
+    Adds (loss sum, correct, seen) to ``sums``; returns (loss, logits)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    with torch.no_grad():
+        sums += torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=sums.device)])
+    return loss, logits
+
+
 # --- distributed --------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -115,6 +169,21 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dist) -> None:
+    """Opt-in, for tests: with NIN_DEBUG_DUMP_DIR=DIR set, every rank of a finished run saves DIR/rankR.pt
+    holding its final weights and, per epoch, the training-sample indices it stepped through -- so the
+    ranks' agreement and their disjoint shards can be checked from outside.  Off unless set."""
+    out = os.environ.get("NIN_DEBUG_DUMP_DIR")
+    if not out:
+        return
+    bs = loader.batch_size
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({"rank": d.rank, "world_size": d.world_size,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "indices": {e: loader.epoch_indices(e)[b0 * bs:b1 * bs] for e, b0, b1 in ran}},
+               Path(out) / f"rank{d.rank}.pt")
+
+
 # --- evaluation ---------------------------------------------------------------------------
 @torch.no_grad()
 def test_accuracy(model: nn.Module, loader, amp_dtype, tta_flip: bool = False, max_batches: int | None = None) -> float:
@@ -148,14 +217,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     state = None
     if resume is not None:
         run_dir = Path(resume)
-        state = runfolder.load_checkpoint(run_dir / "last.ckpt")
+        state = runfolder.load_for_resume(run_dir)
         cfg = TrainConfig.from_dict(state["config"])
     cfg.validate()
     d, device = setup_distributed(cfg.device)
     if state is not None and state["world_size"] != d.world_size:
         raise UsageError(f"{resume}: the run was trained with world size {state['world_size']}; "
                          f"resume it with the same number of processes (got {d.world_size})")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. On CPU drop it; "
+                         "each process then normalises with its own batch's statistics (batch norm over "
+                         "--batch-size images) and evaluation uses rank 0's running statistics")
     amp_dtype = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if not d.main:
         quiet = True
 
@@ -169,15 +244,23 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
 
     torch.manual_seed(cfg.seed)
     model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **cfg.model_kwargs}
-    model = create_model(cfg.model, **model_kwargs)
+    try:
+        model = create_model(cfg.model, **model_kwargs)
+    except UsageError:
+        raise
+    except (TypeError, ValueError) as e:  # an argument the builder does not take, or a bad value
+        raise UsageError(f"--model-kwargs {cfg.model_kwargs} do not fit {cfg.model}: {e}") from None
     check_input_size(model, (in_chans, h, w), f"{cfg.model} (with --resize {cfg.resize})" if cfg.resize else cfg.model)
     init_weights(model, cfg.init)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and d.enabled:  # same parameter names, so checkpoints and weights files are unchanged
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
-    common = dict(device=device, resize=cfg.resize, mean=mean, std=std, channels_last=cfg.channels_last)
+    common = dict(device=device, resize=cfg.resize, mean=mean, std=std, channels_last=cfg.channels_last,
+                  dtype=input_dtype(amp_dtype))
     # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
     train_loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
                                crop_padding=cfg.crop_padding, flip=cfg.flip, rank=d.rank,
@@ -186,11 +269,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     steps_per_epoch = len(train_loader)
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
 
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN affine
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    opt = make_optimizer(model, cfg, base_lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     net = model
@@ -203,13 +282,19 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen (this epoch)
     epoch_seconds = 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise CheckpointError(f"{run_dir / 'last.ckpt'}: does not fit {cfg.model} ({first[:200]})") from None
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         epoch, batch0, step = state["epoch"], state["batch"], state["step"]
         best_acc, history, train_seconds = state["best_acc"], list(state["history"]), state["train_seconds"]
-        sums = state["sums"].to(device)
+        # the saved partial sums are rank 0's own (a mid-epoch checkpoint is written without a collective);
+        # the other ranks tally from the resume point, so the epoch's metrics average what was tallied
+        sums = state["sums"].to(device) if d.main else torch.zeros_like(sums)
         epoch_seconds = state["epoch_seconds"]
         run_dir = Path(resume)
     elif not dry_run and d.main:
@@ -237,6 +322,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     def checkpoint(next_epoch: int, next_batch: int) -> None:
         if not d.main or dry_run:
             return
+        # A step can leave NaN weights while its own loss was finite: never save those over the last good
+        # checkpoint.  The loss check stops the run at the next step (no collective here: rank 0 only).
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return
         runfolder.save_checkpoint(run_dir / "last.ckpt", {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
             "epoch": next_epoch, "batch": next_batch, "step": step, "sums": sums.cpu(),
@@ -246,9 +335,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                     "seed": cfg.seed}})
 
     if epoch >= cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps):
-        log(f"{run_dir}: the run already finished ({len(history)} epochs); nothing to do")
+        if d.main:
+            log(f"{run_dir}: the run already finished ({len(history)} epochs); nothing to do")
         return history[-1] if history else {}
 
+    if state is None:
+        checkpoint(0, 0)  # so a run killed before its first save can still be resumed
     ln_c = math.log(len(ds.classes))
     check_every = 1 if device.type == "cpu" else 25  # a host sync; cheap on CPU, batched on GPU
     last_save = time.monotonic()
@@ -261,6 +353,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
     from tqdm import tqdm
 
     stop = False
+    ran = []  # (epoch, first batch, end batch) this process stepped through, for debug_dump
     while epoch < cfg.epochs and not stop:
         net.train()
         bar = tqdm(total=steps_per_epoch, initial=batch0, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -270,21 +363,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
         for x, y in train_loader.iterate(epoch, start_batch=batch0):
             torch.manual_seed(step_seed(cfg.seed, epoch, batch, d.rank))
             lr = lr_at(cfg, step, steps_per_epoch, base_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss, logits = train_step(net, opt, scaler, x, y, lr=lr, amp_dtype=amp_dtype,
+                                      label_smoothing=cfg.label_smoothing, sums=sums)
             step += 1
             batch += 1
-            with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * y.numel(),
-                                     (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
             if batch % check_every == 0 or batch == steps_per_epoch or dry_run:
                 bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), d)
                 if bad.item() > 0:
@@ -308,33 +390,43 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 last_save = time.monotonic()
         bar.close()
         epoch_seconds += time.perf_counter() - t0
+        ran.append((epoch, batch0, batch))
 
         if d.enabled:  # rank 0's BN statistics, so every rank evaluates (and saves) the same model
             import torch.distributed as dist
 
             for b in model.buffers():
                 dist.broadcast(b, 0)
+        # the epoch's last step may leave NaN weights behind a finite loss: stop before they are evaluated
+        # and saved as best.safetensors (every rank holds the same weights, so every rank stops here)
+        if not dry_run and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            kept = f"; the last good checkpoint {run_dir / 'last.ckpt'} is kept" if run_dir is not None else ""
+            raise TrainingDiverged(f"the weights became NaN or infinite at epoch {epoch + 1}, step {step}; "
+                                   f"the run stopped{kept}. Try a lower --lr or --warmup-epochs")
         tot = all_reduce_sum(sums, d)
         seen = tot[2].item()
         acc = test_accuracy(model, test_loader, amp_dtype, cfg.tta_flip, max_batches=1 if dry_run else None)
         row = {"epoch": epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
                "test_acc": acc, "lr": lr, "images_per_sec": seen / max(epoch_seconds, 1e-9),
                "seconds": epoch_seconds}
+        if dry_run and not d.main:
+            return row
         if dry_run:
             log(f"dry run: 1 train batch (loss {row['train_loss']:.4f}, input {tuple(x.shape)}), "
                 f"1 test batch (acc {acc:.3f}); nothing written")
             return row
         if batch < steps_per_epoch:  # --max-steps stopped mid-epoch: save the exact point, record no epoch
             checkpoint(epoch, batch)
-            log(f"stopped at --max-steps {cfg.max_steps} (epoch {epoch + 1}, batch {batch}/{steps_per_epoch}): "
-                f"loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, test acc {acc:.4f}")
+            if d.main:
+                log(f"stopped at --max-steps {cfg.max_steps} (epoch {epoch + 1}, batch {batch}/{steps_per_epoch}):"
+                    f" loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, test acc {acc:.4f}")
             return {**row, "partial": True, "run_dir": str(run_dir)}
         history.append(row)
         train_seconds += epoch_seconds
         if d.main and not quiet:
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
                 f"test acc {acc:.4f}  lr {lr:.3g}  {row['images_per_sec']:.0f} img/s  {epoch_seconds:.1f} s")
-        if epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and d.main:
+        if epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and row["train_acc"] < 2 / len(ds.classes) and d.main:
             print(f"warning: the training loss stayed at ln({len(ds.classes)}) = {ln_c:.3f} through the first "
                   "epoch: the logits are constant, most likely because the ReLU on the class maps died (every "
                   "logit 0), the seed's known failure. Try --recipe d2l-stable or a lower --lr", file=sys.stderr)
@@ -355,6 +447,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
             checkpoint(epoch, 0)
             last_save = time.monotonic()
 
+    debug_dump(model, train_loader, ran, d)
     final = dict(history[-1])
     total_seen = sum(r["images_per_sec"] * r["seconds"] for r in history)
     final["examples_per_sec"] = total_seen / max(train_seconds, 1e-9)

@@ -1,0 +1,149 @@
+"""SIGKILL a training process at random moments, resume it each time, and lose nothing.
+
+One run is killed five times at random points spread over its four epochs -- four times at a random
+step plus a random fraction of a step (mid-step, mid-save, in the epoch-end evaluation, wherever it
+lands) and once while last.ckpt's temp file is written but not yet renamed -- and is resumed with
+`nin train --resume` after each kill.  After every kill:
+
+* last.ckpt loads, and holds the newest checkpoint the process finished (atomic writes);
+* the work lost is at most one --save-every interval (plus the step in flight): the steps completed
+  after the checkpoint's step number fit in one interval, since every step lasts at least
+  NIN_TEST_STEP_SLEEP seconds;
+* the resumed process starts at exactly the checkpoint's step.
+
+At the end, the weights, best.safetensors and the metrics equal, bit for bit, those of an
+uninterrupted run with the same seed (both on the CPU with one thread).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from nin.runfolder import load_checkpoint
+
+from ..fakedata import fake_fashion_dir
+
+HERE = Path(__file__).resolve().parent
+STEP_SLEEP = 0.05       # seconds; every step lasts at least this long in the killed run
+SAVE_EVERY_MIN = 0.005  # --save-every in minutes: 0.3 s
+SLOW_SAVE = 0.6         # seconds between writing last.ckpt's temp file and renaming it (one launch)
+EPOCHS, N_TRAIN, BATCH = 4, 1536, 64
+STEPS_PER_EPOCH = N_TRAIN // BATCH  # 24; 96 steps in all
+DEADLINE_S = 300        # the whole test
+
+
+def _events(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if line.endswith(tuple("0123456789"))]
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, kind: str, deadline: float, after: int = -1) -> list[str]:
+    """Block until ``path`` holds an event of ``kind`` with a step number > ``after``; returns it."""
+    while True:
+        found = [e for e in _events(path) if e[0] == kind and int(e[1]) > after]
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before a '{kind}' event > {after}"
+        assert time.monotonic() < deadline, "the test ran out of time"
+        time.sleep(0.002)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    deadline = time.monotonic() + DEADLINE_S
+    rng = random.Random(8)
+    data = fake_fashion_dir(tmp_path / "data", n_train=N_TRAIN, n_test=200)
+    args = ["train", "--data-dir", str(data), "--batch-size", str(BATCH), "--epochs", str(EPOCHS),
+            "--model-kwargs", '{"width": 8, "drop_rate": 0.2}', "--save-every", str(SAVE_EVERY_MIN), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NIN_TEST_STEP_SLEEP": str(STEP_SLEEP)}
+    env.pop("NIN_DATA", None)
+    # the uninterrupted reference, plain `python -m nin` without hooks, alongside the killed run
+    ref = subprocess.Popen([sys.executable, "-m", "nin", *args, "--out", str(tmp_path / "ref")],
+                           env={**env, "NIN_TEST_STEP_SLEEP": "0"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    plan = ["random", "random", "mid-write", "random", "random", None]  # None: let it finish
+    # each kill comes at a random step of the run (spread over all epochs) plus a random fraction of a
+    # step: mid-step, mid-save, in the epoch-end evaluation, wherever it falls
+    targets = sorted(rng.sample(range(2, EPOCHS * STEPS_PER_EPOCH - 2), len(plan) - 1))
+    procs = [ref]
+    mid_epoch = 0
+    try:
+        for i, kill in enumerate(plan):
+            events = tmp_path / f"events{i}.log"
+            before = load_checkpoint(run / "last.ckpt") if i else None
+            cmd = args + ["--out", str(run)] if i == 0 else ["train", "--resume", str(run), "--quiet"]
+            proc = subprocess.Popen([sys.executable, str(HERE / "killable.py"), *cmd], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True,
+                                    env={**env, "NIN_TEST_EVENTS": str(events),
+                                         "NIN_TEST_SLOW_SAVE": str(SLOW_SAVE if kill == "mid-write" else 0)})
+            procs.append(proc)
+            # every launch continues exactly where the checkpoint left off
+            first = _wait_for(proc, events, "step", deadline)
+            assert int(first[1]) == (before["step"] if before else 0), (i, first)
+            if kill is None:
+                _, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+                assert proc.returncode == 0, err
+                break
+            _wait_for(proc, events, "step", deadline, after=targets[i] - 1)
+            if kill == "random":
+                time.sleep(rng.uniform(0.0, 2 * STEP_SLEEP))
+            else:  # during the next checkpoint write, after the temp file is written, before the rename
+                _wait_for(proc, events, "writing", deadline, after=targets[i] - 1)
+                time.sleep(rng.uniform(0.0, SLOW_SAVE / 2))
+            assert proc.poll() is None, f"launch {i} finished before its kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+
+            ev = _events(events)
+            steps = [int(e[1]) for e in ev if e[0] == "step"]
+            saved = [int(e[1]) for e in ev if e[0] == "saved"]
+            after = load_checkpoint(run / "last.ckpt")  # loads after every kill
+            newest_saved = saved[-1] if saved else before["step"]
+            # it holds the newest finished checkpoint (or, if the kill fell between the rename and
+            # the log line, one more); never an older one, never a torn one
+            assert newest_saved <= after["step"] <= steps[-1] + 1, (i, newest_saved, after["step"])
+            lost = steps[-1] + 1 - after["step"]  # at most this many completed steps are redone
+            one_interval = int(SAVE_EVERY_MIN * 60 / STEP_SLEEP) + 1
+            assert lost <= one_interval + 1 <= STEPS_PER_EPOCH, (i, lost, one_interval)
+            mid_epoch += after["batch"] != 0
+            print(f"kill {i} ({kill}): {len(steps)} steps run, checkpoint at step {after['step']} "
+                  f"(epoch {after['epoch']}, batch {after['batch']}), {lost} steps to redo")  # shown on failure
+            if kill == "mid-write":
+                writing = [int(e[1]) for e in ev if e[0] == "writing"][-1]
+                temps = list(run.glob(".last.ckpt.*.tmp"))
+                assert temps, "the kill did not land inside a checkpoint write"
+                assert after["step"] < writing  # the interrupted write did not replace last.ckpt
+        else:
+            raise AssertionError("the run never finished")
+        assert mid_epoch >= 1  # some kills were resumed from a mid-epoch checkpoint
+        _, err = ref.communicate(timeout=max(1, deadline - time.monotonic()))
+        assert ref.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    assert not list(run.glob(".*.tmp"))  # the resume removed what the killed write left
+    final, full = load_checkpoint(run / "last.ckpt"), load_checkpoint(tmp_path / "ref" / "last.ckpt")
+    assert (final["epoch"], final["step"]) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    for k, v in full["model"].items():
+        assert torch.equal(v, final["model"][k]), k
+    best, best_ref = load_file(run / "best.safetensors"), load_file(tmp_path / "ref" / "best.safetensors")
+    assert best.keys() == best_ref.keys() and all(torch.equal(best[k], best_ref[k]) for k in best)
+
+    def metrics(folder):
+        rows = list(csv.DictReader(open(folder / "metrics.csv")))
+        return [(r["epoch"], r["train_loss"], r["train_acc"], r["test_acc"], r["lr"]) for r in rows]
+
+    assert metrics(run) == metrics(tmp_path / "ref") and len(metrics(run)) == EPOCHS
