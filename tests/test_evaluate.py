@@ -12,31 +12,14 @@ from PIL import Image
 from nin.cli import main
 from nin.evaluate import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
                           save_cam_figure, save_cam_grid, save_confusion_csv, save_confusion_png)
-from nin.export import ModelMeta, load, save_model
+from nin.export import load
 from nin.models import create_model, list_models
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A small nin_fmnist trained for a few SGD steps on real Fashion-MNIST, saved as a run folder."""
-    from nin.data import load_dataset, to_float_batch
-
-    ds = load_dataset("fashion-mnist")
-    mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]
-    torch.manual_seed(0)
-    model = create_model("nin_fmnist", width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for i in range(30):
-        x = to_float_batch(ds.train.images[i * 64:(i + 1) * 64], mean=mean, std=std)
-        loss = torch.nn.functional.cross_entropy(model(x), ds.train.labels[i * 64:(i + 1) * 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    meta = ModelMeta("nin_fmnist", {"width": 8}, list(ds.classes), [1, 28, 28], "fashion-mnist",
-                     {"resize": None, "mean": mean, "std": std})
-    path = tmp_path_factory.mktemp("run")
-    save_model(path, model.eval(), meta)
-    return path, load(path), ds
+def run(small_run, fmnist):
+    path, _, _ = small_run
+    return path, load(path), fmnist
 
 
 @settings(max_examples=30, deadline=None)

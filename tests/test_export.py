@@ -8,41 +8,13 @@ import torch
 
 from nin.cli import main
 from nin.errors import CheckpointError
-from nin.export import (META_NAME, ModelMeta, OnnxModel, export_onnx, export_safetensors, load, load_any,
-                        save_model)
-from nin.models import create_model
-
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
-
-
-def make_run(path, steps=30, width=8):
-    """A small nin_fmnist run folder trained for a few SGD steps on real Fashion-MNIST."""
-    from nin.data import load_dataset, to_float_batch
-
-    ds = load_dataset("fashion-mnist")
-    mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]
-    torch.manual_seed(0)
-    model = create_model("nin_fmnist", width=width)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for i in range(steps):
-        x = to_float_batch(ds.train.images[i * 64:(i + 1) * 64], mean=mean, std=std)
-        loss = torch.nn.functional.cross_entropy(model(x), ds.train.labels[i * 64:(i + 1) * 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    meta = ModelMeta("nin_fmnist", {"width": width}, list(ds.classes), [1, 28, 28], "fashion-mnist",
-                     {"resize": None, "mean": mean, "std": std})
-    path.mkdir(parents=True, exist_ok=True)
-    save_model(path, model.eval(), meta)
-    return model, meta, ds
+from nin.export import META_NAME, OnnxModel, export_onnx, export_safetensors, load, load_any
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    model, meta, ds = make_run(path)
-    return path, model, meta, ds
+def run(small_run, fmnist):
+    path, model, meta = small_run
+    return path, model, meta, fmnist
 
 
 def _logits(model, x):

@@ -1,43 +1,27 @@
 """Image files -> predictions: formats, colour modes, sizes, bad files, and agreement with `nin eval`."""
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nin.cli import main
 from nin.evaluate import predict_logits
-from nin.export import ModelMeta, export_onnx, load, save_model
-from nin.models import create_model
+from nin.export import export_onnx, load
 from nin.predict import ImageError, predict_files, read_image
 
 N = 64  # Fashion-MNIST test images written as files
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A small nin_fmnist trained for a few SGD steps on real Fashion-MNIST + its test images as PNGs."""
-    from nin.data import load_dataset, to_float_batch
-
-    ds = load_dataset("fashion-mnist")
-    mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]
-    torch.manual_seed(0)
-    model = create_model("nin_fmnist", width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for i in range(30):
-        x = to_float_batch(ds.train.images[i * 64:(i + 1) * 64], mean=mean, std=std)
-        loss = torch.nn.functional.cross_entropy(model(x), ds.train.labels[i * 64:(i + 1) * 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    meta = ModelMeta("nin_fmnist", {"width": 8}, list(ds.classes), [1, 28, 28], "fashion-mnist",
-                     {"resize": None, "mean": mean, "std": std})
+def run(small_run, fmnist, tmp_path_factory):
+    """The shared small run + its first N Fashion-MNIST test images as PNGs."""
+    ds = fmnist
     root = tmp_path_factory.mktemp("predict")
-    (root / "run").mkdir()
-    save_model(root / "run", model.eval(), meta)
+    shutil.copytree(small_run[0], root / "run")
     images = root / "images"
     images.mkdir()
     for i in range(N):

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from nin.cli import main
-from nin.errors import NinError
 from nin.export import atomic_write
 from nin.runfolder import load_checkpoint, save_checkpoint
 

@@ -1,0 +1,42 @@
+"""Fixtures shared by the test files: real Fashion-MNIST (loaded once) and a small trained run folder."""
+import pytest
+import torch
+
+from .fakedata import has_real_fmnist
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    if not has_real_fmnist():
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from nin.data import load_dataset
+
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def small_run(fmnist, tmp_path_factory):
+    """A nin_fmnist (width 8) trained for 30 SGD steps on real Fashion-MNIST, saved as a run folder.
+
+    Returns (run folder, the trained model in eval mode, its ModelMeta).  Tests must not modify the folder.
+    """
+    from nin.data import to_float_batch
+    from nin.export import ModelMeta, save_model
+    from nin.models import create_model
+
+    ds = fmnist
+    mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]
+    torch.manual_seed(0)
+    model = create_model("nin_fmnist", width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(30):
+        x = to_float_batch(ds.train.images[i * 64:(i + 1) * 64], mean=mean, std=std)
+        loss = torch.nn.functional.cross_entropy(model(x), ds.train.labels[i * 64:(i + 1) * 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = ModelMeta("nin_fmnist", {"width": 8}, list(ds.classes), [1, 28, 28], "fashion-mnist",
+                     {"resize": None, "mean": mean, "std": std})
+    path = tmp_path_factory.mktemp("small_run")
+    save_model(path, model.eval(), meta)
+    return path, model, meta
