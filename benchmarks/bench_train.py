@@ -8,7 +8,10 @@ Both train nin_d2l (the seed's network) on Fashion-MNIST resized to 224 x 224, b
   nin:  nin.train.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
         nin.train.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
 Each pipeline runs in its own worker process (the allocator setting is process-wide, and the seed's DataLoader
-workers are its own); the parent alternates them -- seed segment, nin segment, conv peak -- for --rounds rounds.
+workers are its own); the parent alternates them -- seed, nin, then (--one-thread, the default) the seed and nin
+again with one torch thread each, as under OMP_NUM_THREADS=1, then the conv peaks -- for --rounds rounds.  On a
+loaded 2-core machine two threads lose more than half their speed waiting on each other at every op
+(benchmarks/README.md), so the one-thread pair is the like-for-like comparison there.
 A segment's rate is images / wall seconds over its steps, data loading included, after one untimed step.
 The headline is the ratio of the median rates.  The same run measures this machine's bf16 and fp32 convolution
 peak (the seed's 5x5 conv 96->256 at 26x26, batch 128, forward) and nin's share of it.
@@ -240,8 +243,8 @@ def train_flops_per_image(name: str = "nin_d2l", size: int = 224) -> float:
 # --- worker processes ---------------------------------------------------------------------
 def worker(kind: str, args) -> None:
     """Set up one pipeline, say "ready", then for every "N" line run N timed steps (after one untimed)."""
-    torch.set_num_threads(args.threads)
-    if kind == "seed":
+    torch.set_num_threads(1 if kind.endswith("1") else args.threads)  # seed1, nin1: as OMP_NUM_THREADS=1
+    if kind.startswith("seed"):
         pipe = SeedPipeline(args.raw_dir, args.batch_size)
     else:
         pipe = NinPipeline(args.recipe, "cpu", args.data_dir, batch_size=args.batch_size)
@@ -287,29 +290,32 @@ class Worker:
 
 
 def measure(args) -> dict:
-    seed, nin = Worker("seed", args), Worker("nin", args)
-    seed.wait_ready()
-    nin.wait_ready()
+    kinds = ["seed", "nin"] + (["seed1", "nin1"] if args.one_thread else [])
+    workers = {k: Worker(k, args) for k in kinds}
+    for w in workers.values():
+        w.wait_ready()
     torch.set_num_threads(args.threads)
     rounds = []
     try:
         for r in range(args.rounds):
             row = {"load_before": loadavg()}
-            row["seed"] = seed.run(args.seed_steps)
-            row["nin"] = nin.run(args.nin_steps)
+            for k, w in workers.items():
+                row[k] = w.run(args.seed_steps if k.startswith("seed") else args.nin_steps)
             row["peak_bf16"] = conv_peak(torch.bfloat16)
             row["peak_fp32"] = conv_peak(torch.float32)
             row["load_after"] = loadavg()
-            for k in ("seed", "nin"):
+            for k in kinds:
                 row[k]["rate"] = row[k]["images"] / row[k]["wall"]
             rounds.append(row)
             print(f"round {r + 1}/{args.rounds}: seed {row['seed']['rate']:.1f} img/s, nin {row['nin']['rate']:.1f} "
-                  f"img/s ({row['nin']['rate'] / row['seed']['rate']:.2f}x), conv peak bf16 {row['peak_bf16']:.0f} "
+                  f"img/s ({row['nin']['rate'] / row['seed']['rate']:.2f}x)"
+                  + (f"; one thread: seed {row['seed1']['rate']:.1f}, nin {row['nin1']['rate']:.1f} img/s"
+                     if "nin1" in row else "") + f", conv peak bf16 {row['peak_bf16']:.0f} "
                   f"fp32 {row['peak_fp32']:.0f} GFLOP/s, load {row['load_before']:.2f}->{row['load_after']:.2f}",
                   file=sys.stderr, flush=True)
     finally:
-        seed.close()
-        nin.close()
+        for w in workers.values():
+            w.close()
     med = lambda key, sub=None: statistics.median(r[key][sub] if sub else r[key] for r in rounds)  # noqa: E731
     flops = train_flops_per_image()
     res = {
@@ -318,10 +324,15 @@ def measure(args) -> dict:
         "peak_bf16": med("peak_bf16"), "peak_fp32": med("peak_fp32"), "train_gflop_per_image": flops / 1e9,
         "loads": [x for r in rounds for x in (r["load_before"], r["load_after"])],
         "ratios": [r["nin"]["rate"] / r["seed"]["rate"] for r in rounds],
-        "config": {k: getattr(args, k) for k in ("rounds", "seed_steps", "nin_steps", "batch_size", "threads")},
+        "config": {k: getattr(args, k) for k in ("rounds", "seed_steps", "nin_steps", "batch_size", "threads",
+                                                  "one_thread")},
         "machine": machine(),
     }
     res["ratio"] = res["nin_rate"] / res["seed_rate"]
+    if args.one_thread:
+        res["nin1_rate"], res["seed1_rate"] = med("nin1", "rate"), med("seed1", "rate")
+        res["ratio1"] = res["nin1_rate"] / res["seed1_rate"]
+        res["ratios1"] = [r["nin1"]["rate"] / r["seed1"]["rate"] for r in rounds]
     res["limit_bf16"] = res["peak_bf16"] * 1e9 / flops
     res["limit_fp32"] = res["peak_fp32"] * 1e9 / flops
     return res
@@ -354,26 +365,36 @@ def markdown(res: dict) -> str:
         f"{res['nin_rate']:.1f} | {per_round('nin')} | "
         f"**{res['ratio']:.2f}x** |",
     ]
+    if "nin1_rate" in res:
+        rows += [f"| seed, one thread (`OMP_NUM_THREADS=1`; its 4 loader workers as before) | {res['seed1_rate']:.1f} | "
+                 f"{per_round('seed1')} | 1.00x |",
+                 f"| nin, one thread: `OMP_NUM_THREADS=1 nin train --recipe d2l` step | {res['nin1_rate']:.1f} | "
+                 f"{per_round('nin1')} | **{res['ratio1']:.2f}x** (vs the default seed: "
+                 f"{res['nin1_rate'] / res['seed_rate']:.2f}x) |"]
     gf = res["train_gflop_per_image"]
     lines = [
         "### Training throughput, the seed's configuration (nin_d2l, Fashion-MNIST at 224, batch 128)", "",
         *rows, "",
-        f"Per-round ratios: {', '.join(f'{x:.2f}' for x in res['ratios'])}. The seed's own `examples/sec` figure "
+        f"Per-round ratios: {', '.join(f'{x:.2f}' for x in res['ratios'])}"
+        + (f" (one thread each: {', '.join(f'{x:.2f}' for x in res['ratios1'])})" if "ratios1" in res else "") + ". The seed's own `examples/sec` figure "
         f"(train_ch6's timer, data loading excluded) was {res['seed_compute_rate']:.1f} in the same segments.",
         "",
         "| convolution peak (seed's 5x5 conv 96->256 at 26x26, batch 128, forward, median) | GFLOP/s | "
         f"limit for nin_d2l at {gf:.2f} GFLOP per training image | nin's share |",
         "|---|---:|---:|---:|",
         f"| bf16, channels_last | {res['peak_bf16']:.0f} | {res['limit_bf16']:.0f} images/s | "
-        f"{res['nin_rate'] / res['limit_bf16']:.0%} |",
+        f"{res['nin_rate'] / res['limit_bf16']:.0%}"
+        + (f" (one thread: {res['nin1_rate'] / res['limit_bf16']:.0%})" if "nin1_rate" in res else "") + " |",
         f"| fp32, channels_last | {res['peak_fp32']:.0f} | {res['limit_fp32']:.0f} images/s | "
         f"(seed: {res['seed_rate'] / res['limit_fp32']:.0%}) |",
         "",
-        f"{c['rounds']} rounds, each: seed {c['seed_steps']} steps, then nin {c['nin_steps']} steps (each after one "
+        f"{c['rounds']} rounds, each: seed {c['seed_steps']} steps, then nin {c['nin_steps']} steps"
+        + (", then the same two with one thread each" if "nin1_rate" in res else "") + " (each after one "
         "untimed step; rate = images / wall seconds, data loading included), then the conv peaks. "
         f"Load average (1 min) before/after each round: {', '.join(f'{x:.2f}' for x in res['loads'])}. "
         f"{res['machine']}. Command: `.venv/bin/python benchmarks/bench_train.py --rounds {c['rounds']} "
-        f"--seed-steps {c['seed_steps']} --nin-steps {c['nin_steps']}`.",
+        + (f"--threads {c['threads']} " if c["threads"] != os.cpu_count() else "")
+        + f"--seed-steps {c['seed_steps']} --nin-steps {c['nin_steps']}`.",
     ]
     return "\n".join(lines)
 
@@ -389,8 +410,11 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", default="d2l", help="nin recipe whose step is timed (default d2l)")
     p.add_argument("--raw-dir", default=DEBIAN_FMNIST, help="the four Fashion-MNIST IDX files (.gz or not)")
     p.add_argument("--data-dir", help="nin's --data-dir (default: nin's search)")
+    p.add_argument("--one-thread", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time nin with one thread (as OMP_NUM_THREADS=1): on a loaded machine two threads "
+                        "wait on each other at every op (default on)")
     p.add_argument("--json", help="also write the raw results to this JSON file")
-    p.add_argument("--worker", choices=["seed", "nin"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["seed", "nin", "seed1", "nin1"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,13 @@ def run_data(args, tmp: Path) -> str:
     return out.stdout.strip()
 
 
+def old_sections(path: Path) -> dict[str, str]:
+    """The parts' sections of an earlier BENCHMARKS.md, so a subset run keeps the others."""
+    if not path.exists():
+        return {}
+    return dict(re.findall(r"<!-- part:(\w+) -->\n(.*?)\n<!-- /part:\1 -->", path.read_text(), re.S))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help=f"comma-separated parts to run ({','.join(PARTS)}); default all")
@@ -170,12 +178,19 @@ def main(argv=None) -> None:
             text = {"train": run_train, "tta": run_tta, "infer": run_infer, "data": run_data}[part](args, Path(tmp))
             took = time.perf_counter() - t
             timings.append(f"{part} {took:.0f} s (load average 1/5/15 min: {before} before, {loadavg()} after)")
-            sections.append(text)
+            stamp = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+            sections.append((part, f"{text}\n\n_Measured {stamp}, {took:.0f} s; load average (1/5/15 min) {before} "
+                                   f"before, {loadavg()} after._"))
             print(text + "\n", flush=True)
     total = time.perf_counter() - t_all
+    previous = old_sections(Path(args.out))
+    kept = [p_ for p_ in PARTS if p_ not in parts and p_ in previous]
+    sections = sorted(sections + [(p_, previous[p_]) for p_ in kept], key=lambda x: PARTS.index(x[0]))
+    if kept:
+        timings.append(f"kept from the previous BENCHMARKS.md (not rerun): {', '.join(kept)}")
     header = [
         "# Benchmarks", "",
-        f"Written by `benchmarks/run_all.py{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}` on "
+        f"Written by `{' '.join(['benchmarks/run_all.py', *(argv if argv is not None else sys.argv[1:])])}` on "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: {machine()}, Python "
         f"{sys.version.split()[0]}{', QUICK MODE (a check, not a result)' if args.quick else ''}.",
         "The machine is shared with other work, so every comparison is side by side in one run (alternating, "
@@ -183,10 +198,11 @@ def main(argv=None) -> None:
         f"Parts: {'; '.join(timings)}; {total / 60:.1f} min in all.",
         "How each figure is measured, and what the profile showed: `benchmarks/README.md`.", "",
     ]
-    sections.append("### GPU\n\n`benchmarks/gpu.py` (the seed configuration's step, the whole 10-epoch `d2l` run and the "
+    sections.append(("gpu", "### GPU\n\n`benchmarks/gpu.py` (the seed configuration's step, the whole 10-epoch `d2l` run and the "
                     "seed pipeline, one table) needs a CUDA machine and has not been run: none was available. Its "
-                    "CPU smoke mode (`--device cpu --steps N`) runs in `tests/test_benchmarks.py`.")
-    Path(args.out).write_text("\n".join(header) + "\n" + "\n\n".join(sections) + "\n")
+                    "CPU smoke mode (`--device cpu --steps N`) runs in `tests/test_benchmarks.py`."))
+    body = "\n\n".join(f"<!-- part:{k} -->\n{text}\n<!-- /part:{k} -->" for k, text in sections)
+    Path(args.out).write_text("\n".join(header) + "\n" + body + "\n")
     print(f"wrote {args.out} ({total / 60:.1f} min)", file=sys.stderr)
 
 
