@@ -84,7 +84,7 @@ def run_tta(args, tmp: Path) -> str:
         else:
             i, w, r = hit
             lines.append(f"| test acc >= {target:.0%} | epoch {r['epoch']} ({r['test_acc']:.4f}) | {w:.0f} s "
-                         f"({w / 60:.0f}:{w % 60:02.0f}) | {sum(x['seconds'] for _, x in seen[:i + 1]):.0f} s |")
+                         f"({int(w) // 60}:{int(w) % 60:02d}) | {sum(x['seconds'] for _, x in seen[:i + 1]):.0f} s |")
     last = seen[-1][1]
     lines += ["", f"Final: epoch {last['epoch']}, test acc {last['test_acc']:.4f}; whole command {total:.0f} s wall, "
               f"of which {train_s:.0f} s in training steps (metrics' `seconds`), {total - train_s:.0f} s start-up, "
@@ -110,7 +110,7 @@ def run_infer(args, tmp: Path) -> str:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from bench_infer import throughput
+    from bench_infer import cold_predict_s, throughput
 
     from nin.data import to_float_batch
     from nin.export import ModelMeta, OnnxModel, export_onnx, load, save_model
@@ -135,6 +135,13 @@ def run_infer(args, tmp: Path) -> str:
                 lat = latency_ms(fn, x[:1], 50 if name == "nin_d2l" else 200)
             label = f"{name}" + (" (fast recipe's, width 32)" if kwargs else " (seed's)")
             rows.append(f"| {label} | {runtime} | {ips:,.0f} | {lat:.2f} ms |")
+    from PIL import Image
+
+    png = tmp / "one.png"
+    Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy(), "L").save(png)
+    cold = cold_predict_s(tmp / "infer-nin_fmnist", png)
+    rows += ["", f"`nin predict RUN one.png` from a cold start (new process, importing torch included), "
+                 f"fast model, median of 3: **{cold:.2f} s**."]
     return "\n".join(["### Inference (CPU, random weights: speed does not depend on them)", "", *rows, "",
                       f"Input already preprocessed (nin_d2l: 1x224x224, nin_fmnist: 1x28x28); throughput measured "
                       f"for {seconds:g} s per cell after a warm-up; {torch.get_num_threads()} threads. "
