@@ -123,7 +123,7 @@ RECIPES: dict[str, dict] = {
                  weight_decay=5e-4, schedule="onecycle", warmup_epochs=0.5, label_smoothing=0.1,
                  crop_padding=2, flip=True, tta_flip=True),
     # The most accurate pure-NiN recipe we found for Fashion-MNIST.
-    "best": dict(model="nin_fmnist", model_kwargs={"width": 64, "drop_rate": 0.1}, epochs=24, batch_size=256,
+    "best": dict(model="nin_fmnist", model_kwargs={"width": 64, "drop_rate": 0.1}, epochs=40, batch_size=256,
                  lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
                  warmup_epochs=2.0, label_smoothing=0.1, crop_padding=2, flip=True, tta_flip=True),
     # The paper's CIFAR-10 network and Caffe solver (120k iterations at batch 128, lr x0.1 at 100k).
