@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Debian machine:
 #   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
-#   make test    -> same set-up, then the test suite
+#   make test    -> same set-up (plus the d2l package the seed-pipeline tests drive), then the test suite
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -25,14 +25,17 @@ data:
 train: setup
 	.venv/bin/nin train $(ARGS)
 
-test: setup
+test: setup .venv/.seed-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The seed pipeline is driven through the public d2l package (no deps: it pins old versions) plus
-# the few modules it imports.
-bench: setup
+# The seed pipeline (benchmarks and their smoke tests) is driven through the public d2l package
+# (no deps: it pins old versions) plus the few modules it imports.
+.venv/.seed-deps: | .venv/.installed
 	$(PY) -m pip install -q --no-deps "d2l==1.0.3"
 	$(PY) -m pip install -q pandas requests ipython matplotlib-inline
+	touch $@
+
+bench: setup .venv/.seed-deps
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 clean:
