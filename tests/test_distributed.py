@@ -154,7 +154,7 @@ def _single_process_accuracy(state: dict, data: Path) -> float:
     """Test accuracy of ``state`` evaluated in this one process, as the run's recipe evaluates."""
     from nin.data import BatchLoader, load_dataset
     from nin.models import create_model
-    from nin.train import test_accuracy
+    from nin.train import loader_accuracy
 
     ds = load_dataset("fashion-mnist", str(data))
     model = create_model("nin_fmnist", num_classes=10, in_chans=1, width=8)
@@ -162,7 +162,7 @@ def _single_process_accuracy(state: dict, data: Path) -> float:
     model.to(memory_format=torch.channels_last)
     loader = BatchLoader(ds.test, 500, mean=ds.mean, std=ds.std, channels_last=True)
     with one_thread():
-        return test_accuracy(model, loader, None, tta_flip=True)
+        return loader_accuracy(model, loader, None, tta_flip=True)
 
 
 def test_killed_rank_fails_the_job_and_resume_continues_it(ref, tmp_path):

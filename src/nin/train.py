@@ -186,7 +186,7 @@ def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dis
 
 # --- evaluation ---------------------------------------------------------------------------
 @torch.no_grad()
-def test_accuracy(model: nn.Module, loader, amp_dtype, tta_flip: bool = False, max_batches: int | None = None) -> float:
+def loader_accuracy(model: nn.Module, loader, amp_dtype, tta_flip: bool = False, max_batches: int | None = None) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     seen = 0
@@ -405,7 +405,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                                    f"the run stopped{kept}. Try a lower --lr or --warmup-epochs")
         tot = all_reduce_sum(sums, d)
         seen = tot[2].item()
-        acc = test_accuracy(model, test_loader, amp_dtype, cfg.tta_flip, max_batches=1 if dry_run else None)
+        acc = loader_accuracy(model, test_loader, amp_dtype, cfg.tta_flip, max_batches=1 if dry_run else None)
         row = {"epoch": epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
                "test_acc": acc, "lr": lr, "images_per_sec": seen / max(epoch_seconds, 1e-9),
                "seconds": epoch_seconds}
