@@ -125,6 +125,10 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tens
     return loss, logits
 
 
+def weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 # --- distributed --------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -319,12 +323,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def kept() -> str:
+        last = run_dir / "last.ckpt" if run_dir is not None else None
+        return f"; the last good checkpoint {last} is kept" if last is not None and last.exists() else ""
+
     def checkpoint(next_epoch: int, next_batch: int) -> None:
         if not d.main or dry_run:
             return
         # A step can leave NaN weights while its own loss was finite: never save those over the last good
         # checkpoint.  The loss check stops the run at the next step (no collective here: rank 0 only).
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not weights_finite(model):
             return
         runfolder.save_checkpoint(run_dir / "last.ckpt", {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
@@ -371,11 +379,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), d)
                 if bad.item() > 0:
                     bar.close()
-                    kept = (f"; the last good checkpoint {run_dir / 'last.ckpt'} is kept"
-                            if (run_dir is not None and (run_dir / "last.ckpt").exists()) else "")
                     raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                           f"the run stopped{kept}. Try a lower --lr or --warmup-epochs")
-                seen = sums[2].item()
+                                           f"the run stopped{kept()}. Try a lower --lr or --warmup-epochs")
+            if not bar.disable and (batch % check_every == 0 or batch == steps_per_epoch):
+                seen = sums[2].item()  # host syncs for the bar only when a bar is shown
                 el = epoch_seconds + time.perf_counter() - t0
                 bar.set_postfix_str(f"loss {sums[0].item() / seen:.3f} acc {sums[1].item() / seen:.3f} "
                                     f"{seen * d.world_size / max(el, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
@@ -399,10 +406,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 dist.broadcast(b, 0)
         # the epoch's last step may leave NaN weights behind a finite loss: stop before they are evaluated
         # and saved as best.safetensors (every rank holds the same weights, so every rank stops here)
-        if not dry_run and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            kept = f"; the last good checkpoint {run_dir / 'last.ckpt'} is kept" if run_dir is not None else ""
+        if not dry_run and not weights_finite(model):
             raise TrainingDiverged(f"the weights became NaN or infinite at epoch {epoch + 1}, step {step}; "
-                                   f"the run stopped{kept}. Try a lower --lr or --warmup-epochs")
+                                   f"the run stopped{kept()}. Try a lower --lr or --warmup-epochs")
         tot = all_reduce_sum(sums, d)
         seen = tot[2].item()
         acc = loader_accuracy(model, test_loader, amp_dtype, cfg.tta_flip, max_batches=1 if dry_run else None)
