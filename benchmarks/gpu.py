@@ -90,16 +90,26 @@ def main(argv=None) -> dict:
     res = {"device": gpu, "torch": torch.__version__, "batch_size": args.batch_size, "compile": compile_,
            "smoke": smoke}
 
+    def save() -> None:  # after every part, so a run stopped by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
     if "step" not in args.skip:
         pipe = NinPipeline("d2l", args.device, args.data_dir, batch_size=args.batch_size, compile=compile_)
         res["nin_step"] = timed_steps(pipe, steps, warmup=1 if smoke else 20, synchronize=False)
         del pipe
-    if "full" not in args.skip:
-        res["nin_full"] = full_run(args, compile_, smoke)
+        print("nin_step", res["nin_step"], flush=True)
+        save()
     if "seed" not in args.skip:
         seed = SeedPipeline(args.raw_dir, args.batch_size, args.device, workers=0 if smoke else None)
         res["seed_step"] = timed_steps(seed, seed_steps, warmup=1 if smoke else 5)
         seed.close()
+        print("seed_step", res["seed_step"], flush=True)
+        save()
+    if "full" not in args.skip:
+        res["nin_full"] = full_run(args, compile_, smoke)
+        print("nin_full", {k: v for k, v in res["nin_full"].items()}, flush=True)
+        save()
 
     rows = ["| measurement | result |", "|---|---:|"]
     if "nin_step" in res:

@@ -54,7 +54,8 @@ def _add_inspect(sub) -> None:
 TRAIN_HELP = {
     "model": "model name (see `nin models`)",
     "model_kwargs": "extra builder arguments as JSON, e.g. '{\"width\": 96}'",
-    "init": "weight init: default (PyTorch's) or xavier (xavier_uniform_ on conv weights, as the seed)",
+    "init": "weight init: default (PyTorch's), xavier (xavier_uniform_ on conv weights, as the seed) "
+            "or kaiming (kaiming_uniform_ for ReLU)",
     "dataset": "fashion-mnist, mnist, cifar10, cifar100, svhn or folder:PATH",
     "data_dir": "where the dataset files are (else $NIN_DATA, ~/.cache/nin, Debian's package)",
     "resize": "resize images to this square side on the fly (the seed: 224)",

@@ -90,18 +90,31 @@ def to_float_batch(x: torch.Tensor, *, resize: int | None = None, mean=None, std
     # y_i = A_h x_i A_w^T for every image: t = x A_w^T (one GEMM), then A_h t by row blocks, each
     # block of output rows reading only its band of t's rows; the result lands in N x C x H x W order.
     dev = x.device
-    a_w = resize_matrix(w, resize, dev, dtype)  # resize x W
+    stats = None if mean is None else (tuple(scale64.tolist()), tuple(bias64.tolist()))
+    a_w, blocks, index, bias = _resize_operands(h, w, resize, c, str(dev), dtype, stats)
     t = torch.matmul(x.to(dtype), a_w.T)  # N x C x H x resize
+    g, b, k = index.shape[0], blocks.shape[-2], index.shape[1]
+    rows = t if g == 1 else t[:, :, index]  # N x C x G x k x resize
+    y = torch.matmul(blocks, rows.view(n, c, g, k, resize))  # N x C x G x B x resize
+    if bias is not None:
+        y.add_(bias)
+    return y.view(n, c, resize, resize)
+
+
+@lru_cache(maxsize=64)
+def _resize_operands(h: int, w: int, resize: int, c: int, device: str, dtype: torch.dtype, stats):
+    """to_float_batch's constant operands, built once per shape and device: copying them to a GPU
+    on every batch would be a blocking host-to-device copy (a stall) per training step."""
+    dev = torch.device(device)
+    a_w = resize_matrix(w, resize, dev, dtype)  # resize x W
     blocks, index = _row_blocks(h, resize, dev.type == "cpu" and dtype in (torch.float32, torch.float64))
     blocks = blocks / 255  # G x B x k, carries the 1/255 of ToTensor
-    if mean is not None:
+    bias = None
+    if stats is not None:
+        scale64, bias64 = (torch.tensor(v, dtype=torch.float64) for v in stats)
         blocks = blocks[None] * (255 * scale64).view(c, 1, 1, 1)  # C x G x B x k
-    g, b, k = index.shape[0], blocks.shape[-2], index.shape[1]
-    rows = t if g == 1 else t[:, :, index.to(dev)]  # N x C x G x k x resize
-    y = torch.matmul(blocks.to(dev, dtype), rows.view(n, c, g, k, resize))  # N x C x G x B x resize
-    if mean is not None:
-        y.add_(bias64.to(dev, dtype).view(1, c, 1, 1, 1))
-    return y.view(n, c, resize, resize)
+        bias = bias64.to(dev, dtype).view(1, c, 1, 1, 1)
+    return a_w, blocks.to(dev, dtype), index.to(dev), bias
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 0, flip: bool = False) -> torch.Tensor:

@@ -20,13 +20,20 @@ __all__ = [
 ]
 
 
-def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> nn.Sequential:
-    """The seed's mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each."""
-    return nn.Sequential(
+def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+              last_relu: bool = True) -> nn.Sequential:
+    """The seed's mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each.
+
+    ``last_relu=False`` (class-map block only) leaves the class maps linear, so the logits can
+    never all be clamped at 0 (the seed's "stuck at ln 10" failure)."""
+    layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(inplace=True),
-    )
+        nn.Conv2d(out_channels, out_channels, kernel_size=1),
+    ]
+    if last_relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 def nin_block_bn(in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, padding: int,
@@ -98,8 +105,11 @@ class UnknownModelError(UsageError, ValueError):
 
 # --- the networks -------------------------------------------------------------------------
 @register_model
-def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5) -> NiN:
-    """The seed (d2l.ai): 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters."""
+def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5,
+            class_map_relu: bool = True) -> NiN:
+    """The seed (d2l.ai): 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters.
+
+    ``class_map_relu=False`` drops the ReLU after the last 1x1 conv (a d2l-stable candidate)."""
     features = nn.Sequential(
         nin_block(in_chans, 96, kernel_size=11, stride=4, padding=0),  # 96 x 54 x 54
         nn.MaxPool2d(3, stride=2),                                     # 96 x 26 x 26
@@ -108,7 +118,8 @@ def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5)
         nin_block(256, 384, kernel_size=3, stride=1, padding=1),       # 384 x 12 x 12
         nn.MaxPool2d(3, stride=2),                                     # 384 x 5 x 5
         nn.Dropout(drop_rate),
-        nin_block(384, num_classes, kernel_size=3, stride=1, padding=1),  # 10 x 5 x 5
+        nin_block(384, num_classes, kernel_size=3, stride=1, padding=1,
+                  last_relu=class_map_relu),                           # 10 x 5 x 5
     )
     return NiN(features, num_classes, in_chans, (in_chans, 224, 224))
 

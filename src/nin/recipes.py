@@ -14,7 +14,7 @@ class TrainConfig:
     # model
     model: str = "nin_fmnist"
     model_kwargs: dict = field(default_factory=dict)
-    init: str = "default"            # "xavier": xavier_uniform_ on every conv weight, as the seed
+    init: str = "default"            # "xavier": xavier_uniform_ on every conv weight, as the seed; "kaiming"
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -61,7 +61,8 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"),
              f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
-            (self.init in ("default", "xavier"), f"--init must be default or xavier, got {self.init!r}"),
+            (self.init in ("default", "xavier", "kaiming"),
+             f"--init must be default, xavier or kaiming, got {self.init!r}"),
             (self.lr_scale in ("none", "linear"), f"--lr-scale must be none or linear, got {self.lr_scale!r}"),
             (self.resize is None or self.resize >= 1, f"--resize must be >= 1, got {self.resize}"),
             (self.crop_padding >= 0, f"--crop-padding must be >= 0, got {self.crop_padding}"),
