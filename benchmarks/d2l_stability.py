@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "d2l": [],                                                       # the seed, unchanged
     "kaiming-cosine": ["--init", "kaiming", "--schedule", "cosine"],
     "lr0.05": ["--lr", "0.05"],                                      # d2l's own later fix
+    "no-class-relu-cosine": ["--model-kwargs", '{"class_map_relu": false}', "--schedule", "cosine"],
 }
 
 
