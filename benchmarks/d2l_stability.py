@@ -30,11 +30,12 @@ VARIANTS: dict[str, list[str]] = {
     "warmup": ["--warmup-epochs", "1"],                              # the d2l-stable recipe as of now
     "kaiming": ["--init", "kaiming"],                                # He init instead of xavier
     "warmup-cosine": ["--warmup-epochs", "1", "--schedule", "cosine"],
-    "no-class-relu": ["--model-kwargs", '{"class_map_relu": false}'],
+    "no-class-relu": ["--model-kwargs", '{"class_block_relus": "hidden"}'],
     "d2l": [],                                                       # the seed, unchanged
     "kaiming-cosine": ["--init", "kaiming", "--schedule", "cosine"],
     "lr0.05": ["--lr", "0.05"],                                      # d2l's own later fix
-    "no-class-relu-cosine": ["--model-kwargs", '{"class_map_relu": false}', "--schedule", "cosine"],
+    "no-class-relu-cosine": ["--model-kwargs", '{"class_block_relus": "hidden"}', "--schedule", "cosine"],
+    "linear-class-block-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--schedule", "cosine"],
 }
 
 

@@ -112,3 +112,52 @@ def test_bf16_loader_and_step_match_fp32_within_bf16_tolerance():
                      in zip(fast.parameters(), plain.parameters())])
     base = torch.cat([(-cfg.lr * p.grad).flatten() for p in orig.parameters()])
     assert (got - want).norm() <= max(0.1 * want.norm(), 2 * (base - want).norm())
+
+
+def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
+    """The driver runs `nin train --recipe d2l` + each variant's flags per seed and appends one JSON line per
+    run with its per-epoch history; a run past --deadline is killed and recorded as cut off."""
+    import subprocess
+
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(BENCH / "d2l_stability.py"), "--device", "cpu", "--resize", "67", "--limit-train", "32",
+           "--epochs", "1", "--seeds", "0", "--variants", "d2l", "linear-class-block-cosine", "--data-dir",
+           str(fake_root), "--workers", "2", "--jsonl", str(out), "--keep", str(tmp_path / "runs")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {x["variant"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"d2l", "linear-class-block-cosine"}
+    for row in rows.values():
+        assert row["status"] in ("ok", "STUCK") and row["epochs_done"] == 1 and len(row["history"]) == 1
+    cfg = json.loads((tmp_path / "runs" / "linear-class-block-cosine-s0" / "config.json").read_text())
+    assert cfg["config"]["model_kwargs"] == {"class_block_relus": "none"} and cfg["config"]["schedule"] == "cosine"
+
+    cut = tmp_path / "cut.jsonl"
+    r = subprocess.run([*cmd[:cmd.index("--jsonl")], "--jsonl", str(cut), "--deadline", "0.5", "--workers", "1",
+                        "--epochs", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in cut.read_text().splitlines()]
+    assert [x["status"] for x in rows] == ["cut off"] and "runs not started: 1" in r.stdout
+
+
+def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
+    """BENCHMARKS.md's GPU section: per variant the seeds' final accuracies, STUCK at ln 10, runs >= 0.88."""
+    import gpu_results
+
+    def row(variant, seed, losses_accs, epochs=2):
+        hist = [{"train_loss": lo, "train_acc": a, "test_acc": a} for lo, a in losses_accs]
+        return {"variant": variant, "flags": ["--x"], "seed": seed, "epochs_done": len(hist), "epochs": epochs,
+                "status": "ok", "history": hist}
+    rows = [row("v", 0, [(1.0, 0.5), (0.3, 0.885)]), row("v", 1, [(2.3026, 0.1), (2.3026, 0.1)]),
+            row("v", 2, [(1.0, 0.7)])]
+    (tmp_path / "d2l-stability-x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "gpu-x.json").write_text(json.dumps({
+        "device": "GPU-NAME", "torch": "t", "batch_size": 128, "compile": False,
+        "nin_step": {"images": 10, "images_per_sec": 3000.0}, "seed_step": {"images": 10, "images_per_sec": 1000.0}}))
+    monkeypatch.setattr(gpu_results, "RESULTS", tmp_path / "benchmarks" / "results")
+    gpu_results.RESULTS.mkdir(parents=True)
+    for f in tmp_path.glob("*.json*"):
+        f.rename(gpu_results.RESULTS / f.name)
+    text = gpu_results.render()
+    assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1) | 1/2 |" in text
+    assert "GPU-NAME" in text and "**3.00x**" in text

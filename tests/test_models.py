@@ -125,3 +125,30 @@ def test_help_is_fast_and_does_not_import_torch():
     code = "import sys; from nin.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("relus, n_relu, negative_logits", [("all", 3, False), ("hidden", 2, True), ("none", 0, True)])
+def test_nin_d2l_class_block_relus(relus, n_relu, negative_logits):
+    """The d2l-stable options: removing ReLUs from the 10-channel block lets logits go below 0, keeps
+    the weight names (weights load across variants) and the parameter count."""
+    torch.manual_seed(0)
+    seed_model = create_model("nin_d2l").eval()
+    model = create_model("nin_d2l", class_block_relus=relus).eval()
+    last_block = model.features[-1]
+    assert sum(isinstance(m, nn.ReLU) for m in last_block) == n_relu
+    assert sum(isinstance(m, nn.ReLU) for m in model.features[0]) == 3  # earlier blocks untouched
+    assert list(model.state_dict()) == list(seed_model.state_dict())
+    model.load_state_dict(seed_model.state_dict())
+    with torch.no_grad():
+        x = torch.rand(8, 1, 224, 224)
+        maps = model.forward_features(x)
+        assert bool((maps < 0).any()) == negative_logits
+        if relus == "none":  # the block is linear: the three convs applied in a row, no clamping
+            h = seed_model.features[:-1](x)
+            ref = last_block[4](last_block[2](last_block[0](h)))
+            torch.testing.assert_close(maps, ref)
+
+
+def test_nin_d2l_class_block_relus_rejects_unknown():
+    with pytest.raises(ValueError, match="'all', 'hidden' or 'none'"):
+        create_model("nin_d2l", class_block_relus="some")

@@ -34,6 +34,31 @@ def test_d2l_recipe_is_the_seed():
     assert (cfg.crop_padding, cfg.flip, cfg.tta_flip) == (0, False, False)
 
 
+def test_kaiming_init_scales_for_relu():
+    """--init kaiming: every conv weight uniform with std sqrt(2 / fan_in) (He); xavier: sqrt(2 / (fan_in
+    + fan_out)), as d2l's init_weights.  Biases are left as PyTorch initialised them."""
+    from nin.models import create_model
+    from nin.train import init_weights
+
+    for scheme, want in (("kaiming", lambda fi, fo: math.sqrt(2 / fi)),
+                         ("xavier", lambda fi, fo: math.sqrt(2 / (fi + fo)))):
+        torch.manual_seed(0)
+        model = create_model("nin_d2l")
+        biases = [m.bias.clone() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        init_weights(model, scheme)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv, b in zip(convs, biases):
+            w = conv.weight
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+            bound = math.sqrt(3) * want(fan_in, fan_out)
+            assert w.abs().max() <= bound + 1e-6
+            if w.numel() >= 10_000:  # enough draws for the sample std to be within 3%
+                assert w.std().item() == pytest.approx(want(fan_in, fan_out), rel=0.03)
+            assert torch.equal(conv.bias, b)
+    with pytest.raises(UsageError, match="--init must be default, xavier or kaiming"):
+        dataclasses.replace(get_recipe("d2l"), init="he").validate()
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipes_validate_and_round_trip(name):
     cfg = get_recipe(name)

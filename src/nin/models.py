@@ -21,19 +21,23 @@ __all__ = [
 
 
 def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
-              last_relu: bool = True) -> nn.Sequential:
+              relus: Literal["all", "hidden", "none"] = "all") -> nn.Sequential:
     """The seed's mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each.
 
-    ``last_relu=False`` (class-map block only) leaves the class maps linear, so the logits can
-    never all be clamped at 0 (the seed's "stuck at ln 10" failure)."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1),
-    ]
-    if last_relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    ``relus`` is for the class-map block: "hidden" leaves the class maps linear (no ReLU after the
+    last conv), "none" the whole block, so no 10-channel ReLU layer is left that could die (the
+    seed's "stuck at ln 10" failure).  A removed ReLU is an ``nn.Identity``: the weight names stay."""
+    if relus not in ("all", "hidden", "none"):
+        raise ValueError(f"relus must be 'all', 'hidden' or 'none', got {relus!r}")
+
+    def act(on: bool) -> nn.Module:
+        return nn.ReLU(inplace=True) if on else nn.Identity()
+
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), act(relus != "none"),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), act(relus != "none"),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), act(relus == "all"),
+    )
 
 
 def nin_block_bn(in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, padding: int,
@@ -106,10 +110,11 @@ class UnknownModelError(UsageError, ValueError):
 # --- the networks -------------------------------------------------------------------------
 @register_model
 def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5,
-            class_map_relu: bool = True) -> NiN:
+            class_block_relus: Literal["all", "hidden", "none"] = "all") -> NiN:
     """The seed (d2l.ai): 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters.
 
-    ``class_map_relu=False`` drops the ReLU after the last 1x1 conv (a d2l-stable candidate)."""
+    ``class_block_relus`` ("all": the seed) removes ReLUs from the 10-channel class-map block:
+    "hidden" only the one on the class maps, "none" all three (see nin_block; d2l-stable uses it)."""
     features = nn.Sequential(
         nin_block(in_chans, 96, kernel_size=11, stride=4, padding=0),  # 96 x 54 x 54
         nn.MaxPool2d(3, stride=2),                                     # 96 x 26 x 26
@@ -119,7 +124,7 @@ def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5,
         nn.MaxPool2d(3, stride=2),                                     # 384 x 5 x 5
         nn.Dropout(drop_rate),
         nin_block(384, num_classes, kernel_size=3, stride=1, padding=1,
-                  last_relu=class_map_relu),                           # 10 x 5 x 5
+                  relus=class_block_relus),                            # 10 x 5 x 5
     )
     return NiN(features, num_classes, in_chans, (in_chans, 224, 224))
 

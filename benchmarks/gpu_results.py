@@ -1,0 +1,87 @@
+"""BENCHMARKS.md's GPU section, rendered from the results a lent GPU machine produced.
+
+GPU machines are lent to a few sessions only, so what `benchmarks/gpu_all.sh` measured there is kept in
+benchmarks/results/ (gpu-*.json from gpu.py, d2l-stability-*.jsonl from d2l_stability.py) and
+`run_all.py` renders it on every run, on any machine.  `python benchmarks/gpu_results.py` prints it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _speed(path: Path) -> list[str]:
+    r = json.loads(path.read_text())
+    stamp = path.stem.split("-", 2)[-1]
+    lines = [f"**{r['device']}**, torch {r['torch']}, batch {r['batch_size']}, "
+             f"torch.compile {'on' if r['compile'] else 'off'} (`{path.relative_to(RESULTS.parent.parent)}`, {stamp}):",
+             "", "| measurement | images/s |", "|---|---:|"]
+    if "nin_step" in r:
+        lines.append(f"| nin `d2l` step: data on the GPU as uint8, bf16, channels_last ({r['nin_step']['images']:,} "
+                     f"images) | {r['nin_step']['images_per_sec']:,.0f} |")
+    if "seed_step" in r:
+        lines.append(f"| seed pipeline: d2l DataLoader (4 workers, PIL resize) + train_ch6 step, fp32 "
+                     f"({r['seed_step']['images']:,} images) | {r['seed_step']['images_per_sec']:,.0f} |")
+    if "nin_step" in r and "seed_step" in r:
+        lines.append(f"| **nin / seed** | **{r['nin_step']['images_per_sec'] / r['seed_step']['images_per_sec']:.2f}x** |")
+    if "nin_full" in r:
+        f = r["nin_full"]
+        lines.append(f"| whole `nin train --recipe d2l` (10 epochs + 10 test passes) | {f['seconds']:.1f} s wall, "
+                     f"test acc {f['test_acc']:.4f} |")
+    else:
+        lines += ["", "The whole 10-epoch `nin train --recipe d2l` run was not timed in that session (the script's "
+                  "stand-in IPython module broke matplotlib; fixed since, not rerun)."]
+    return lines
+
+
+def _stability(path: Path) -> list[str]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    by = defaultdict(list)
+    for r in rows:
+        by[r["variant"]].append(r)
+    lines = [f"`nin train --recipe d2l` + one change, 224 x 224, all 60,000 images, 10 epochs, bf16, several runs "
+             f"sharing the GPU (`{path.relative_to(RESULTS.parent.parent)}`; per-epoch histories inside). Final test "
+             "accuracy per seed; `(k)` = cut off by the session's time limit after epoch k (the accuracy then), "
+             "STUCK = ended at loss ln 10, accuracy 0.10:", "",
+             "| change to `d2l` | flags | final test accuracy by seed | runs >= 0.88 |", "|---|---|---|---:|"]
+    for variant, rs in by.items():
+        rs.sort(key=lambda r: r["seed"])
+        cells, ok = [], 0
+        for r in rs:
+            if not r["history"]:
+                continue
+            acc = r["history"][-1]["test_acc"]
+            done = r["epochs_done"] == r["epochs"]
+            mark = "" if done else f" ({r['epochs_done']})"
+            last = r["history"][-1]
+            stuck = abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
+            cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}")
+            ok += done and acc >= 0.88
+        finished = sum(r["epochs_done"] == r["epochs"] for r in rs)
+        lines.append(f"| {variant} | `{' '.join(r['flags']) if rs[0]['flags'] else '(the seed)'}` | "
+                     f"{', '.join(cells)} | {ok}/{finished} |")
+    return lines
+
+
+def render() -> str:
+    parts = ["### GPU", ""]
+    speed = sorted(RESULTS.glob("gpu-*.json"))
+    stab = sorted(RESULTS.glob("d2l-stability-*.jsonl"))
+    if not speed and not stab:
+        return "### GPU\n\nNo GPU results yet: run `benchmarks/gpu_all.sh` on a CUDA machine."
+    for p in speed:
+        parts += _speed(p) + [""]
+    for p in stab:
+        parts += ["#### d2l-stable candidates (`benchmarks/d2l_stability.py`)", ""] + _stability(p) + [""]
+    parts.append("`class_map_relu: false` in those flags is what `class_block_relus: \"hidden\"` is now (the ReLU "
+                 "on the class maps removed). Rerun everything with `benchmarks/gpu_all.sh` (one command, about 9 "
+                 "minutes on an H200).")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render())
