@@ -13,6 +13,10 @@ GPU_S=${GPU_S:-170}; TOTAL_S=${TOTAL_S:-540}; WORKERS=${WORKERS:-4}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# d2l imports IPython and matplotlib_inline for notebook plots only; where they are missing, stand-ins
+if ! "$PY" -c "import IPython, matplotlib_inline" 2>/dev/null; then
+  export PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/gpu_stubs"
+fi
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import sys, torch, nin; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"; } 2>&1 | tee "$OUT/env.txt"

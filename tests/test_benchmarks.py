@@ -161,3 +161,21 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     text = gpu_results.render()
     assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1) | 1/2 |" in text
     assert "GPU-NAME" in text and "**3.00x**" in text
+
+
+@needs_d2l
+def test_gpu_stubs_let_d2l_and_the_run_folder_plot_work(tmp_path):
+    """benchmarks/gpu_stubs stand in for IPython/matplotlib_inline on the GPU machine: d2l must import with
+    them first on the path, and matplotlib (which looks at a loaded IPython) must still draw curves.png."""
+    import os
+    import subprocess
+
+    code = ("import IPython, sys; assert 'gpu_stubs' in IPython.__file__\n"
+            "from d2l import torch as d2l\n"
+            "from nin.runfolder import plot_curves; import pathlib\n"
+            f"plot_curves(pathlib.Path({str(tmp_path)!r}), [dict(epoch=1, train_loss=1.0, train_acc=0.5, "
+            "test_acc=0.5)], 't')\n")
+    env = {**os.environ, "PYTHONPATH": str(BENCH / "gpu_stubs")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 1000
