@@ -442,8 +442,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 f"test acc {acc:.4f}  lr {lr:.3g}  {row['images_per_sec']:.0f} img/s  {epoch_seconds:.1f} s")
         if epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and row["train_acc"] < 2 / len(ds.classes) and d.main:
             print(f"warning: the training loss stayed at ln({len(ds.classes)}) = {ln_c:.3f} through the first "
-                  "epoch: the logits are constant, most likely because the ReLU on the class maps died (every "
-                  "logit 0), the seed's known failure. Try --recipe d2l-stable or a lower --lr", file=sys.stderr)
+                  "epoch: the logits do not depend on the input yet. Either a slow start (runs often leave this "
+                  "plateau in epoch 2 or 3) or the seed's known failure: the ReLUs of the 10-channel class-map "
+                  "block died, and the run stays here or ends far below the book's accuracy. "
+                  "Try --recipe d2l-stable or a lower --lr", file=sys.stderr)
         if writer is not None:
             for k in ("train_loss", "train_acc", "test_acc", "lr", "images_per_sec"):
                 writer.add_scalar(k, row[k], epoch + 1)
