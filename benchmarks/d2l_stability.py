@@ -36,6 +36,11 @@ VARIANTS: dict[str, list[str]] = {
     "lr0.05": ["--lr", "0.05"],                                      # d2l's own later fix
     "no-class-relu-cosine": ["--model-kwargs", '{"class_block_relus": "hidden"}', "--schedule", "cosine"],
     "linear-class-block-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--schedule", "cosine"],
+    # next candidates (not run yet): a faster start on top of the linear class block
+    "linear-class-block-normalize-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--schedule",
+                                            "cosine", "--normalize"],
+    "linear-class-block-kaiming-warmup-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--init",
+                                                 "kaiming", "--warmup-epochs", "1", "--schedule", "cosine"],
 }
 
 

@@ -26,8 +26,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   stab_args=(--device cpu --resize 67 --limit-train 256 --epochs 1 --seeds 0 1 --variants warmup kaiming)
 else
   gpu_args=(--no-compile)
+  # the 2026-11-27 H200 session ran warmup kaiming warmup-cosine no-class-relu d2l kaiming-cosine
+  # (results/); next: the linear class block, which no longer has a 10-channel ReLU layer that can die
   stab_args=(--device cuda --seeds 0 1 2 3 4 5 6 7
-             --variants warmup kaiming warmup-cosine no-class-relu d2l kaiming-cosine)
+             --variants linear-class-block-cosine linear-class-block-normalize-cosine
+                        linear-class-block-kaiming-warmup-cosine)
 fi
 timeout "$GPU_S" "$PY" benchmarks/gpu.py "${gpu_args[@]}" --raw-dir "$DATA" --data-dir "$DATA" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"

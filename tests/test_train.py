@@ -59,6 +59,13 @@ def test_kaiming_init_scales_for_relu():
         dataclasses.replace(get_recipe("d2l"), init="he").validate()
 
 
+def test_d2l_stable_is_the_seed_with_a_linear_class_block_and_cosine_lr():
+    seed, stable = get_recipe("d2l").to_dict(), get_recipe("d2l-stable").to_dict()
+    changed = {k: (seed[k], stable[k]) for k in seed if seed[k] != stable[k]}
+    assert changed == {"recipe": ("d2l", "d2l-stable"), "model_kwargs": ({}, {"class_block_relus": "none"}),
+                       "schedule": ("constant", "cosine")}
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipes_validate_and_round_trip(name):
     cfg = get_recipe(name)
