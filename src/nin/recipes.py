@@ -14,7 +14,7 @@ class TrainConfig:
     # model
     model: str = "nin_fmnist"
     model_kwargs: dict = field(default_factory=dict)
-    init: str = "default"            # "xavier": xavier_uniform_ on every conv weight, as the seed; "kaiming"
+    init: str = "default"            # "xavier": xavier_uniform_ on conv weights, as the seed; "kaiming": He's
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -115,9 +115,9 @@ RECIPES: dict[str, dict] = {
     # The seed (d2l.ai train_ch6) exactly.
     "d2l": dict(model="nin_d2l", init="xavier", resize=224, normalize=False, epochs=10, batch_size=128,
                 lr=0.1, schedule="constant", eval_batch_size=256),
-    # The seed's budget with two changes against its failure, which on an H200 (BENCHMARKS.md#gpu) was
-    # ReLUs dying in the 10-channel class-map block: all of them (stuck at ln 10) or some (stuck near
-    # 0.38).  That block loses its ReLUs, so no 10-wide ReLU layer is left to die, and the lr follows a
+    # The seed's budget with two changes against its failure, which on an H200 (BENCHMARKS.md#gpu) looked
+    # like ReLUs dying in the 10-channel class-map block: all of them (stuck at ln 10) or some (flat
+    # near 0.38).  That block loses its ReLUs, so no 10-wide ReLU layer is left to die, and the lr follows a
     # cosine to 0 (no late blow-up; +1% over constant lr there).  A warm-up alone did not help.
     "d2l-stable": dict(model="nin_d2l", model_kwargs={"class_block_relus": "none"}, init="xavier", resize=224,
                        normalize=False, epochs=10, batch_size=128, lr=0.1, schedule="cosine",
