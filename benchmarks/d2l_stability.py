@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from nin.runfolder import read_metrics
+
 # name -> flags added to `nin train --recipe d2l`; in priority order
 VARIANTS: dict[str, list[str]] = {
     "warmup": ["--warmup-epochs", "1"],                              # the d2l-stable recipe as of now
@@ -43,11 +45,6 @@ VARIANTS: dict[str, list[str]] = {
     "linear-class-block-kaiming-warmup-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--init",
                                                  "kaiming", "--warmup-epochs", "1", "--schedule", "cosine"],
 }
-
-
-def read_history(run: Path) -> list[dict]:
-    f = run / "metrics.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
 def main() -> None:
@@ -77,7 +74,7 @@ def main() -> None:
           " s/run | status |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
 
     def record(variant: str, seed: int, run: Path, rc: int | None, seconds: float, log: str) -> None:
-        hist = read_history(run)
+        hist = read_metrics(run)
         last = hist[-1] if hist else {}
         stuck = bool(hist) and abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
         status = ("STUCK" if stuck else "ok") if rc == 0 else ("cut off" if rc is None else f"failed rc {rc}")

@@ -42,6 +42,7 @@ def timed_steps(pipe, steps: int, warmup: int, **step_kw) -> dict:
 
 def full_run(args, compile_: bool, smoke: bool) -> dict:
     from nin.recipes import get_recipe
+    from nin.runfolder import read_metrics
     from nin.train import train
 
     small = {"batch_size": args.batch_size} if args.batch_size != 128 else {}
@@ -54,8 +55,7 @@ def full_run(args, compile_: bool, smoke: bool) -> dict:
         final = train(cfg, Path(tmp) / "run", quiet=True, dry_run=smoke, log=lambda *a, **k: None)
         sync(args.device)
         wall = time.perf_counter() - t
-        metrics = Path(tmp) / "run" / "metrics.jsonl"
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        rows = read_metrics(Path(tmp) / "run")
     # train_seconds: the training steps only (no data loading from disk, compilation warm-up is in epoch 1)
     return {"seconds": wall, "test_acc": final["test_acc"], "epochs": final.get("epoch"),
             "train_seconds": sum(r["seconds"] for r in rows), "epoch_seconds": [r["seconds"] for r in rows],

@@ -73,6 +73,12 @@ def write_metrics(out: Path, history: list[dict]) -> None:
                  lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
 
 
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows write_metrics wrote (empty if the run has not finished an epoch)."""
+    f = Path(out) / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
 def plot_curves(out: Path, history: list[dict], title: str) -> None:
     """train loss, train acc and test acc against epoch on one axis, like the seed's animator."""
     import matplotlib
