@@ -9,8 +9,11 @@ finished.  Every finished run is appended to --jsonl at once, so a killed driver
 
 On a GPU (the real check, 224 x 224, 10 epochs, all 60,000 images):
     python benchmarks/d2l_stability.py --device cuda --seeds 0 1 2 3 4 --workers 4 --jsonl out.jsonl
-On CPU at a reduced cost (evidence only: the plateau needs hundreds of steps to show):
-    python benchmarks/d2l_stability.py --resize 96 --limit-train 12000 --epochs 2 --variants d2l warmup
+On CPU at a reduced cost (all images and 10 epochs, at 96 x 96: about 10 min a run on 2 cores):
+    python benchmarks/d2l_stability.py --resize 96 --workers 2 --threads 1 --jsonl out.jsonl
+Finished `nin train` run folders (say full-size CPU runs of an hour each) join the same table with
+    python benchmarks/d2l_stability.py --add-runs runs/A runs/B --jsonl out.jsonl
+which names each run's variant from its config.json.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from nin.cli import _train_overrides, build_parser
+from nin.recipes import get_recipe
 from nin.runfolder import read_metrics
 
 # name -> flags added to `nin train --recipe d2l`; in priority order
@@ -38,13 +43,44 @@ VARIANTS: dict[str, list[str]] = {
     "lr0.05": ["--lr", "0.05"],                                      # d2l's own later fix
     "no-class-relu-cosine": ["--model-kwargs", '{"class_block_relus": "hidden"}', "--schedule", "cosine"],
     "linear-class-block-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--schedule", "cosine"],
-    # next candidates: a faster start on top of the linear class block.  normalize: on CPU, seed 0, the
-    # loss went NaN in epoch 3 (the class maps have no ReLU to clamp them; lr 0.1 is then too much)
+    # a faster start on top of the linear class block.  normalize: on CPU, seed 0, the loss went NaN
+    # in epoch 3 (the class maps have no ReLU to clamp them; lr 0.1 is then too much)
+    # ... and the d2l-stable recipe now: He init for a fast start, with a 1-epoch warm-up
     "linear-class-block-normalize-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--schedule",
                                             "cosine", "--normalize"],
     "linear-class-block-kaiming-warmup-cosine": ["--model-kwargs", '{"class_block_relus": "none"}', "--init",
                                                  "kaiming", "--warmup-epochs", "1", "--schedule", "cosine"],
 }
+
+
+# config fields that say what a run cost or where it ran, not which variant it is
+_SETTINGS = {"recipe", "seed", "epochs", "resize", "limit_train", "device", "precision", "data_dir", "max_steps",
+             "save_every", "compile"}
+
+
+def variant_of(config: dict) -> str | None:
+    """The VARIANTS name whose flags, added to `--recipe d2l`, give this config (cost settings aside)."""
+    for name, flags in VARIANTS.items():
+        want = get_recipe("d2l", **_train_overrides(build_parser().parse_args(["train", *flags]))).to_dict()
+        if all(json.dumps(want[k]) == json.dumps(config.get(k)) for k in want if k not in _SETTINGS):
+            return name
+    return None
+
+
+def row_of(run: Path, *, status: str, seconds: float, log: str = "") -> dict:
+    """One JSON line for a run folder: variant, flags, seed, cost settings, status, per-epoch history."""
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    variant = variant_of(cfg)
+    if variant is None:
+        raise SystemExit(f"{run}: its config is `--recipe d2l` plus no variant in VARIANTS; add one first")
+    hist = read_metrics(run)
+    last = hist[-1] if hist else {}
+    stuck = bool(hist) and abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
+    return {"variant": variant, "flags": VARIANTS[variant], "seed": cfg["seed"], "epochs_done": len(hist),
+            "epochs": cfg["epochs"], "resize": cfg["resize"], "limit_train": cfg["limit_train"] or 0,
+            "status": "STUCK" if status == "ok" and stuck else status, "seconds": seconds, "history": hist,
+            "test_acc": last.get("test_acc"), "best_test_acc": max((h["test_acc"] for h in hist), default=None),
+            "log_tail": log[-1500:] if status != "ok" else log[-300:]}
 
 
 def main() -> None:
@@ -61,7 +97,18 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=0, help="stop starting/kill runs after this many s (0: none)")
     ap.add_argument("--jsonl", help="append one line per run to this file")
     ap.add_argument("--keep", help="keep the run folders under this folder (default: a temporary one)")
+    ap.add_argument("--add-runs", nargs="+", metavar="RUN", help="only add these finished run folders to --jsonl")
     args = ap.parse_args()
+    if args.add_runs:
+        rows = [row_of(Path(run), status="ok", seconds=sum(h["seconds"] for h in read_metrics(Path(run))))
+                for run in args.add_runs]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return
 
     t_start = time.monotonic()
     jobs = [(v, s) for s in args.seeds for v in args.variants]
@@ -74,15 +121,16 @@ def main() -> None:
           " s/run | status |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
 
     def record(variant: str, seed: int, run: Path, rc: int | None, seconds: float, log: str) -> None:
-        hist = read_metrics(run)
+        status = "ok" if rc == 0 else ("cut off" if rc is None else f"failed rc {rc}")
+        if (run / "config.json").exists():
+            row = row_of(run, status=status, seconds=seconds, log=log)
+        else:  # failed before writing its folder (a bad flag, say)
+            row = {"variant": variant, "flags": VARIANTS[variant], "seed": seed, "epochs_done": 0,
+                   "epochs": args.epochs, "resize": args.resize, "limit_train": args.limit_train, "status": status,
+                   "seconds": seconds, "history": [], "test_acc": None, "best_test_acc": None,
+                   "log_tail": log[-1500:]}
+        hist = row["history"]
         last = hist[-1] if hist else {}
-        stuck = bool(hist) and abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
-        status = ("STUCK" if stuck else "ok") if rc == 0 else ("cut off" if rc is None else f"failed rc {rc}")
-        row = {"variant": variant, "flags": VARIANTS[variant], "seed": seed, "epochs_done": len(hist),
-               "epochs": args.epochs, "resize": args.resize, "limit_train": args.limit_train,
-               "status": status, "seconds": seconds, "history": hist,
-               "test_acc": last.get("test_acc"), "best_test_acc": max((h["test_acc"] for h in hist), default=None),
-               "log_tail": log[-1500:] if rc != 0 else log[-300:]}
         with lock:
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
@@ -91,7 +139,7 @@ def main() -> None:
             print(f"| {variant} | {seed} | {len(hist)}/{args.epochs} | "
                   f"{fmt(hist[0]['train_loss'] if hist else None)} | {fmt(last.get('train_loss'))} | "
                   f"{fmt(last.get('train_acc'))} | {fmt(last.get('test_acc'))} | {fmt(row['best_test_acc'])} | "
-                  f"{seconds:.0f} | {status} |", flush=True)
+                  f"{seconds:.0f} | {row['status']} |", flush=True)
 
     def worker() -> None:
         while True:

@@ -38,32 +38,44 @@ def _speed(path: Path) -> list[str]:
     return lines
 
 
+# the machine named in a results file (d2l-stability-MACHINE-DATE.jsonl)
+MACHINES = {"h200": "one NVIDIA H200, bf16, several runs sharing the GPU",
+            "cpu": "this project's 2-core CPU (AMD EPYC), bf16, two runs at once with one thread each or one "
+                   "run with two"}
+
+
 def _stability(path: Path) -> list[str]:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    by = defaultdict(list)
-    for r in rows:
-        by[r["variant"]].append(r)
-    lines = [f"`nin train --recipe d2l` + one change, 224 x 224, all 60,000 images, 10 epochs, bf16, several runs "
-             f"sharing the GPU (`{path.relative_to(RESULTS.parent.parent)}`; per-epoch histories inside). Final test "
-             "accuracy per seed; `(k)` = cut off by the session's time limit after epoch k (the accuracy then), "
-             "STUCK = ended at loss ln 10, accuracy 0.10:", "",
-             "| change to `d2l` | flags | final test accuracy by seed | runs >= 0.88 |", "|---|---|---|---:|"]
-    for variant, rs in by.items():
-        rs.sort(key=lambda r: r["seed"])
-        cells, ok = [], 0
-        for r in rs:
-            if not r["history"]:
-                continue
-            acc = r["history"][-1]["test_acc"]
-            done = r["epochs_done"] == r["epochs"]
-            mark = "" if done else f" ({r['epochs_done']})"
-            last = r["history"][-1]
-            stuck = abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
-            cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}")
-            ok += done and acc >= 0.88
-        finished = sum(r["epochs_done"] == r["epochs"] for r in rs)
-        lines.append(f"| {variant} | `{' '.join(r['flags']) if rs[0]['flags'] else '(the seed)'}` | "
-                     f"{', '.join(cells)} | {ok}/{finished} |")
+    machine = path.stem.split("-")[2]
+    lines = []
+    for resize, limit, epochs in sorted({(r["resize"], r["limit_train"], r["epochs"]) for r in rows}, reverse=True):
+        by = defaultdict(list)
+        for r in rows:
+            if (r["resize"], r["limit_train"], r["epochs"]) == (resize, limit, epochs):
+                by[r["variant"]].append(r)
+        lines += [f"`nin train --recipe d2l` plus the flags shown, **{resize} x {resize}**, "
+                  f"{f'{limit:,}' if limit else 'all 60,000'} images, {epochs} epochs, on "
+                  f"{MACHINES.get(machine, machine)} (`{path.relative_to(RESULTS.parent.parent)}`; per-epoch "
+                  "histories inside). Final test accuracy per seed; `(k)` = cut off by the session's time limit "
+                  "after epoch k (the accuracy then), STUCK = ended at loss ln 10, accuracy 0.10:", "",
+                  "| variant | flags added to `d2l` | final test accuracy by seed | runs >= 0.88 |", "|---|---|---|---:|"]
+        for variant, rs in by.items():
+            rs.sort(key=lambda r: r["seed"])
+            cells, ok = [], 0
+            for r in rs:
+                if not r["history"]:
+                    continue
+                acc = r["history"][-1]["test_acc"]
+                done = r["epochs_done"] == r["epochs"]
+                mark = "" if done else f" ({r['epochs_done']})"
+                last = r["history"][-1]
+                stuck = abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
+                cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}")
+                ok += done and acc >= 0.88
+            finished = sum(r["epochs_done"] == r["epochs"] for r in rs)
+            lines.append(f"| {variant} | `{' '.join(r['flags']) if rs[0]['flags'] else '(the seed)'}` | "
+                         f"{', '.join(cells)} | {ok}/{finished} |")
+        lines.append("")
     return lines
 
 
@@ -76,10 +88,17 @@ def render() -> str:
     for p in speed:
         parts += _speed(p) + [""]
     for p in stab:
-        parts += ["#### d2l-stable candidates (`benchmarks/d2l_stability.py`)", ""] + _stability(p) + [""]
+        if "-cpu-" not in p.name:
+            parts += ["#### d2l-stable candidates (`benchmarks/d2l_stability.py`)", ""] + _stability(p)
     parts.append("`class_map_relu: false` in those flags is what `class_block_relus: \"hidden\"` is now (the ReLU "
                  "on the class maps removed). Rerun everything with `benchmarks/gpu_all.sh` (one command, about 9 "
                  "minutes on an H200).")
+    for p in stab:
+        if "-cpu-" in p.name:
+            parts += ["", "### d2l-stable candidates on CPU (`benchmarks/d2l_stability.py`)", "",
+                      "Without a GPU, the same check at full size takes an hour a run here, so most runs are at a "
+                      "reduced cost: 96 x 96 instead of 224 (same network; its last maps are 1 x 1 instead of "
+                      "5 x 5), all images, all 10 epochs, about 10 minutes a run.", ""] + _stability(p)
     return "\n".join(parts)
 
 

@@ -132,6 +132,22 @@ def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
     cfg = json.loads((tmp_path / "runs" / "linear-class-block-cosine-s0" / "config.json").read_text())
     assert cfg["config"]["model_kwargs"] == {"class_block_relus": "none"} and cfg["config"]["schedule"] == "cosine"
 
+    # finished run folders join the table under the variant their config.json matches
+    runs = tmp_path / "runs"
+    added = tmp_path / "added.jsonl"
+    add = [sys.executable, str(BENCH / "d2l_stability.py"), "--jsonl", str(added), "--add-runs"]
+    r = subprocess.run([*add, str(runs / "linear-class-block-cosine-s0"), str(runs / "d2l-s0")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = [json.loads(x) for x in added.read_text().splitlines()]
+    assert [(x["variant"], x["seed"], x["resize"], x["limit_train"], x["history"]) for x in again] == [
+        (v, 0, 67, 32, rows[v]["history"]) for v in ("linear-class-block-cosine", "d2l")]
+    cfg["config"]["lr"] = 0.3  # a run that is no variant: refused, named
+    (runs / "d2l-s0" / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([*add, str(runs / "d2l-s0")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "d2l-s0: its config is `--recipe d2l` plus no variant" in r.stderr
+    assert "Traceback" not in r.stderr and len(added.read_text().splitlines()) == 2
+
     cut = tmp_path / "cut.jsonl"
     r = subprocess.run([*cmd[:cmd.index("--jsonl")], "--jsonl", str(cut), "--deadline", "0.5", "--workers", "1",
                         "--epochs", "3"], capture_output=True, text=True, timeout=300)
@@ -141,16 +157,19 @@ def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
 
 
 def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
-    """BENCHMARKS.md's GPU section: per variant the seeds' final accuracies, STUCK at ln 10, runs >= 0.88."""
+    """BENCHMARKS.md's GPU section: per variant the seeds' final accuracies, STUCK at ln 10, runs >= 0.88;
+    one table per cost setting, CPU results in their own section."""
     import gpu_results
 
-    def row(variant, seed, losses_accs, epochs=2):
+    def row(variant, seed, losses_accs, epochs=2, resize=224):
         hist = [{"train_loss": lo, "train_acc": a, "test_acc": a} for lo, a in losses_accs]
         return {"variant": variant, "flags": ["--x"], "seed": seed, "epochs_done": len(hist), "epochs": epochs,
-                "status": "ok", "history": hist}
+                "resize": resize, "limit_train": 0, "status": "ok", "history": hist}
     rows = [row("v", 0, [(1.0, 0.5), (0.3, 0.885)]), row("v", 1, [(2.3026, 0.1), (2.3026, 0.1)]),
             row("v", 2, [(1.0, 0.7)])]
-    (tmp_path / "d2l-stability-x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cpu = [row("w", 3, [(1.0, 0.9), (0.2, 0.91)], resize=96), row("w", 0, [(1.0, 0.5), (0.3, 0.87)])]
+    (tmp_path / "d2l-stability-h200-x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d2l-stability-cpu-x.jsonl").write_text("\n".join(json.dumps(r) for r in cpu))
     (tmp_path / "gpu-x.json").write_text(json.dumps({
         "device": "GPU-NAME", "torch": "t", "batch_size": 128, "compile": False,
         "nin_step": {"images": 10, "images_per_sec": 3000.0}, "seed_step": {"images": 10, "images_per_sec": 1000.0}}))
@@ -161,6 +180,11 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     text = gpu_results.render()
     assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1) | 1/2 |" in text
     assert "GPU-NAME" in text and "**3.00x**" in text
+    gpu_part, cpu_part = text.split("### d2l-stable candidates on CPU")
+    assert "NVIDIA H200" in gpu_part and "| w |" not in gpu_part
+    big, small = cpu_part.split("**96 x 96**")
+    assert "**224 x 224**" in big and "| w | `--x` | s0: 0.870 | 0/1 |" in big
+    assert "| w | `--x` | s3: 0.910 | 1/1 |" in small
 
 
 @needs_d2l
