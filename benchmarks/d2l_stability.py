@@ -34,7 +34,7 @@ from nin.runfolder import read_metrics
 
 # name -> flags added to `nin train --recipe d2l`; in priority order
 VARIANTS: dict[str, list[str]] = {
-    "warmup": ["--warmup-epochs", "1"],                              # the d2l-stable recipe as of now
+    "warmup": ["--warmup-epochs", "1"],                              # d2l-stable before 2026-11-27
     "kaiming": ["--init", "kaiming"],                                # He init instead of xavier
     "warmup-cosine": ["--warmup-epochs", "1", "--schedule", "cosine"],
     "no-class-relu": ["--model-kwargs", '{"class_block_relus": "hidden"}'],

@@ -156,6 +156,16 @@ def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
     assert [x["status"] for x in rows] == ["cut off"] and "runs not started: 1" in r.stdout
 
 
+def test_d2l_stable_recipe_is_the_variant_verified_on_cpu():
+    """The table's variant names must say what the recipe is: d2l-stable = d2l + the He/warm-up variant."""
+    import d2l_stability
+
+    from nin.recipes import get_recipe
+    assert d2l_stability.variant_of(get_recipe("d2l-stable").to_dict()) == "linear-class-block-kaiming-warmup-cosine"
+    assert d2l_stability.variant_of(get_recipe("d2l", seed=5, resize=96).to_dict()) == "d2l"
+    assert d2l_stability.variant_of(get_recipe("d2l", lr=0.3).to_dict()) is None
+
+
 def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     """BENCHMARKS.md's GPU section: per variant the seeds' final accuracies, STUCK at ln 10, runs >= 0.88;
     one table per cost setting, CPU results in their own section."""
