@@ -29,7 +29,7 @@ else
   # the 2026-11-27 H200 session ran warmup kaiming warmup-cosine no-class-relu d2l kaiming-cosine
   # (results/); next: d2l-stable as it is now (verified on CPU only), against the seed, seed by seed
   stab_args=(--device cuda --seeds 0 1 2 3 4 5 6 7
-             --variants linear-class-block-kaiming-warmup-cosine d2l)
+             --variants linear-class-block-cosine-batch64 d2l)
 fi
 timeout "$GPU_S" "$PY" benchmarks/gpu.py "${gpu_args[@]}" --raw-dir "$DATA" --data-dir "$DATA" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"

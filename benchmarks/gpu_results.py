@@ -56,8 +56,8 @@ def _stability(path: Path) -> list[str]:
         lines += [f"`nin train --recipe d2l` plus the flags shown, **{resize} x {resize}**, "
                   f"{f'{limit:,}' if limit else 'all 60,000'} images, {epochs} epochs, on "
                   f"{MACHINES.get(machine, machine)} (`{path.relative_to(RESULTS.parent.parent)}`; per-epoch "
-                  "histories inside). Final test accuracy per seed; `(k)` = cut off by the session's time limit "
-                  "after epoch k (the accuracy then), STUCK = ended at loss ln 10, accuracy 0.10:", "",
+                  "histories inside). Final test accuracy per seed; `(k)` = stopped after epoch k (the accuracy then), by "
+                  "the session's time limit unless a reason follows; STUCK = ended at loss ln 10, accuracy 0.10:", "",
                   "| variant | flags added to `d2l` | final test accuracy by seed | runs >= 0.88 |", "|---|---|---|---:|"]
         for variant, rs in by.items():
             rs.sort(key=lambda r: r["seed"])
@@ -70,9 +70,12 @@ def _stability(path: Path) -> list[str]:
                 mark = "" if done else f" ({r['epochs_done']})"
                 last = r["history"][-1]
                 stuck = abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
-                cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}")
+                how = "" if r["status"] in ("ok", "cut off", "STUCK") else f" {r['status']}"
+                cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}{how}")
                 ok += done and acc >= 0.88
-            finished = sum(r["epochs_done"] == r["epochs"] for r in rs)
+            # a run that failed (NaN) counts against the variant; one cut off by time or dropped does not
+            finished = sum(r["epochs_done"] == r["epochs"] or not (r["status"] == "cut off"
+                           or r["status"].startswith("stopped")) for r in rs)
             lines.append(f"| {variant} | `{' '.join(r['flags']) if rs[0]['flags'] else '(the seed)'}` | "
                          f"{', '.join(cells)} | {ok}/{finished} |")
         lines.append("")

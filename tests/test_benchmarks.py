@@ -157,11 +157,11 @@ def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
 
 
 def test_d2l_stable_recipe_is_the_variant_verified_on_cpu():
-    """The table's variant names must say what the recipe is: d2l-stable = d2l + the He/warm-up variant."""
+    """The table's variant names must say what the recipe is: d2l-stable = d2l + the batch-64 variant."""
     import d2l_stability
 
     from nin.recipes import get_recipe
-    assert d2l_stability.variant_of(get_recipe("d2l-stable").to_dict()) == "linear-class-block-kaiming-warmup-cosine"
+    assert d2l_stability.variant_of(get_recipe("d2l-stable").to_dict()) == "linear-class-block-cosine-batch64"
     assert d2l_stability.variant_of(get_recipe("d2l", seed=5, resize=96).to_dict()) == "d2l"
     assert d2l_stability.variant_of(get_recipe("d2l", lr=0.3).to_dict()) is None
 
@@ -176,8 +176,9 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
         return {"variant": variant, "flags": ["--x"], "seed": seed, "epochs_done": len(hist), "epochs": epochs,
                 "resize": resize, "limit_train": 0, "status": "ok", "history": hist}
     rows = [row("v", 0, [(1.0, 0.5), (0.3, 0.885)]), row("v", 1, [(2.3026, 0.1), (2.3026, 0.1)]),
-            row("v", 2, [(1.0, 0.7)])]
-    cpu = [row("w", 3, [(1.0, 0.9), (0.2, 0.91)], resize=96), row("w", 0, [(1.0, 0.5), (0.3, 0.87)])]
+            {**row("v", 2, [(1.0, 0.7)]), "status": "cut off"}]
+    cpu = [row("w", 3, [(1.0, 0.9), (0.2, 0.91)], resize=96), row("w", 0, [(1.0, 0.5), (0.3, 0.87)]),
+           {**row("w", 1, [(1.0, 0.6)]), "status": "NaN"}]
     (tmp_path / "d2l-stability-h200-x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "d2l-stability-cpu-x.jsonl").write_text("\n".join(json.dumps(r) for r in cpu))
     (tmp_path / "gpu-x.json").write_text(json.dumps({
@@ -193,7 +194,7 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     gpu_part, cpu_part = text.split("### d2l-stable candidates on CPU")
     assert "NVIDIA H200" in gpu_part and "| w |" not in gpu_part
     big, small = cpu_part.split("**96 x 96**")
-    assert "**224 x 224**" in big and "| w | `--x` | s0: 0.870 | 0/1 |" in big
+    assert "**224 x 224**" in big and "| w | `--x` | s0: 0.870, s1: 0.600 (1) NaN | 0/2 |" in big
     assert "| w | `--x` | s3: 0.910 | 1/1 |" in small
 
 
