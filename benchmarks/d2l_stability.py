@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_results import stuck
 from nin.cli import _train_overrides, build_parser
 from nin.recipes import get_recipe
 from nin.runfolder import read_metrics
@@ -70,18 +70,19 @@ def variant_of(config: dict) -> str | None:
     return None
 
 
-def row_of(run: Path, *, status: str, seconds: float, log: str = "") -> dict:
-    """One JSON line for a run folder: variant, flags, seed, cost settings, status, per-epoch history."""
+def row_of(run: Path, *, status: str, seconds: float | None = None, log: str = "") -> dict:
+    """One JSON line for a run folder: variant, flags, seed, cost settings, status, per-epoch history.
+    seconds: the run's wall time; by default the sum of its epochs' times."""
     cfg = json.loads((run / "config.json").read_text())["config"]
     variant = variant_of(cfg)
     if variant is None:
         raise SystemExit(f"{run}: its config is `--recipe d2l` plus no variant in VARIANTS; add one first")
     hist = read_metrics(run)
     last = hist[-1] if hist else {}
-    stuck = bool(hist) and abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
     return {"variant": variant, "flags": VARIANTS[variant], "seed": cfg["seed"], "epochs_done": len(hist),
             "epochs": cfg["epochs"], "resize": cfg["resize"], "limit_train": cfg["limit_train"] or 0,
-            "status": "STUCK" if status == "ok" and stuck else status, "seconds": seconds, "history": hist,
+            "status": "STUCK" if status == "ok" and stuck(hist) else status,
+            "seconds": sum(h["seconds"] for h in hist) if seconds is None else seconds, "history": hist,
             "test_acc": last.get("test_acc"), "best_test_acc": max((h["test_acc"] for h in hist), default=None),
             "log_tail": log[-1500:] if status != "ok" else log[-300:]}
 
@@ -104,8 +105,7 @@ def main() -> None:
     ap.add_argument("--status", default="ok", help="with --add-runs: how they ended, if not ok (say: NaN)")
     args = ap.parse_args()
     if args.add_runs:
-        rows = [row_of(Path(run), status=args.status, seconds=sum(h["seconds"] for h in read_metrics(Path(run))))
-                for run in args.add_runs]
+        rows = [row_of(Path(run), status=args.status) for run in args.add_runs]
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if args.jsonl:
             with open(args.jsonl, "a") as f:

@@ -38,6 +38,11 @@ def _speed(path: Path) -> list[str]:
     return lines
 
 
+def stuck(history: list[dict]) -> bool:
+    """Ended at the seed's failure: loss ln 10 (uniform logits over the 10 classes), chance accuracy."""
+    return bool(history) and abs(history[-1]["train_loss"] - math.log(10)) < 0.01 and history[-1]["train_acc"] < 0.2
+
+
 # the machine named in a results file (d2l-stability-MACHINE-DATE.jsonl)
 MACHINES = {"h200": "one NVIDIA H200, bf16, several runs sharing the GPU",
             "cpu": "this project's 2-core CPU (AMD EPYC), bf16, two runs at once with one thread each or one "
@@ -68,10 +73,8 @@ def _stability(path: Path) -> list[str]:
                 acc = r["history"][-1]["test_acc"]
                 done = r["epochs_done"] == r["epochs"]
                 mark = "" if done else f" ({r['epochs_done']})"
-                last = r["history"][-1]
-                stuck = abs(last["train_loss"] - math.log(10)) < 0.01 and last["train_acc"] < 0.2
                 how = "" if r["status"] in ("ok", "cut off", "STUCK") else f" {r['status']}"
-                cells.append(f"s{r['seed']}: {'STUCK' if stuck else f'{acc:.3f}'}{mark}{how}")
+                cells.append(f"s{r['seed']}: {'STUCK' if stuck(r['history']) else f'{acc:.3f}'}{mark}{how}")
                 ok += done and acc >= 0.88
             # a run that failed (NaN) counts against the variant; one cut off by time or dropped does not
             finished = sum(r["epochs_done"] == r["epochs"] or not (r["status"] == "cut off"
