@@ -5,8 +5,8 @@ Both train nin_d2l (the seed's network) on Fashion-MNIST resized to 224 x 224, b
         resize=224) (torchvision Resize + ToTensor, DataLoader with 4 workers), the seed's nn.Sequential, and the
         body of d2l.train_ch6's inner loop, verbatim (fp32, NCHW).  The Debian Fashion-MNIST files are unpacked
         where torchvision looks (a temp data/FashionMNIST/raw/), so nothing downloads.
-  nin:  nin.train.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
-        nin.train.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
+  nin:  nin.trainer.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
+        nin.trainer.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
 Each pipeline runs in its own worker process (the allocator setting is process-wide, and the seed's DataLoader
 workers are its own); the parent alternates them -- seed, nin, then (--one-thread, the default) the seed and nin
 again with one torch thread each, as under OMP_NUM_THREADS=1, then the conv peaks -- for --rounds rounds.  On a
@@ -149,13 +149,13 @@ class SeedPipeline:
 
 # --- the nin pipeline ---------------------------------------------------------------------
 class NinPipeline:
-    """The training step of `nin train --recipe RECIPE`, set up as nin.train.train sets it up."""
+    """The training step of `nin train --recipe RECIPE`, set up as nin.trainer.train sets it up."""
 
     def __init__(self, recipe: str = "d2l", device="cpu", data_dir: str | None = None, **overrides) -> None:
         from nin.data import BatchLoader, load_dataset
         from nin.models import create_model
         from nin.recipes import get_recipe
-        from nin.train import (init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_device,
+        from nin.trainer import (init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_device,
                                resolve_precision)
 
         cfg = self.cfg = get_recipe(recipe, device=str(device), data_dir=data_dir, **overrides)
@@ -186,10 +186,10 @@ class NinPipeline:
         self._it = self.loader.iterate(0)
 
     def step(self, synchronize: bool = True) -> tuple[int, float]:
-        """One step of nin.train.train's loop (seed, lr, train_step, finite check); returns (images, seconds).
+        """One step of nin.trainer.train's loop (seed, lr, train_step, finite check); returns (images, seconds).
         ``synchronize=False`` leaves a GPU's queue running (train() syncs only every 25 steps there)."""
         from nin.recipes import lr_at
-        from nin.train import step_seed, train_step
+        from nin.trainer import step_seed, train_step
 
         try:
             x, y = next(self._it)

@@ -43,7 +43,7 @@ def timed_steps(pipe, steps: int, warmup: int, **step_kw) -> dict:
 def full_run(args, compile_: bool, smoke: bool) -> dict:
     from nin.recipes import get_recipe
     from nin.runfolder import read_metrics
-    from nin.train import train
+    from nin.trainer import train
 
     small = {"batch_size": args.batch_size} if args.batch_size != 128 else {}
     if smoke:  # the dry run's one test batch: keep it as small as the training batch

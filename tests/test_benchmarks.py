@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nin.data import BatchLoader, Split, to_float_batch
 from nin.models import create_model
 from nin.recipes import get_recipe
-from nin.train import input_dtype, make_optimizer, train_step
+from nin.trainer import input_dtype, make_optimizer, train_step
 
 from .fakedata import fake_fashion_dir
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from nin.cli import main
 from nin.errors import UsageError
-from nin.train import train
+from nin.trainer import train
 
 from .fakedata import fake_fashion_dir
 
@@ -154,7 +154,7 @@ def _single_process_accuracy(state: dict, data: Path) -> float:
     """Test accuracy of ``state`` evaluated in this one process, as the run's recipe evaluates."""
     from nin.data import BatchLoader, load_dataset
     from nin.models import create_model
-    from nin.train import loader_accuracy
+    from nin.trainer import loader_accuracy
 
     ds = load_dataset("fashion-mnist", str(data))
     model = create_model("nin_fmnist", num_classes=10, in_chans=1, width=8)

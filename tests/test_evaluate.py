@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nin.cli import main
-from nin.evaluate import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
+from nin.evaluation import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
                           save_cam_figure, save_cam_grid, save_confusion_csv, save_confusion_png)
 from nin.export import load
 from nin.models import create_model, list_models

@@ -8,7 +8,7 @@ import torch
 
 from nin.cli import main
 from nin.errors import CheckpointError
-from nin.export import META_NAME, OnnxModel, export_onnx, export_safetensors, load, load_any
+from nin.export import META_NAME, OnnxModel, export_onnx, write_safetensors, load, load_any
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_single_safetensors_file_carries_its_meta(run, tmp_path):
     lone.parent.mkdir()
     shutil.copy(path / "best.safetensors", lone)  # no model.json beside it: the embedded copy is used
     assert load(lone).meta == meta
-    export_safetensors(model, meta, tmp_path / "m.safetensors")
+    write_safetensors(model, meta, tmp_path / "m.safetensors")
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(_logits(load(tmp_path / "m.safetensors"), x), _logits(model, x), rtol=0, atol=0)
 
@@ -81,7 +81,7 @@ def onnx_dynamic(run, tmp_path_factory):
 
 
 def test_onnx_matches_pytorch_on_random_and_real_images(run, onnx_dynamic):
-    from nin.evaluate import preprocess
+    from nin.evaluation import preprocess
 
     _, model, meta, ds = run
     om = OnnxModel(onnx_dynamic)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nin.cli import main
-from nin.evaluate import predict_logits
+from nin.evaluation import predict_logits
 from nin.export import export_onnx, load
 from nin.predict import ImageError, predict_files, read_image
 

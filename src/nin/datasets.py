@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from .errors import DatasetError, ImageError
+from .images import IMAGE_SUFFIXES, fit_image, is_grey, load_image
 
 __all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "read_idx", "read_cifar_bin", "search_dirs"]
 
@@ -29,7 +31,6 @@ DATASETS = ["fashion-mnist", "mnist", "cifar10", "cifar100", "svhn"]  # plus "fo
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGITS = [str(i) for i in range(10)]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FOLDER_TEST_FRACTION = 0.2  # held out per class when a folder has no train/ + val/ (or test/)
 
 _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -55,6 +56,7 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, in [0, 1] units, computed on train
     std: tuple[float, ...]
     source: str  # where the files were found
+    split: dict | None = None  # how a folder's test files were chosen (folder_split's record)
 
     @property
     def num_classes(self) -> int:
@@ -202,35 +204,32 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def _image_files(root: Path, classes: list[str], warn) -> list[tuple[Path, int]]:
+    """(file, label) for the images directly inside each class folder.  An empty class folder is an
+    error (a class the model could never learn); images in deeper folders are not read, and ``warn``
+    says how many were left out."""
     out = []
     for label, name in enumerate(classes):
         d = root / name
-        if d.is_dir():
-            out += [(p, label) for p in sorted(d.iterdir())
-                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        mine = [(p, label) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        if not mine:
+            raise DatasetError(f"{d}: the class folder {name!r} holds no images "
+                               f"({', '.join(IMAGE_SUFFIXES)}); add some or remove the folder")
+        nested = sum(1 for sub in d.iterdir() if sub.is_dir()
+                     for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if nested:
+            warn(f"{d}: {nested} image(s) in subfolders are not read (a class's images go directly in its folder)")
+        out += mine
     return out
 
 
-def _open_images(files: list[tuple[Path, int]]) -> list:
-    from PIL import Image
+def folder_split(root: Path, seed: int, warn=None) -> tuple[list, list, list[str], dict]:
+    """(train files, test files, classes, split record) of an image folder: train/ + val/ (or test/) when
+    present, else ``FOLDER_TEST_FRACTION`` of each class held out by ``seed``.  The record says which rule
+    made the split and hashes the held-out files, so evaluation can prove it uses the same ones."""
+    import hashlib
 
-    images = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.copy())
-        except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
-            raise DatasetError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return images
-
-
-def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str]]:
-    """One subfolder per class; train/ + val/ (or test/) when present, else a seeded split per class."""
-    from PIL import Image
-
-    root = Path(path_str).expanduser()
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (folder:PATH wants one subfolder per class)")
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
@@ -239,10 +238,17 @@ def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str]]:
         extra = sorted(set(_class_dirs(test_dir)) - set(classes))
         if extra:
             raise DatasetError(f"{test_dir}: classes {extra} are not in {root / 'train'}")
-        train_files, test_files = _image_files(root / "train", classes), _image_files(test_dir, classes)
+        if not classes:
+            raise DatasetError(f"{root / 'train'}: no class subfolders")
+        train_files = _image_files(root / "train", classes, warn)
+        test_files = _image_files(test_dir, [c for c in classes if (test_dir / c).is_dir()], warn)
+        test_files = [(p, classes.index(p.parent.name)) for p, _ in test_files]
+        rule = f"the folder's own train/ and {test_dir.name}/"
     else:
         classes = _class_dirs(root)
-        files = _image_files(root, classes)
+        if not classes:
+            raise DatasetError(f"{root}: no class subfolders (folder:PATH wants one subfolder per class)")
+        files = _image_files(root, classes, warn)
         g = torch.Generator().manual_seed(seed)
         train_files, test_files = [], []
         for label in range(len(classes)):
@@ -251,24 +257,30 @@ def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str]]:
             n_test = int(round(len(mine) * FOLDER_TEST_FRACTION))
             test_files += [mine[i] for i in sorted(order[:n_test])]
             train_files += [mine[i] for i in sorted(order[n_test:])]
-    if not classes:
-        raise DatasetError(f"{root}: no class subfolders")
-    if not train_files:
-        raise DatasetError(f"{root}: no images (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    images = _open_images(train_files + test_files)
-    gray = all(im.mode in ("1", "L", "I", "I;16", "F") for im in images)
-    size = Counter(im.size for im in images).most_common(1)[0][0]  # others are resized to it
+        rule = f"{FOLDER_TEST_FRACTION:.0%} of each class held out by seed {seed}"
+    digest = hashlib.sha256("\n".join(str(p.relative_to(root)) for p, _ in test_files).encode()).hexdigest()
+    record = {"rule": rule, "seed": seed, "test_files": len(test_files), "test_files_sha256": digest}
+    return train_files, test_files, classes, record
 
-    def convert(im):
-        im = im.convert("L" if gray else "RGB")
-        return im if im.size == size else im.resize(size, Image.BILINEAR)
 
-    arrays = np.stack([np.asarray(convert(im)) for im in images])
-    arrays = arrays[:, None] if gray else arrays.transpose(0, 3, 1, 2)
+def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str], dict]:
+    """Decode every image of the folder with ``images`` (the same pixels ``nin predict`` reads):
+    grey if all are grey, else RGB; the most common size, others letterboxed to it."""
+    root = Path(path_str).expanduser().resolve()
+    train_files, test_files, classes, record = folder_split(root, seed)
+    images = []
+    for path, _ in train_files + test_files:
+        try:
+            images.append(load_image(path, name="the image"))
+        except ImageError as e:
+            raise DatasetError(f"{path}: not a readable image ({str(e).removeprefix('the image: ')})") from None
+    in_chans = 1 if all(is_grey(im) for im in images) else 3
+    w, h = Counter(im.size for im in images).most_common(1)[0][0]
+    arrays = np.stack([fit_image(im, in_chans, (h, w)) for im in images])
     labels = torch.tensor([label for _, label in train_files + test_files], dtype=torch.int64)
-    x = torch.from_numpy(np.ascontiguousarray(arrays))
+    x = torch.from_numpy(arrays)
     n = len(train_files)
-    return Split(x[:n], labels[:n]), Split(x[n:], labels[n:]), classes
+    return Split(x[:n], labels[:n]), Split(x[n:], labels[n:]), classes, record
 
 
 # --- finding ---------------------------------------------------------------------------------
@@ -403,9 +415,11 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = None, *,
                  download: bool = False, seed: int = 0) -> Dataset:
     """Both splits of a dataset in memory (uint8 on the CPU), class names, train mean/std, source."""
+    split = None
     if name.startswith("folder:"):
-        train, test, classes = _load_folder(name[len("folder:"):], seed)
+        train, test, classes, split = _load_folder(name[len("folder:"):], seed)
         source = str(Path(name[len("folder:"):]).expanduser().resolve())
+        name = f"folder:{source}"  # absolute: the run can be evaluated from any directory
     elif name in _LAYOUT:
         folder = find_dataset(name, data_dir, download=download)
         source = str(folder)
@@ -429,4 +443,4 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
         raise DatasetError(f"{source}: train images are {tuple(train.images.shape[1:])} but test images are "
                            f"{tuple(test.images.shape[1:])}")
     mean, std = _stats(train.images)
-    return Dataset(name, train, test, list(classes), mean, std, source)
+    return Dataset(name, train, test, list(classes), mean, std, source, split)

@@ -8,19 +8,21 @@ A saved model is two files side by side (in a run folder: ``best.safetensors`` +
 
 The same JSON is also embedded in the safetensors header (key ``nin.meta``) and, for ONNX exports,
 in the ONNX ``metadata_props`` (same key), so a ``.safetensors`` or ``.onnx`` file alone is enough.
-A model.json beside a .safetensors file wins over the embedded copy.
+A file's embedded copy wins over a model.json lying beside it (which may describe another model);
+model.json is read only for weights without one.  Every field is validated when read.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, NinError
+from .errors import CheckpointError, ExportError, UsageError
+from .fsutil import atomic_write
 
 FORMAT = "nin-model/1"
 META_KEY = "nin.meta"  # the model.json text, embedded in safetensors / ONNX metadata
@@ -28,39 +30,12 @@ WEIGHTS_NAME = "best.safetensors"
 META_NAME = "model.json"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    A failed write (full disk, unwritable folder) raises NinError naming ``path``, and removes the temp file.
-    """
-    path = Path(path)
-    tmp, replaced = None, False
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        replaced = True
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        if tmp is not None and not replaced and os.path.exists(tmp):
-            os.unlink(tmp)
-        if not isinstance(e, OSError):
-            raise
-        kept = "" if replaced or not path.exists() else f"; the previous {path.name} is unchanged"
-        raise NinError(f"{path}: cannot write ({e.strerror or e}){kept}") from None
+MAX_SIDE = 4096  # the largest input side a model.json may ask for
 
 
 @dataclass
 class ModelMeta:
-    """What rebuilds a model and turns raw images into its input."""
+    """What rebuilds a model, turns raw images into its input, and says how it was evaluated."""
 
     model: str
     model_kwargs: dict
@@ -68,26 +43,103 @@ class ModelMeta:
     input_size: list[int]
     dataset: str = ""
     preprocess: dict = field(default_factory=lambda: {"resize": None, "mean": None, "std": None})
+    tta: str = "none"  # the test-time augmentation the run's reported accuracy used; eval/predict default to it
+    split: dict | None = None  # for folder datasets: how the held-out test files were chosen (seed, rule, hash)
+    info: dict = field(default_factory=dict)  # free-form provenance (recipe, accuracy, command, ...)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "model_kwargs": self.model_kwargs,
-                "classes": self.classes, "dataset": self.dataset, "input_size": self.input_size,
-                "preprocess": self.preprocess}
+        doc = {"format": FORMAT, "model": self.model, "model_kwargs": self.model_kwargs,
+               "classes": self.classes, "dataset": self.dataset, "input_size": self.input_size,
+               "preprocess": self.preprocess, "tta": self.tta}
+        if self.split is not None:
+            doc["split"] = self.split
+        if self.info:
+            doc["info"] = self.info
+        return doc
+
+
+def _finite_list(v, n: int | None) -> bool:
+    return (isinstance(v, list) and len(v) in ((1, n) if n else (len(v),)) and len(v) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+
+def validate_meta(data, where: str) -> ModelMeta:
+    """A ModelMeta from parsed JSON, every field checked; CheckpointError names ``where`` and the field."""
+    from .models import list_models
+
+    def bad(fieldname: str, expected: str):
+        got = json.dumps(data.get(fieldname)) if isinstance(data, dict) else "?"
+        raise CheckpointError(f"{where}: field {fieldname!r} must be {expected}, got {got[:80]}")
+
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: not a nin model description (expected a JSON object)")
+    if data.get("format", FORMAT) != FORMAT:
+        bad("format", f"{FORMAT!r}")
+    if data.get("model") not in list_models():
+        raise CheckpointError(f"{where}: cannot build model {data.get('model')!r}: field 'model' must be one of "
+                              f"{', '.join(list_models())}")
+    kwargs = data.get("model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        bad("model_kwargs", "a JSON object")
+    classes = data.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        bad("classes", "a non-empty list of class names")
+    if "num_classes" in kwargs and kwargs["num_classes"] != len(classes):
+        bad("classes", f"{kwargs['num_classes']} names (model_kwargs.num_classes)")
+    size = data.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(type(v) is int for v in size)
+            and size[0] in (1, 3) and all(1 <= v <= MAX_SIDE for v in size[1:])):
+        bad("input_size", f"[C, H, W] with C 1 or 3 and H, W in 1..{MAX_SIDE}")
+    if "in_chans" in kwargs and kwargs["in_chans"] != size[0]:
+        bad("input_size", f"{kwargs['in_chans']} channels first (model_kwargs.in_chans)")
+    pre = data.get("preprocess") or {}
+    if not isinstance(pre, dict):
+        bad("preprocess", "a JSON object")
+    resize = pre.get("resize")
+    if resize is not None and not (type(resize) is int and 1 <= resize <= MAX_SIDE):
+        raise CheckpointError(f"{where}: field 'preprocess.resize' must be null or 1..{MAX_SIDE}, got {resize!r}")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if v is not None and not _finite_list(v, size[0]):
+            raise CheckpointError(f"{where}: field 'preprocess.{key}' must be null or 1 or {size[0]} finite "
+                                  f"numbers, got {json.dumps(v)[:80]}")
+    if (pre.get("mean") is None) != (pre.get("std") is None):
+        raise CheckpointError(f"{where}: fields 'preprocess.mean' and 'preprocess.std' go together")
+    if pre.get("std") is not None and min(pre["std"]) <= 0:
+        raise CheckpointError(f"{where}: field 'preprocess.std' must be > 0, got {pre['std']}")
+    if data.get("tta", "none") not in ("none", "flip"):
+        bad("tta", "'none' or 'flip'")
+    if not isinstance(data.get("dataset", ""), str):
+        bad("dataset", "a dataset name")
+    for key in ("split", "info"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            bad(key, "a JSON object")
+    return ModelMeta(model=data["model"], model_kwargs=dict(kwargs), classes=list(classes), input_size=list(size),
+                     dataset=data.get("dataset", ""),
+                     preprocess={"resize": resize, "mean": pre.get("mean"), "std": pre.get("std")},
+                     tta=data.get("tta", "none"), split=data.get("split"), info=dict(data.get("info") or {}))
 
 
 def save_model(out_dir: str | os.PathLike, model: torch.nn.Module, meta: ModelMeta,
                weights_name: str = WEIGHTS_NAME) -> Path:
     """Write ``weights_name`` (safetensors) and model.json into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    write_safetensors(model, meta, out_dir / weights_name)
+    atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta.to_json(), indent=2)))
+    return out_dir / weights_name
+
+
+def write_safetensors(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
+    """One self-contained .safetensors file: fp32 weights, model.json embedded in the header."""
     from safetensors.torch import save
 
-    out_dir = Path(out_dir)
+    out = Path(out)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     text = json.dumps(meta.to_json(), indent=2)
     data = save(state, metadata={"format": FORMAT, META_KEY: text})  # in memory: disk errors are OSErrors
-    atomic_write(out_dir / weights_name, lambda tmp: Path(tmp).write_bytes(data))
-    atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(text))
-    return out_dir / weights_name
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    return out
 
 
 def _embedded_meta(weights: Path) -> str | None:
@@ -101,20 +153,21 @@ def _embedded_meta(weights: Path) -> str | None:
 
 
 def _resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(weights, meta json) of a saved model; meta is None when only the embedded copy exists."""
+    """(weights, meta json) of a saved model; meta is None when the weights embed their own description."""
     path = Path(path)
     if path.is_dir():
         weights, meta = path / WEIGHTS_NAME, path / META_NAME
     elif path.suffix == ".safetensors":
+        if path.is_file() and _embedded_meta(path) is not None:
+            return path, None  # its own description wins over a model.json that may describe another model
         weights, meta = path, path.with_suffix(".json")
         if not meta.exists():
             meta = path.with_name(META_NAME)
-        if not meta.exists() and path.exists() and _embedded_meta(path) is not None:
-            return path, None
     elif path.name.endswith(".json"):
         weights, meta = path.with_name(WEIGHTS_NAME), path
     else:
-        raise CheckpointError(f"{path}: expected a run folder, a .safetensors file or a model.json")
+        raise CheckpointError(f"{path}: expected a run folder, a .safetensors file, a model.json, an .onnx file "
+                              "or a pretrained name (see `nin models`)")
     for p in (weights, meta):
         if not p.exists():
             raise CheckpointError(f"{p}: not found (a saved model is {WEIGHTS_NAME} + {META_NAME})")
@@ -122,15 +175,12 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def read_meta(path: str | os.PathLike, text: str | None = None) -> ModelMeta:
-    """Parse a model.json (or ``text``, its content taken from embedded metadata of ``path``)."""
+    """Parse and validate a model.json (or ``text``, its content taken from embedded metadata of ``path``)."""
     try:
         data = json.loads(Path(path).read_text() if text is None else text)
-        return ModelMeta(model=data["model"], model_kwargs=dict(data.get("model_kwargs", {})),
-                         classes=list(data["classes"]), input_size=list(data["input_size"]),
-                         dataset=data.get("dataset", ""),
-                         preprocess=dict(data.get("preprocess") or {}))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid nin model.json ({e.__class__.__name__}: {e})") from None
+    return validate_meta(data, str(path))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -169,32 +219,67 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 # --- standalone exports: one safetensors file, ONNX -----------------------------------------
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch fp32| accepted by `nin export`
+MIN_OPSET = 18  # torch's exporter (dynamo) writes opset 18 and newer; asked for less it silently writes 18
 
 
-class ExportError(CheckpointError):
-    """An export could not be written, or does not reproduce the PyTorch model."""
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    opset: int | None = None
+    checks: list[tuple[str, float]] = field(default_factory=list)  # (what, max |onnxruntime - torch|)
 
 
-def export_safetensors(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
-    """One self-contained .safetensors file: fp32 weights, model.json embedded in the header."""
-    from safetensors.torch import save
+def export_model(model: torch.nn.Module, out: str | os.PathLike, *, format: str = "onnx", opset: int = 18,
+                 dynamic_batch: bool = False, real_images: torch.Tensor | None = None,
+                 tolerance: float = ONNX_TOLERANCE) -> ExportReport:
+    """Write ``model`` (with its ``.meta``) as ONNX or one .safetensors, and prove the file reproduces it.
 
+    safetensors: the file is read back and every tensor compared.  ONNX: onnxruntime's logits against
+    PyTorch's on a random batch and on ``real_images`` (uint8, preprocessed as the model's meta says)
+    within ``tolerance``.  A file that fails its check is removed and ExportError raised: no caller is
+    left with an export that silently differs from the model."""
     out = Path(out)
-    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
-    text = json.dumps(meta.to_json(), indent=2)
-    data = save(state, metadata={"format": FORMAT, META_KEY: text})  # in memory: disk errors are OSErrors
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
-    return out
+    meta = model.meta
+    if format == "safetensors":
+        write_safetensors(model, meta, out)
+        again = load(out)
+        mine, theirs = model.state_dict(), again.state_dict()
+        if mine.keys() != theirs.keys() or not all(torch.equal(mine[k].cpu().float(), theirs[k].float())
+                                                   for k in mine):
+            out.unlink(missing_ok=True)
+            raise ExportError(f"{out}: removed, the written weights differ from the model's")
+        return ExportReport(out, format)
+    if format != "onnx":
+        raise UsageError(f"unknown export format {format!r}; choose onnx or safetensors")
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or newer")
+    om = OnnxModel(export_onnx(model, meta, out, opset=opset, dynamic_batch=dynamic_batch))
+    gen = torch.Generator().manual_seed(0)
+    checks = [("a random batch of 8", onnx_max_diff(model, om, torch.randn(8, *meta.input_size, generator=gen)))]
+    if real_images is not None and len(real_images):
+        from .evaluation import preprocess
+
+        checks.append((f"{len(real_images)} real test images", onnx_max_diff(model, om, preprocess(model, real_images))))
+    worst = max(d for _, d in checks)
+    if not worst <= tolerance:  # NaN fails too
+        out.unlink(missing_ok=True)
+        summary = "; ".join(f"{d:.2e} on {what}" for what, d in checks)
+        raise ExportError(f"{out}: removed, the ONNX model does not match PyTorch (max |onnxruntime - torch| "
+                          f"{summary}; allowed {tolerance})")
+    return ExportReport(out, format, opset, checks)
 
 
 def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike, *,
                 opset: int = 18, dynamic_batch: bool = False) -> Path:
-    """Write ``out`` (.onnx): input ``images`` (preprocessed float, N x C x H x W), output ``logits``.
+    """Write ``out`` (.onnx): input ``images`` (preprocessed float, N x C x H x W), output ``logits``,
+    in exactly ONNX opset ``opset`` (ExportError, nothing written, if the exporter produced another).
 
     The batch size is 1 unless ``dynamic_batch``.  ``meta`` is embedded as metadata_props[nin.meta].
-    Uses torch's dynamo-based exporter (torch.export + onnxscript).
+    Uses torch's dynamo-based exporter (torch.export + onnxscript); nothing is written on failure.
     """
+    import contextlib
+    import io
     import warnings
 
     import onnx
@@ -205,8 +290,9 @@ def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike,
     # torch.export specialises a batch of 1, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, c, h, w)
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    noise = io.StringIO()  # the exporter prints tracebacks of its own fallbacks; keep them from the user
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
                                         opset_version=opset, dynamo=True, dynamic_shapes=shapes,
@@ -214,6 +300,10 @@ def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike,
         proto = program.model_proto
     except Exception as e:  # the exporter raises many kinds; the user needs one line
         raise ExportError(f"{out}: ONNX export failed ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    real = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if real != opset:
+        raise ExportError(f"{out}: not written; torch's exporter cannot write ONNX opset {opset} "
+                          f"(it produced opset {real})")
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta.to_json())
     onnx.checker.check_model(proto)

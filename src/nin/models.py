@@ -12,7 +12,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import InputTooSmallError, UnknownModelError, UsageError
 
 __all__ = [
     "NiN", "ModelInfo", "nin_block", "nin_block_bn", "register_model", "list_models",
@@ -101,10 +101,6 @@ def create_model(name: str, **kwargs) -> NiN:
     if name not in _MODELS:
         raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _MODELS[name](**kwargs)
-
-
-class UnknownModelError(UsageError, ValueError):
-    pass
 
 
 # --- the networks -------------------------------------------------------------------------
@@ -204,10 +200,6 @@ def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0
 
 
 # --- inspection ---------------------------------------------------------------------------
-class InputTooSmallError(UsageError, ValueError):
-    """The input is smaller than (or has other channels than) what the network can take."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     name: str

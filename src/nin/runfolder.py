@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, UsageError
-from .export import atomic_write
+from .fsutil import atomic_write
 
 CKPT_FORMAT = "nin-ckpt/1"
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "lr", "images_per_sec", "seconds"]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import nin.runfolder as runfolder
-import nin.train as train
+import nin.trainer as train
 from nin.cli import main
 
 _log = open(os.environ["NIN_TEST_EVENTS"], "a", buffering=1)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nin.cli import main
-from nin.export import atomic_write
+from nin.fsutil import atomic_write
 from nin.runfolder import load_checkpoint, save_checkpoint
 
 from .common import TINY_ARGS, one_error_line

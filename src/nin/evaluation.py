@@ -117,7 +117,7 @@ def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, lim
 
 
 def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:
-    from .export import atomic_write
+    from .fsutil import atomic_write
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -131,7 +131,7 @@ def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:
 def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    from .export import atomic_write
+    from .fsutil import atomic_write
 
     k = len(result.classes)
     fig = Figure(figsize=(1.0 + 0.6 * k, 0.6 + 0.55 * k), layout="constrained")
@@ -196,7 +196,7 @@ def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk
     probabilities.  Returns the top-k (class, probability)."""
     from matplotlib.figure import Figure
 
-    from .export import atomic_write
+    from .fsutil import atomic_write
 
     x = preprocess(model, image[None])
     maps, logits = class_activation_maps(model, x)
@@ -223,7 +223,7 @@ def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, 
     """
     from matplotlib.figure import Figure
 
-    from .export import atomic_write
+    from .fsutil import atomic_write
 
     n = images.shape[0]
     cols = cols or min(n, 8)

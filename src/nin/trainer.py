@@ -19,12 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runfolder
-from .errors import CheckpointError, NinError, UsageError
+from .errors import CheckpointError, TrainingDiverged, UsageError
 from .recipes import TrainConfig, lr_at
-
-
-class TrainingDiverged(NinError):
-    pass
 
 
 # --- engine choices -----------------------------------------------------------------------
