@@ -214,8 +214,11 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
-          quiet: bool = False, dry_run: bool = False, tensorboard: bool = False, log=print) -> dict:
-    """Train ``cfg`` into the run folder ``out`` (or continue the run in ``resume``); returns final metrics."""
+          quiet: bool = False, dry_run: bool = False, tensorboard: bool = False, log=print, on_epoch=None) -> dict:
+    """Train ``cfg`` into the run folder ``out`` (or continue the run in ``resume``); returns final metrics.
+
+    ``on_epoch(history)``, if given, is called on the main process after every finished epoch with the
+    list of per-epoch rows so far (a notebook's live figure uses it)."""
     from .data import BatchLoader, load_dataset
     from .export import ModelMeta, save_model
     from .models import check_input_size, create_model
@@ -455,6 +458,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, *, resume: str
                 best_acc = acc
                 save_model(run_dir, model, meta)
             runfolder.write_metrics(run_dir, history)
+            if on_epoch is not None:
+                on_epoch(list(history))
             runfolder.plot_curves(run_dir, history, f"{cfg.recipe}: {cfg.model} on {cfg.dataset}")
             checkpoint(epoch, 0)
             last_save = time.monotonic()
