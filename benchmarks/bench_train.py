@@ -152,37 +152,15 @@ class NinPipeline:
     """The training step of `nin train --recipe RECIPE`, set up as nin.trainer.train sets it up."""
 
     def __init__(self, recipe: str = "d2l", device="cpu", data_dir: str | None = None, **overrides) -> None:
-        from nin.data import BatchLoader, load_dataset
-        from nin.models import create_model
         from nin.recipes import get_recipe
-        from nin.trainer import (init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_device,
-                               resolve_precision)
+        from nin.trainer import TrainState, set_up
 
-        cfg = self.cfg = get_recipe(recipe, device=str(device), data_dir=data_dir, **overrides)
-        self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        ds = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-        split = ds.train if cfg.limit_train is None else type(ds.train)(ds.train.images[:cfg.limit_train],
-                                                                         ds.train.labels[:cfg.limit_train])
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=len(ds.classes), in_chans=split.images.shape[1],
-                             **cfg.model_kwargs)
-        init_weights(model, cfg.init)
-        model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
-        self.loader = BatchLoader(split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=self.device,
-                                  resize=cfg.resize, mean=mean, std=std, crop_padding=cfg.crop_padding,
-                                  flip=cfg.flip, channels_last=cfg.channels_last, dtype=input_dtype(self.amp_dtype))
-        self.model = model
-        self.net = torch.compile(model) if cfg.compile else model
-        self.opt = make_optimizer(model, cfg, cfg.lr, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        self.epoch, self.batch, self.steps = 0, 0, 0
+        # the library's own set-up step: the same model, loader, optimizer and checks as `nin train`
+        self.setup = set_up(get_recipe(recipe, device=str(device), data_dir=data_dir, **overrides))
+        self.cfg, self.device, self.amp_dtype = self.setup.cfg, self.setup.device, self.setup.amp_dtype
+        self.loader, self.model, self.net = self.setup.train_loader, self.setup.model, self.setup.net
+        self.state = TrainState(sums=torch.zeros(3, dtype=torch.float64, device=self.device))
+        self.sums = self.state.sums
         self._it = self.loader.iterate(0)
 
     def step(self, synchronize: bool = True) -> tuple[int, float]:
@@ -191,21 +169,22 @@ class NinPipeline:
         from nin.recipes import lr_at
         from nin.trainer import step_seed, train_step
 
+        s, st = self.setup, self.state
         try:
             x, y = next(self._it)
         except StopIteration:
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._it = self.loader.iterate(self.epoch)
+            st.epoch, st.batch = st.epoch + 1, 0
+            self._it = self.loader.iterate(st.epoch)
             x, y = next(self._it)
         t = time.perf_counter()
         self.net.train()
-        torch.manual_seed(step_seed(self.cfg.seed, self.epoch, self.batch, 0))
-        lr = lr_at(self.cfg, self.steps, len(self.loader), self.cfg.lr)
-        loss, _ = train_step(self.net, self.opt, self.scaler, x, y, lr=lr, amp_dtype=self.amp_dtype,
-                             label_smoothing=self.cfg.label_smoothing, sums=self.sums)
+        torch.manual_seed(step_seed(self.cfg.seed, st.epoch, st.batch, 0))
+        lr = lr_at(self.cfg, st.step, s.steps_per_epoch, s.base_lr)
+        loss, _ = train_step(self.net, s.opt, s.scaler, x, y, lr=lr, amp_dtype=self.amp_dtype,
+                             label_smoothing=self.cfg.label_smoothing, sums=st.sums)
         if self.device.type == "cpu":  # train() checks the loss every step on CPU (a host sync)
             assert bool(torch.isfinite(loss.detach()))
-        self.steps, self.batch = self.steps + 1, self.batch + 1
+        st.step, st.batch = st.step + 1, st.batch + 1
         if synchronize:
             sync(self.device)
         return y.numel(), time.perf_counter() - t

@@ -119,7 +119,7 @@ def test_accuracy_matches_one_process_with_the_same_global_batch(ref, tmp_path):
                      batch_size=BATCH * WORLD)
     with one_thread():
         one = train(cfg, tmp_path / "one", quiet=True, log=lambda *a, **k: None)
-    two = {k: float(v) for k, v in metrics(ref["run"])[-1].items()}
+    two = {k: float(v) for k, v in metrics(ref["run"])[-1].items() if v != ""}  # no validation split: blank
     # same batches (rank r takes every WORLD-th sample of one shuffled order), but per-rank BN statistics
     # and per-rank augmentation draws: the runs agree within noise, not bit for bit
     assert abs(two["test_acc"] - one["test_acc"]) <= 0.05, (two, one)

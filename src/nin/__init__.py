@@ -6,15 +6,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it.  No public name is also a submodule's name: importing
+# nin.trainer must not replace nin.train (a submodule import sets the package attribute of its name).
 _LAZY = {
     "create_model": "nin.models", "list_models": "nin.models", "model_info": "nin.models",
     "nin_block": "nin.models", "NiN": "nin.models",
     "load_dataset": "nin.data", "BatchLoader": "nin.data",
-    "train": "nin.train", "TrainConfig": "nin.train", "get_recipe": "nin.train",
-    "evaluate": "nin.evaluate",
-    "load": "nin.export", "save_model": "nin.export",
+    "train": "nin.trainer", "TrainConfig": "nin.recipes", "get_recipe": "nin.recipes", "RECIPES": "nin.recipes",
+    "evaluate": "nin.evaluation", "predict_files": "nin.predict", "read_image": "nin.images",
+    "load": "nin.export", "save_model": "nin.export", "export_model": "nin.export",
     "NinError": "nin.errors", "UsageError": "nin.errors", "DatasetError": "nin.errors",
-    "CheckpointError": "nin.errors",
+    "CheckpointError": "nin.errors", "ImageError": "nin.errors", "TrainingDiverged": "nin.errors",
 }
 
 __all__ = sorted(_LAZY)

@@ -7,9 +7,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .errors import NinError, UsageError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (``nin CMD: error: ...``), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+BIG = 2**62  # the bound of "any whole number" options: larger ones are typos, and overflow int64
+
+
+def number(kind, lo=None, hi=None):
+    """An argparse type: an int or a finite float within [lo, hi]."""
+    import math
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:,}, got {text}")
+        return v
+
+    return parse
 
 
 # --- inspecting ---------------------------------------------------------------------------
@@ -24,26 +56,44 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"Total parameters: {info.params:,}")
     print(f"Forward FLOPs: {info.flops * n / 1e9:.3f} GFLOP for batch {n} "
           f"({info.flops / 2e6:.1f} M multiply-adds per image)")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    need = info.activation_bytes * n
+    if total and need > total / 2:
+        print(f"note: a forward pass at this size holds about {need / 2**30:,.1f} GiB of fp32 activations "
+              f"(this machine has {total / 2**30:.0f} GiB): more than it can run")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models, model_info
+    from .pretrained import list_pretrained, pretrained_info
 
     print(f"{'model':<14} {'input':<12} {'params':>11} {'GFLOPs':>8}")
     for name in list_models():
         info = model_info(name)
         size = "x".join(map(str, info.input_size))
         print(f"{name:<14} {size:<12} {info.params:>11,} {info.flops / 1e9:>8.3f}")
+    names = list_pretrained()
+    if names:
+        print(f"\nshipped weights (nin predict/eval/cam/export/serve NAME; create_model(..., pretrained=True)):")
+        print(f"{'name':<32} {'params':>9} {'size':>8} {'test acc':>9} {'(flip TTA)':>10}  made by")
+        for n in names:
+            e = pretrained_info(n)
+            acc = e["accuracy"]["fp32"]
+            mark = " *" if e.get("default") else ""
+            print(f"{n + mark:<32} {e['params']:>9,} {e['bytes'] / 1e6:>6.2f}MB {acc['none']:>9.4f} "
+                  f"{acc['flip']:>10.4f}  {e['command']}")
+        print("* the architecture's default weights; accuracy on the 10,000 Fashion-MNIST test images, fp32")
     return 0
 
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("summary", help="per-layer output shapes, parameters and FLOPs of a model")
     p.add_argument("model", help="a registered model name (see `nin models`)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    p.add_argument("--input-size", type=number(int, 1, 1 << 20), nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's own)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size shown in the shapes (default 1)")
+    p.add_argument("--batch-size", type=number(int, 1, 1 << 20), default=1,
+                   help="batch size shown in the shapes (default 1)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("models", help="list the registered models with input size, parameters, FLOPs")
@@ -51,48 +101,12 @@ def _add_inspect(sub) -> None:
 
 
 # --- training -----------------------------------------------------------------------------
-TRAIN_HELP = {
-    "model": "model name (see `nin models`)",
-    "model_kwargs": "extra builder arguments as JSON, e.g. '{\"width\": 96}'",
-    "init": "weight init: default (PyTorch's), xavier (xavier_uniform_ on conv weights, as the seed) "
-            "or kaiming (kaiming_uniform_ for ReLU)",
-    "dataset": "fashion-mnist, mnist, cifar10, cifar100, svhn or folder:PATH",
-    "data_dir": "where the dataset files are (else $NIN_DATA, ~/.cache/nin, Debian's package)",
-    "resize": "resize images to this square side on the fly (the seed: 224)",
-    "normalize": "normalise inputs with the dataset's mean/std",
-    "crop_padding": "random-crop augmentation with this much zero padding (0: off)",
-    "flip": "random horizontal flip augmentation",
-    "limit_train": "train on the first N training images only (quick checks)",
-    "epochs": "number of epochs",
-    "batch_size": "batch size PER PROCESS; with torchrun the global batch is this x world size",
-    "lr": "peak learning rate (see --lr-scale for several processes)",
-    "momentum": "SGD momentum (0: plain SGD, as the seed)",
-    "nesterov": "Nesterov momentum",
-    "weight_decay": "weight decay on conv weights (not on biases/BN)",
-    "schedule": "lr schedule: constant, onecycle, cosine or step",
-    "warmup_epochs": "linear lr warm-up over this many epochs",
-    "step_epochs": "epochs at which schedule=step multiplies the lr by 0.1",
-    "label_smoothing": "label smoothing for the cross-entropy",
-    "lr_scale": "with several processes: none (use --lr as given) or linear (--lr x world size, the "
-                "usual rule when the global batch grows with the world size)",
-    "tta_flip": "test-time augmentation: average the logits of each image and its mirror",
-    "eval_batch_size": "batch size for the test-set evaluation",
-    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
-    "precision": "auto (bf16 autocast where the CPU/GPU supports it), bf16, fp16 or fp32",
-    "channels_last": "channels_last memory format",
-    "compile": "torch.compile the model (slower on CPU for these networks)",
-    "sync_bn": "with torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); "
-               "CUDA only, an error on CPU, where each process normalises with its own batch",
-    "seed": "random seed (same seed, same machine: same numbers on CPU)",
-    "max_steps": "stop after this many optimizer steps",
-    "save_every": "also checkpoint every N minutes mid-epoch (0: once per epoch)",
-}
+RESUMABLE = ("max_steps",)  # options a resumed run may change (it keeps every other one)
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     import json
 
-    from .errors import UsageError
     from .recipes import TrainConfig
 
     out = {}
@@ -111,47 +125,60 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipes import get_recipe
+    import json
+
+    from .recipes import flag, get_recipe
     from .trainer import train
 
+    overrides = _train_overrides(args)
     if args.resume:
-        overrides = _train_overrides(args)
-        if overrides:
-            from .errors import UsageError
+        other = [k for k in overrides if k not in RESUMABLE]
+        if other:
             raise UsageError("--resume continues a run with its saved config; drop "
-                             + ", ".join("--" + k.replace("_", "-") for k in overrides))
-        train(None, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard)
+                             + ", ".join(map(flag, other)) + " (only --max-steps may be given)")
+        train(None, resume=args.resume, max_steps=overrides.get("max_steps"), quiet=args.quiet,
+              tensorboard=args.tensorboard)
         return 0
-    cfg = get_recipe(args.recipe, **_train_overrides(args))
+    cfg = get_recipe(args.recipe, **overrides)
+    if args.print_config:
+        cfg.validate()
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     train(cfg, args.out, quiet=args.quiet, dry_run=args.dry_run, tensorboard=args.tensorboard)
     return 0
 
 
 def _add_train(sub) -> None:
-    from .recipes import RECIPES, TrainConfig
+    from .recipes import RECIPES, TrainConfig, choices_of, flag
 
     p = sub.add_parser("train", help="train a recipe; writes a run folder (see --help)",
-                       description="Train a NiN. A recipe sets every option; any flag below overrides it. "
+                       description="Train a NiN. A recipe sets every option; any flag below overrides it "
+                                   "(`nin train --recipe NAME --print-config` shows a recipe's values). "
                                    f"Recipes: {', '.join(RECIPES)}. On several processes or machines, start it "
                                    "with torchrun (--batch-size is then per process; see --lr-scale, --sync-bn).")
-    p.add_argument("--recipe", default="fast", help="named recipe (default: fast): " + ", ".join(RECIPES))
+    p.add_argument("--recipe", default="fast", metavar="{" + ",".join(RECIPES) + "}",
+                   help="named recipe (default: fast)")
     p.add_argument("--out", help="run folder (default: runs/RECIPE-DATE-TIME)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last.ckpt")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last.ckpt "
+                   "(to its end, or to a new --max-steps)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (recipe + flags) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="one train and one eval batch; write nothing")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "recipe":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else str(f.type)
+        name, kind, help_text = flag(f.name), str(f.type), f.metadata["help"]
+        choices = choices_of(f)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=TRAIN_HELP[f.name])
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "step_epochs":
-            p.add_argument(flag, type=int, nargs="*", default=None, help=TRAIN_HELP[f.name])
+            p.add_argument(name, type=number(int, 1), nargs="*", default=None, metavar="EPOCH", help=help_text)
         else:
+            # choices are shown, not enforced by argparse: TrainConfig.validate gives the one-line error
             typ = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(flag, type=typ, default=None, help=TRAIN_HELP[f.name])
+            p.add_argument(name, type=typ, default=None, help=help_text,
+                           metavar="{" + ",".join(choices) + "}" if choices else None)
     p.set_defaults(func=cmd_train)
 
 
@@ -160,6 +187,9 @@ _ADDERS = [_add_inspect, _add_train]
 
 
 # --- using a trained model: eval, predict, cam, export ---------------------------------------
+MAX_GRID = 256  # --grid: one figure; more images than this take minutes to draw and nobody can read them
+
+
 def _run_dir(path: str):
     from pathlib import Path
 
@@ -168,57 +198,123 @@ def _run_dir(path: str):
 
 
 def _dataset_for(model, name: str | None, data_dir: str | None):
+    """The dataset to evaluate on: the model's own (a folder with the very split the run held out)."""
     from .data import load_dataset
 
-    ds = load_dataset(name or model.meta.dataset or "fashion-mnist", data_dir)
+    split = getattr(model.meta, "split", None) if not name else None
+    ds = load_dataset(name or model.meta.dataset or "fashion-mnist", data_dir,
+                      seed=(split or {}).get("seed", 0))
+    if split and ds.split and ds.split.get("test_files_sha256") != split.get("test_files_sha256"):
+        raise UsageError(f"{ds.source}: the folder's held-out files are not the ones the run held out "
+                         f"({split.get('rule')}: {split.get('test_files')} files then, {ds.split.get('test_files')} "
+                         "now); files were added, removed or renamed since training, so its test images may "
+                         "have been training images")
     if len(ds.classes) != len(model.classes):
         raise UsageError(f"the dataset has {len(ds.classes)} classes but the model has {len(model.classes)}; "
                          f"choose the dataset it was trained on with --data")
     return ds
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import json
+def _tta(args, model) -> str:
+    return model.meta.tta if args.tta == "run" else args.tta
+
+
+def _out_dir(path, default):
     from pathlib import Path
 
+    out = Path(path) if path else default
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import NinError
     from .evaluation import evaluate, save_confusion_csv, save_confusion_png
     from .export import load_any
 
     model = load_any(args.run)
+    out = _out_dir(args.out, _run_dir(args.run) / "eval")
     ds = _dataset_for(model, args.data, args.data_dir)
-    result = evaluate(model, ds.test, batch_size=args.batch_size, tta=args.tta, limit=args.limit)
-    out = Path(args.out) if args.out else _run_dir(args.run) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    png, csv_path = out / "confusion.png", out / "confusion.csv"
-    save_confusion_csv(result, csv_path)
-    save_confusion_png(result, png)
+    tta = _tta(args, model)
+    result = evaluate(model, ds.test, batch_size=args.batch_size, tta=tta, limit=args.limit,
+                      precision=args.precision)
+    split = ds.split["rule"] if ds.split else f"the dataset's test split ({ds.source})"
+    png, csv_path, written = out / "confusion.png", out / "confusion.csv", True
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_confusion_csv(result, csv_path)
+        save_confusion_png(result, png)
+    except (OSError, NinError) as e:
+        written = False
+        print(f"warning: {out}: cannot write the confusion matrix files "
+              f"({getattr(e, 'strerror', None) or e}); the results are printed only", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result.to_json(), "confusion_png": str(png), "confusion_csv": str(csv_path)}))
+        files = {"confusion_png": str(png), "confusion_csv": str(csv_path)} if written else {}
+        _print_json({**result.to_json(), "split": split, **files})
         return 0
-    print(f"accuracy {result.accuracy:.4f} on {result.n:,} test images (tta: {result.tta})")
+    how = "as the run evaluated" if args.tta == "run" else "as asked"
+    print(f"accuracy {result.accuracy:.4f} on {result.n:,} test images (tta: {result.tta}, {how}; "
+          f"precision: {result.compute}; split: {split})")
     print(f"{'class':<16} {'precision':>9} {'recall':>7} {'images':>7}")
     for c, p, r, s in zip(result.classes, result.precision, result.recall, result.confusion.sum(1)):
         print(f"{c:<16} {p:>9.4f} {r:>7.4f} {int(s):>7}")
     print("most confused (true -> predicted: count):")
     for t, p, n in result.most_confused():
         print(f"  {t} -> {p}: {n}")
-    print(f"confusion matrix: {png}, {csv_path}")
+    if written:
+        print(f"confusion matrix: {png}, {csv_path}")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _print_json(doc) -> None:
+    """JSON with no NaN/Infinity (not JSON): non-finite numbers become null."""
     import json
+    import math
 
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    print(json.dumps(clean(doc), allow_nan=False))
+
+
+def _looks_like_model(text: str) -> bool:
+    """A run folder, a saved/exported model file or a shipped name (else: an image or a folder of them)."""
+    from pathlib import Path
+
+    from .pretrained import is_pretrained_name
+
+    p = Path(text)
+    return (is_pretrained_name(text) or p.suffix in (".onnx", ".safetensors", ".json")
+            or (p.is_dir() and (p / "model.json").exists()))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_any
     from .predict import predict_files
 
-    model = load_any(args.model)
-    results = predict_files(model, args.inputs, topk=args.topk, invert=args.invert, max_pixels=args.max_pixels)
+    paths = list(args.paths)
+    spec = args.model
+    if spec is None and _looks_like_model(paths[0]):
+        spec = paths.pop(0)
+    if not paths:
+        raise UsageError(f"give the images to classify after {spec}")
+    model = load_any(spec)  # None: the default pretrained model
+    results = predict_files(model, paths, topk=args.topk, invert=args.invert, max_pixels=args.max_pixels,
+                            tta=_tta(args, model))
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"nin predict: error: {r.error}", file=sys.stderr)
     if args.json:
-        print(json.dumps([r.to_json() for r in results]))
+        _print_json([r.to_json() for r in results])
     else:
         for r in results:
             if not r.error:
@@ -241,8 +337,6 @@ def cmd_cam(args: argparse.Namespace) -> int:
         raise UsageError("class activation maps need the PyTorch model: give the run folder, not the .onnx")
     model = load(args.run)
     if args.grid is not None:
-        if args.grid < 1:
-            raise UsageError("--grid must be at least 1")
         ds = _dataset_for(model, args.data, args.data_dir)
         out = Path(args.out) if args.out else _run_dir(args.run) / "cam_grid.png"
         acc = save_cam_grid(model, ds.test.images[:args.grid], ds.test.labels[:args.grid], out)
@@ -250,7 +344,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from .predict import read_image
+    from .images import read_image
 
     c, h, w = model.meta.input_size
     image = torch.from_numpy(read_image(args.image, c, (h, w), invert=args.invert))
@@ -268,6 +362,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load(args.run)
     out = Path(args.out) if args.out else _run_dir(args.run) / f"{model.meta.model}.{args.format}"
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name")
     real = None
     if args.format == "onnx":
         try:
@@ -286,49 +382,67 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_use(sub) -> None:
+    from .images import MAX_PIXELS
+
     def data_args(p) -> None:
         p.add_argument("--data", metavar="NAME", help="dataset (default: the one the model was trained on)")
         p.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (default: search)")
 
+    def tta_arg(p) -> None:
+        p.add_argument("--tta", choices=["run", "none", "flip"], default="run",
+                       help="test-time augmentation: 'flip' averages the logits with the mirrored image; "
+                            "'run' (default) does what the run did for its reported accuracy")
+
+    model_help = "a run folder, a .safetensors, an exported .onnx or a pretrained name (see `nin models`)"
     p = sub.add_parser("eval", help="test accuracy, per-class precision/recall, confusion matrix (PNG, CSV)")
-    p.add_argument("run", metavar="RUN", help="a run folder, a .safetensors or an exported .onnx")
+    p.add_argument("run", metavar="RUN", help=model_help)
     data_args(p)
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="test-time augmentation: 'flip' averages the logits with the mirrored image")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images")
+    tta_arg(p)
+    p.add_argument("--batch-size", type=number(int, 1, 1 << 20), default=256,
+                   help="images per forward pass (default 256)")
+    p.add_argument("--limit", type=number(int, 1, BIG), metavar="N", help="evaluate only the first N test images")
+    p.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
+                   help="'run' (default): as the run evaluated (bf16 autocast where it trained so and this "
+                        "machine supports it), which reproduces its reported accuracy to the image")
     p.add_argument("--out", metavar="DIR", help="where confusion.png/.csv go (default: RUN/eval)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="classify image files (PNG, JPEG, BMP, WebP, GIF) or folders of them")
-    p.add_argument("model", metavar="RUN", help="a run folder, a .safetensors or an exported .onnx")
-    p.add_argument("inputs", metavar="FILES_OR_DIRS", nargs="+", help="images, or folders searched recursively")
-    p.add_argument("--topk", type=int, default=1, metavar="K", help="show the K most likely classes (default 1)")
+    p = sub.add_parser("predict", help="classify image files (PNG, JPEG, BMP, WebP, GIF, TIFF) or folders of them")
+    p.add_argument("paths", metavar="[MODEL] FILES_OR_DIRS", nargs="+",
+                   help=f"optionally the model first ({model_help}; default: the shipped "
+                        "nin_fmnist.fashion_mnist_fast), then images or folders searched recursively")
+    p.add_argument("--model", metavar="MODEL", help="the model, if not given first")
+    p.add_argument("--topk", type=number(int, 1, BIG), default=1, metavar="K",
+                   help="show the K most likely classes (default 1; at most the number of classes)")
     p.add_argument("--invert", action="store_true",
                    help="invert the images first: use for dark objects on a light background "
                         "(Fashion-MNIST is light garments on black)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
-                   help="refuse images with more pixels than N (default 40,000,000)")
+    p.add_argument("--max-pixels", type=number(int, 1, BIG), default=MAX_PIXELS, metavar="N",
+                   help=f"refuse images with more pixels than N (default {MAX_PIXELS:,})")
+    tta_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {file, top | error}")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cam", help="class activation maps: where the network sees each class")
-    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors")
+    p.add_argument("run", metavar="RUN", help="a run folder, a .safetensors or a pretrained name")
     p.add_argument("image", metavar="IMAGE", nargs="?", help="an image file (or use --grid)")
-    p.add_argument("--grid", type=int, metavar="N", help="show N test images with their predicted class's map")
-    p.add_argument("--topk", type=int, default=3, metavar="K", help="maps of the K most likely classes (default 3)")
+    p.add_argument("--grid", type=number(int, 1, MAX_GRID), metavar="N",
+                   help=f"show N test images (at most {MAX_GRID}) with their predicted class's map")
+    p.add_argument("--topk", type=number(int, 1, BIG), default=3, metavar="K",
+                   help="maps of the K most likely classes (default 3)")
     p.add_argument("--invert", action="store_true", help="invert IMAGE first (dark object on light background)")
     p.add_argument("--out", metavar="FILE", help="PNG to write (default: RUN/cam_IMAGE.png or RUN/cam_grid.png)")
     data_args(p)
     p.set_defaults(func=cmd_cam)
 
     p = sub.add_parser("export", help="write the model as ONNX (checked against PyTorch) or one .safetensors")
-    p.add_argument("run", metavar="RUN", help="a run folder or a .safetensors")
+    p.add_argument("run", metavar="RUN", help="a run folder, a .safetensors or a pretrained name")
     p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx", help="(default onnx)")
     p.add_argument("--out", metavar="FILE", help="file to write (default: RUN/MODEL.onnx or .safetensors)")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: batch 1)")
-    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset version (default 18)")
+    p.add_argument("--opset", type=number(int, 18, 99), default=18, metavar="N",
+                   help="ONNX opset version, 18 or newer (default 18)")
     data_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -371,7 +485,8 @@ def _add_data(sub) -> None:
     q = data_sub.add_parser("info", help="where the files were found, counts per split and class, mean/std")
     q.add_argument("name", nargs="?", default="fashion-mnist", metavar="NAME", help=f"{names} (default fashion-mnist)")
     q.add_argument("--data-dir", metavar="DIR", help="look here first (then $NIN_DATA, ~/.cache/nin, system folders)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the train/test split of a folder without one")
+    q.add_argument("--seed", type=number(int, 0, BIG), default=0,
+                   help="seed of the train/test split of a folder without one")
     q.set_defaults(func=cmd_data_info)
 
     q = data_sub.add_parser("fetch", help="download a dataset (MD5-checked), or say how to get it offline")
@@ -386,7 +501,7 @@ _ADDERS.append(_add_data)
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nin", description="Network in Network image classifiers: inspect, train, evaluate, explain, export.")
     parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -399,13 +514,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except NinError as e:
         print(f"nin {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"nin {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`nin predict ... | head -1`): stop quietly, as Unix tools do.  Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again (Python's documented recipe).
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

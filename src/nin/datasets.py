@@ -348,16 +348,31 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Pa
     return list(dict.fromkeys(p.resolve() if p.exists() else p for p in dirs))
 
 
+DOWNLOAD_TIMEOUT = 30.0  # seconds without a byte before a download gives up ($NIN_DOWNLOAD_TIMEOUT)
+
+
 def _download(name: str, root: Path) -> None:
-    """Fetch ``name`` into ``root`` with MD5 checks (torchvision's downloader); raises on any failure."""
+    """Fetch ``name`` into ``root`` with MD5 checks (torchvision's downloader); raises on any failure.
+
+    Each file announces itself on stderr, and a server that accepts the connection but sends nothing
+    fails after ``$NIN_DOWNLOAD_TIMEOUT`` seconds instead of hanging."""
+    import socket
+
     from torchvision.datasets.utils import download_url, extract_archive
 
+    timeout = float(os.environ.get("NIN_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT))
     sub, files = _DOWNLOADS[name]
     folder = root / sub
-    for url, filename, md5 in files:
-        download_url(url, str(folder), filename, md5)
-        if filename.endswith(".tar.gz"):
-            extract_archive(str(folder / filename), str(folder))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torchvision's urlopen takes no timeout; this is the one it uses
+    try:
+        for i, (url, filename, md5) in enumerate(files, 1):
+            print(f"downloading {url} ({i}/{len(files)}) into {folder}", file=sys.stderr, flush=True)
+            download_url(url, str(folder), filename, md5)
+            if filename.endswith(".tar.gz"):
+                extract_archive(str(folder / filename), str(folder))
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _how_to_get(name: str) -> str:

@@ -21,27 +21,65 @@ from .errors import UsageError
 TTA_CHOICES = ("none", "flip")
 
 
-def preprocess(model, images: torch.Tensor) -> torch.Tensor:
+def preprocess(model, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 N x C x H x W -> the float input ``model`` was trained on (its meta.preprocess)."""
     from .data import to_float_batch
 
     p = getattr(getattr(model, "meta", None), "preprocess", None) or {}
-    return to_float_batch(images, resize=p.get("resize"), mean=p.get("mean"), std=p.get("std"))
+    return to_float_batch(images, resize=p.get("resize"), mean=p.get("mean"), std=p.get("std"), dtype=dtype)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_eval_precision(model, precision: str | None) -> str:
+    """"run" (or None): what the model's run evaluated with, where this machine can do it; else as given.
+    Training evaluates under bf16 autocast where the CPU/GPU supports it; evaluating the same way
+    reproduces its reported accuracy to the image (fp32 may differ by a few images)."""
+    if precision in (None, "run"):
+        precision = getattr(getattr(model, "meta", None), "precision", "fp32")
+        if precision == "bf16":
+            from .engine import cpu_supports_bf16
+
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of: run, {', '.join(PRECISIONS)}")
+    if not isinstance(model, torch.nn.Module):
+        return "fp32"  # onnxruntime runs the file as exported
+    return precision
+
+
+def tta_logits(model, x: torch.Tensor, tta: str | None = "none") -> torch.Tensor:
+    """float32 logits of a preprocessed batch; ``tta="flip"`` averages them with the horizontal mirror's.
+    The one test-time augmentation of nin: training's evaluation, ``nin eval``, predict and serve."""
+    if tta not in (None, "none", "flip"):
+        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+    logits = model(x).float()
+    if tta == "flip":
+        logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
 
 
 @torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None) -> torch.Tensor:
+def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None,
+                   precision: str = "fp32") -> torch.Tensor:
     """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
-    logits of the image and its horizontal mirror."""
+    logits of the image and its horizontal mirror.  ``precision="bf16"``: as the training loop
+    evaluates (bf16 input and autocast, channels_last), see resolve_eval_precision."""
     if tta not in (None, "none", "flip"):
         raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    bf16 = precision == "bf16" and isinstance(model, torch.nn.Module)
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
     out = []
     for i in range(0, images.shape[0], batch_size):
-        x = preprocess(model, images[i:i + batch_size])
-        logits = model(x).float()
-        if tta == "flip":
-            logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits.cpu())
+        x = preprocess(model, images[i:i + batch_size], torch.bfloat16 if bf16 else torch.float32)
+        if bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out.append(tta_logits(model, x, tta).cpu())
     if not out:
         return torch.zeros(0, len(getattr(model, "classes", [])))
     return torch.cat(out)
@@ -60,6 +98,7 @@ class EvalResult:
     classes: list[str]
     confusion: np.ndarray  # rows: true class, columns: predicted class
     tta: str = "none"
+    compute: str = "fp32"  # the arithmetic precision of the evaluation (fp32, or bf16 autocast)
 
     @property
     def n(self) -> int:
@@ -92,7 +131,7 @@ class EvalResult:
 
     def to_json(self) -> dict:
         return {
-            "n": self.n, "accuracy": self.accuracy, "tta": self.tta,
+            "n": self.n, "accuracy": self.accuracy, "tta": self.tta, "compute_precision": self.compute,
             "per_class": [{"class": c, "precision": float(p), "recall": float(r), "support": int(s)}
                           for c, p, r, s in zip(self.classes, self.precision, self.recall, self.confusion.sum(1))],
             "most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in self.most_confused()],
@@ -100,20 +139,29 @@ class EvalResult:
         }
 
 
-def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None) -> EvalResult:
-    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``)."""
+def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None,
+             precision: str | None = "fp32") -> EvalResult:
+    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``).
+
+    ``tta`` defaults to what the model's run used for its reported accuracy (``model.meta.tta``);
+    ``precision="run"`` evaluates as the run did (see resolve_eval_precision)."""
+    if tta is None:
+        tta = getattr(getattr(model, "meta", None), "tta", "none")
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit must be at least 1, got {limit}")
     images, labels = split.images, split.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     classes = list(model.classes)
-    logits = predict_logits(model, images, batch_size=batch_size, tta=tta)
+    precision = resolve_eval_precision(model, precision)
+    logits = predict_logits(model, images, batch_size=batch_size, tta=tta, precision=precision)
     if logits.shape[1] != len(classes):
         raise UsageError(f"the model gives {logits.shape[1]} logits but has {len(classes)} class names")
     labels = torch.as_tensor(labels).cpu().numpy()
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise UsageError(f"the labels go up to {labels.max()} but the model knows {len(classes)} classes")
     cm = confusion_matrix(labels, logits.argmax(1).numpy(), len(classes))
-    return EvalResult(classes, cm, tta or "none")
+    return EvalResult(classes, cm, tta or "none", precision)
 
 
 def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:

@@ -44,13 +44,14 @@ class ModelMeta:
     dataset: str = ""
     preprocess: dict = field(default_factory=lambda: {"resize": None, "mean": None, "std": None})
     tta: str = "none"  # the test-time augmentation the run's reported accuracy used; eval/predict default to it
+    precision: str = "fp32"  # the precision the run evaluated in ("bf16": autocast); `nin eval` can match it
     split: dict | None = None  # for folder datasets: how the held-out test files were chosen (seed, rule, hash)
     info: dict = field(default_factory=dict)  # free-form provenance (recipe, accuracy, command, ...)
 
     def to_json(self) -> dict:
         doc = {"format": FORMAT, "model": self.model, "model_kwargs": self.model_kwargs,
                "classes": self.classes, "dataset": self.dataset, "input_size": self.input_size,
-               "preprocess": self.preprocess, "tta": self.tta}
+               "preprocess": self.preprocess, "tta": self.tta, "precision": self.precision}
         if self.split is not None:
             doc["split"] = self.split
         if self.info:
@@ -109,6 +110,8 @@ def validate_meta(data, where: str) -> ModelMeta:
         raise CheckpointError(f"{where}: field 'preprocess.std' must be > 0, got {pre['std']}")
     if data.get("tta", "none") not in ("none", "flip"):
         bad("tta", "'none' or 'flip'")
+    if data.get("precision", "fp32") not in ("fp32", "bf16"):
+        bad("precision", "'fp32' or 'bf16'")
     if not isinstance(data.get("dataset", ""), str):
         bad("dataset", "a dataset name")
     for key in ("split", "info"):
@@ -117,7 +120,8 @@ def validate_meta(data, where: str) -> ModelMeta:
     return ModelMeta(model=data["model"], model_kwargs=dict(kwargs), classes=list(classes), input_size=list(size),
                      dataset=data.get("dataset", ""),
                      preprocess={"resize": resize, "mean": pre.get("mean"), "std": pre.get("std")},
-                     tta=data.get("tta", "none"), split=data.get("split"), info=dict(data.get("info") or {}))
+                     tta=data.get("tta", "none"), precision=data.get("precision", "fp32"), split=data.get("split"),
+                     info=dict(data.get("info") or {}))
 
 
 def save_model(out_dir: str | os.PathLike, model: torch.nn.Module, meta: ModelMeta,
@@ -192,7 +196,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     from .models import create_model
+    from .pretrained import is_pretrained_name, pretrained_path
 
+    if is_pretrained_name(path):
+        path = pretrained_path(str(path))
     weights, meta_path = _resolve(path)
     if meta_path is None:
         meta_path = weights
@@ -363,8 +370,13 @@ class OnnxModel:
         return self
 
 
-def load_any(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """load() for a run folder / .safetensors, OnnxModel for a .onnx file."""
+def load_any(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """load() for a run folder / .safetensors / pretrained name, OnnxModel for a .onnx file;
+    None: the default pretrained model (nin.pretrained.DEFAULT)."""
+    if path is None:
+        from .pretrained import DEFAULT
+
+        path = DEFAULT
     if Path(path).suffix == ".onnx":
         return OnnxModel(path)
     return load(path, device)

@@ -99,8 +99,8 @@ def fit_image(im, in_chans: int, size: tuple[int, int], *, invert: bool = False)
         small = im.resize(new, Image.Resampling.BILINEAR)
         im = Image.new(im.mode, (w, h), 0)
         im.paste(small, ((w - new[0]) // 2, (h - new[1]) // 2))
-    arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    arr = np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on Pillow's read-only view
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def read_image(source: str | os.PathLike | bytes, in_chans: int, size: tuple[int, int], *, invert: bool = False,

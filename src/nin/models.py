@@ -1,4 +1,4 @@
-"""The NiN networks, written out like the tables in ANCHORS.md, and a small registry.
+"""The NiN networks, written out like the tables of the papers and the d2l.ai chapter, and a small registry.
 
 Every network is ``features`` (mlpconv blocks, pools, dropout; it ends in one map per class)
 followed by ``head`` (global average pooling + flatten).  There is no fully connected layer.
@@ -20,23 +20,29 @@ __all__ = [
 ]
 
 
-def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+              mid_channels: int | tuple[int, int] | None = None,
               relus: Literal["all", "hidden", "none"] = "all") -> nn.Sequential:
-    """The seed's mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each.
+    """The mlpconv block: a k x k conv, then two 1x1 convs ("the MLP"), ReLU after each.
 
-    ``relus`` is for the class-map block: "hidden" leaves the class maps linear (no ReLU after the
-    last conv), "none" the whole block, so no 10-channel ReLU layer is left that could die (the
-    seed's "stuck at ln 10" failure).  A removed ReLU is an ``nn.Identity``: the weight names stay."""
+    ``mid_channels`` are the widths inside the block: the k x k conv gives ``mid[0]`` channels, the first
+    1x1 ``mid[1]``, the last 1x1 ``out_channels`` (an int is both; None: ``out_channels`` throughout,
+    as the d2l.ai chapter's block).  ``relus`` is for the class-map block: "hidden" leaves the class maps
+    linear (no ReLU after the last conv), "none" the whole block, so no 10-channel ReLU layer is left
+    that could die (the book recipe's "stuck at ln 10" failure).  A removed ReLU is an ``nn.Identity``:
+    the weight names stay."""
     if relus not in ("all", "hidden", "none"):
         raise ValueError(f"relus must be 'all', 'hidden' or 'none', got {relus!r}")
+    m1, m2 = (out_channels, out_channels) if mid_channels is None else \
+        (mid_channels, mid_channels) if isinstance(mid_channels, int) else mid_channels
 
     def act(on: bool) -> nn.Module:
         return nn.ReLU(inplace=True) if on else nn.Identity()
 
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), act(relus != "none"),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), act(relus != "none"),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1), act(relus == "all"),
+        nn.Conv2d(in_channels, m1, kernel_size, stride, padding), act(relus != "none"),
+        nn.Conv2d(m1, m2, kernel_size=1), act(relus != "none"),
+        nn.Conv2d(m2, out_channels, kernel_size=1), act(relus == "all"),
     )
 
 
@@ -45,7 +51,7 @@ def nin_block_bn(in_channels: int, mid_channels: int, out_channels: int, kernel_
     """mlpconv with batch norm after every conv (the convs then need no bias).
 
     ``last_relu=False`` on the class-map block lets the maps be negative, so the logits are
-    never all clamped at 0 (the seed's "stuck at ln 10" failure).
+    never all clamped at 0 (the book recipe's "stuck at ln 10" failure).
     """
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, mid_channels, kernel_size, padding=padding, bias=False),
@@ -80,7 +86,7 @@ class NiN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def layers(self) -> list[nn.Module]:
-        """Top-level layers in order, as the seed's printout lists them."""
+        """Top-level layers in order, as the book's printout lists them."""
         return [*self.features, *self.head]
 
 
@@ -89,6 +95,8 @@ _MODELS: dict[str, Callable[..., NiN]] = {}
 
 
 def register_model(fn: Callable[..., NiN]) -> Callable[..., NiN]:
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"a model named {fn.__name__!r} is already registered")
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -97,19 +105,34 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> NiN:
-    if name not in _MODELS:
+def create_model(name: str, *, pretrained: bool = False, **kwargs) -> NiN:
+    """Build a registered model.  ``pretrained=True`` loads nin's shipped weights for ``name`` (an
+    architecture's default weights, or a full name like "nin_fmnist.fashion_mnist_best"); with another
+    ``num_classes`` the class-map conv keeps its fresh init (a fine-tuning start)."""
+    arch = name.split(".")[0] if pretrained else name
+    if arch not in _MODELS:
         raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    if not pretrained:
+        return _MODELS[arch](**kwargs)
+    from .export import load
+    from .pretrained import load_matching, pretrained_path
+
+    path = pretrained_path(name)
+    shipped = load(path)
+    model = _MODELS[arch](**{**shipped.meta.model_kwargs, **kwargs})
+    load_matching(model, shipped.state_dict(), str(path))
+    if model.num_classes == shipped.num_classes and model.in_chans == shipped.in_chans:
+        model.classes, model.meta = shipped.classes, shipped.meta
+    return model
 
 
 # --- the networks -------------------------------------------------------------------------
 @register_model
 def nin_d2l(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.5,
             class_block_relus: Literal["all", "hidden", "none"] = "all") -> NiN:
-    """The seed (d2l.ai): 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters.
+    """The d2l.ai chapter's network: 4 mlpconv blocks on 224 x 224 Fashion-MNIST; 1,992,166 parameters.
 
-    ``class_block_relus`` ("all": the seed) removes ReLUs from the 10-channel class-map block:
+    ``class_block_relus`` ("all": as the book) removes ReLUs from the 10-channel class-map block:
     "hidden" only the one on the class maps, "none" all three (see nin_block; d2l-stable uses it)."""
     features = nn.Sequential(
         nin_block(in_chans, 96, kernel_size=11, stride=4, padding=0),  # 96 x 54 x 54
@@ -138,21 +161,13 @@ def nin_cifar10(*, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 
     second_pool = (nn.MaxPool2d(3, stride=2, ceil_mode=True) if pool2 == "max"
                    else nn.AvgPool2d(3, stride=2, ceil_mode=True))
     features = nn.Sequential(
-        nn.Sequential(
-            nn.Conv2d(in_chans, 192, 5, padding=2), nn.ReLU(inplace=True),  # 192 x 32 x 32
-            nn.Conv2d(192, 160, 1), nn.ReLU(inplace=True),                  # 160 x 32 x 32
-            nn.Conv2d(160, 96, 1), nn.ReLU(inplace=True),                   # 96 x 32 x 32
-        ),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),                          # 96 x 16 x 16
+        nin_block(in_chans, 96, kernel_size=5, padding=2, mid_channels=(192, 160)),  # 96 x 32 x 32
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),                                   # 96 x 16 x 16
         nn.Dropout(drop_rate),
-        nin_block(96, 192, kernel_size=5, stride=1, padding=2),             # 192 x 16 x 16
-        second_pool,                                                        # 192 x 8 x 8
+        nin_block(96, 192, kernel_size=5, padding=2),                                # 192 x 16 x 16
+        second_pool,                                                                 # 192 x 8 x 8
         nn.Dropout(drop_rate),
-        nn.Sequential(
-            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True),       # 192 x 8 x 8
-            nn.Conv2d(192, 192, 1), nn.ReLU(inplace=True),                  # 192 x 8 x 8
-            nn.Conv2d(192, num_classes, 1), nn.ReLU(inplace=True),          # 10 x 8 x 8
-        ),
+        nin_block(192, num_classes, kernel_size=3, padding=1, mid_channels=192),     # 10 x 8 x 8
     )
     return NiN(features, num_classes, in_chans, (in_chans, 32, 32))
 
@@ -168,11 +183,7 @@ def nin_imagenet(*, num_classes: int = 1000, in_chans: int = 3, drop_rate: float
         nin_block(256, 384, kernel_size=3, stride=1, padding=1),       # 384 x 13 x 13
         nn.MaxPool2d(3, stride=2, ceil_mode=True),                     # 384 x 6 x 6
         nn.Dropout(drop_rate),
-        nn.Sequential(
-            nn.Conv2d(384, 1024, 3, padding=1), nn.ReLU(inplace=True),       # 1024 x 6 x 6
-            nn.Conv2d(1024, 1024, 1), nn.ReLU(inplace=True),                 # 1024 x 6 x 6
-            nn.Conv2d(1024, num_classes, 1), nn.ReLU(inplace=True),          # 1000 x 6 x 6
-        ),
+        nin_block(384, num_classes, kernel_size=3, padding=1, mid_channels=1024),  # 1000 x 6 x 6
     )
     return NiN(features, num_classes, in_chans, (in_chans, 224, 224))
 
@@ -207,31 +218,35 @@ class ModelInfo:
     params: int
     flops: int  # forward FLOPs per image (2 per multiply-add), torch.utils.flop_counter
     layers: list[tuple[str, tuple[int, ...]]]  # (layer class name, output shape without batch)
+    activation_bytes: int = 0  # fp32 bytes of the input and every layer's output, one image (inference)
+
+
+def _on_meta(model: NiN) -> NiN:
+    """A weightless copy on the meta device: shapes and FLOPs of any input size cost no memory."""
+    import copy
+
+    return copy.deepcopy(model).to("meta").eval()
 
 
 def _fits(model: NiN, c: int, h: int, w: int) -> bool:
     try:
         with torch.no_grad():
-            model.forward_features(torch.zeros(1, c, h, w))
+            model.forward_features(torch.zeros(1, c, h, w, device="meta"))
         return True
     except RuntimeError:
         return False
 
 
 def min_input_size(model: NiN) -> int:
-    """The smallest square input side the network accepts (binary search on a dry forward)."""
+    """The smallest square input side the network accepts (binary search on a shape-only forward)."""
+    probe = _on_meta(model)
     lo, hi = 1, max(model.default_input_size[1:])
-    was_training = model.training
-    model.eval()
-    try:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _fits(model, model.in_chans, mid, mid):
-                hi = mid
-            else:
-                lo = mid + 1
-    finally:
-        model.train(was_training)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _fits(probe, model.in_chans, mid, mid):
+            hi = mid
+        else:
+            lo = mid + 1
     return lo
 
 
@@ -240,8 +255,7 @@ def check_input_size(model: NiN, input_size: tuple[int, int, int], name: str = "
     c, h, w = input_size
     if c != model.in_chans:
         raise InputTooSmallError(f"{name} takes {model.in_chans} input channel(s), got an input of {c}")
-    model.eval()
-    if not _fits(model, c, h, w):
+    if not _fits(_on_meta(model), c, h, w):
         m = min_input_size(model)
         raise InputTooSmallError(
             f"{name} cannot take a {c}x{h}x{w} input: the smallest input it accepts is {c}x{m}x{m}")
@@ -254,11 +268,14 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwar
     model = create_model(name, **kwargs).eval()
     size = tuple(input_size) if input_size is not None else model.default_input_size
     check_input_size(model, size, name)
-    x = torch.zeros(1, *size)
-    shapes = []
+    # on the meta device: no weights, no activations, so a huge input is measured, not allocated
+    probe = _on_meta(model)
+    x = torch.zeros(1, *size, device="meta")
+    shapes, elements = [], x.numel()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for layer in model.layers():
+        for layer in probe.layers():
             x = layer(x)
             shapes.append((layer.__class__.__name__, tuple(x.shape[1:])))
+            elements += x.numel()
     params = sum(p.numel() for p in model.parameters())
-    return ModelInfo(name, size, params, counter.get_total_flops(), shapes)
+    return ModelInfo(name, size, params, counter.get_total_flops(), shapes, 4 * elements)

@@ -61,10 +61,11 @@ class Prediction:
 
 
 def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_size: int = 64,
-                  max_pixels: int = MAX_PIXELS) -> list[Prediction]:
+                  max_pixels: int = MAX_PIXELS, tta: str | None = None) -> list[Prediction]:
     """Predict every image under ``paths``; bad files give a Prediction with ``error`` set.
 
     ``model`` is what export.load_any returns (a torch model or an OnnxModel): it has ``.meta``.
+    ``tta`` defaults to the run's own (``model.meta.tta``), so predictions match the reported accuracy.
     """
     import torch
 
@@ -81,9 +82,15 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
                 results[i] = Prediction(str(f), error=str(e))
     if good:
         images = torch.from_numpy(np.stack([a for _, a in good]))
-        probs = predict_logits(model, images, batch_size=batch_size).softmax(1)
+        logits = predict_logits(model, images, batch_size=batch_size, tta=tta)
+        if logits.shape[1] != len(model.classes):
+            raise ImageError(f"the model gives {logits.shape[1]} logits but has {len(model.classes)} class names")
+        probs = logits.softmax(1)
         k = max(1, min(topk, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
-        for (i, _), vs, ix in zip(good, values.tolist(), indices.tolist()):
+        for (i, _), vs, ix, row in zip(good, values.tolist(), indices.tolist(), logits):
+            if not bool(row.isfinite().all()):
+                results[i] = Prediction(str(results[i]), error=f"{results[i]}: the model gave non-finite logits")
+                continue
             results[i] = Prediction(str(results[i]), [(model.classes[j], v) for j, v in zip(ix, vs)])
     return results

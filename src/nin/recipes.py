@@ -1,79 +1,99 @@
-"""Training recipes: one dataclass config, a few named presets; every field is a CLI flag."""
+"""Training recipes: one dataclass config whose fields define every option (help, limits, choices), and a
+few named presets.  Every field is a `nin train` flag."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .errors import UsageError
 
 
+def opt(default, help: str, *, lo=None, hi=None, lo_open: bool = False, interval: bool = False, unit: str = "",
+        factory=None):
+    """A TrainConfig field with its help text and limits: the one place an option is defined.  The
+    CLI flag (type, choices from a Literal type, help) and ``TrainConfig.validate`` are derived from it.
+    ``interval``: the value must lie in [lo, hi)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "interval": interval, "unit": unit}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+Schedule = Literal["constant", "onecycle", "cosine", "step"]
+MAX_SIDE = 4096  # the largest --resize
+
+
 @dataclass
 class TrainConfig:
-    recipe: str = "fast"
+    recipe: str = opt("fast", "named recipe")
     # model
-    model: str = "nin_fmnist"
-    model_kwargs: dict = field(default_factory=dict)
-    init: str = "default"            # "xavier": xavier_uniform_ on conv weights, as the seed; "kaiming": He's
+    model: str = opt("nin_fmnist", "model name (see `nin models`)")
+    model_kwargs: dict = opt(None, "extra builder arguments as JSON, e.g. '{\"width\": 96}'", factory=dict)
+    init_from: str | None = opt(None, "start from these weights: a pretrained name (see `nin models`), a run "
+                                "folder or a .safetensors of the same architecture; with another number of "
+                                "classes the class-map conv starts fresh (fine-tuning)")
+    init: Literal["default", "xavier", "kaiming"] = opt(
+        "default", "weight init: default (PyTorch's), xavier (xavier_uniform_ on conv weights, as the book) "
+        "or kaiming (kaiming_uniform_ for ReLU)")
     # data
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    resize: int | None = None        # square side; the seed resizes 28 -> 224
-    normalize: bool = True           # subtract the dataset mean, divide by its std
-    crop_padding: int = 0            # random crop with this much zero padding (0: off)
-    flip: bool = False               # random horizontal flip
-    limit_train: int | None = None   # use only the first N training images
+    dataset: str = opt("fashion-mnist", "fashion-mnist, mnist, cifar10, cifar100, svhn or folder:PATH")
+    data_dir: str | None = opt(None, "where the dataset files are (else $NIN_DATA, ~/.cache/nin, Debian's package)")
+    resize: int | None = opt(None, "resize images to this square side on the fly (the book: 224)", lo=1, hi=MAX_SIDE)
+    normalize: bool = opt(True, "normalise inputs with the dataset's mean/std")
+    crop_padding: int = opt(0, "random-crop augmentation with this much zero padding (0: off)", lo=0, hi=64)
+    flip: bool = opt(False, "random horizontal flip augmentation")
+    limit_train: int | None = opt(None, "train on the first N training images only (quick checks)", lo=1,
+                                   hi=2**62)
+    val_split: int = opt(0, "hold out N training images (stratified by class, fixed by --seed) as a validation "
+                         "set; the saved model is then the epoch best on it (0: no split, the final epoch's "
+                         "weights are saved). The test set never chooses anything", lo=0, hi=2**62)
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128            # per process; the global batch is batch_size x world size
-    lr: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"       # constant | onecycle (linear up, linear down) | cosine | step
-    warmup_epochs: float = 0.0
-    step_epochs: tuple[int, ...] = ()  # for schedule=step: multiply lr by 0.1 at these epochs
-    label_smoothing: float = 0.0
-    lr_scale: str = "none"           # distributed: "linear" multiplies lr by the world size
+    epochs: int = opt(10, "number of epochs", lo=1, hi=100_000)
+    batch_size: int = opt(128, "batch size PER PROCESS; with torchrun the global batch is this x world size",
+                          lo=1, hi=1 << 20)
+    lr: float = opt(0.1, "peak learning rate (see --lr-scale for several processes)", lo=0, lo_open=True, hi=100)
+    momentum: float = opt(0.0, "SGD momentum (0: plain SGD, as the book)", lo=0, hi=1, interval=True)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(0.0, "weight decay on conv weights (not on biases/BN)", lo=0, hi=1)
+    schedule: Schedule = opt("constant", "lr schedule (onecycle: linear up over the warm-up, linear down to 0)")
+    warmup_epochs: float = opt(0.0, "linear lr warm-up over this many epochs (at most --epochs)", lo=0)
+    step_epochs: tuple[int, ...] = opt((), "epochs at which schedule=step multiplies the lr by 0.1")
+    label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy", lo=0, hi=1, interval=True)
+    lr_scale: Literal["none", "linear"] = opt(
+        "none", "with several processes: none (use --lr as given) or linear (--lr x world size, the usual "
+        "rule when the global batch grows with the world size)")
+    ema: float = opt(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
+                     "warmed up as timm's ModelEmaV3) and evaluate and save it instead (0: off)", lo=0, hi=1,
+                     interval=True)
     # evaluation
-    tta_flip: bool = False           # average logits of the image and its mirror at test time
-    eval_batch_size: int = 1000
+    tta_flip: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror")
+    eval_batch_size: int = opt(1000, "batch size for the evaluations", lo=1, hi=1 << 20)
     # engine
-    device: str = "auto"
-    precision: str = "auto"          # bf16 | fp16 | fp32 | auto (bf16 where supported)
-    channels_last: bool = True
-    compile: bool = False
-    sync_bn: bool = False            # several CUDA processes: batch-norm statistics over all of them
-    seed: int = 0
-    max_steps: int | None = None
-    save_every: float = 0.0          # minutes between mid-epoch checkpoints (0: only per epoch)
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "autocast precision (auto: bf16 where the CPU/GPU supports it)")
+    channels_last: bool = opt(True, "channels_last memory format")
+    compile: bool = opt(False, "torch.compile the model (slower on CPU for these networks)")
+    sync_bn: bool = opt(False, "with torchrun on CUDA: batch-norm statistics over the global batch "
+                        "(SyncBatchNorm); CUDA only, an error on CPU, where each process normalises with its own batch")
+    seed: int = opt(0, "random seed (same seed, same machine: same numbers on CPU)", lo=0, hi=2**62)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (the run can be resumed past it)", lo=1,
+                                 hi=2**62)
+    save_every: float = opt(0.0, "also checkpoint every N minutes mid-epoch (0: once per epoch)", lo=0, hi=1e6,
+                            unit="minutes")
 
     def validate(self) -> None:
-        """Reject values that cannot train, naming the option (exit code 2 in the CLI)."""
-        checks = [
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
-            (self.init in ("default", "xavier", "kaiming"),
-             f"--init must be default, xavier or kaiming, got {self.init!r}"),
-            (self.lr_scale in ("none", "linear"), f"--lr-scale must be none or linear, got {self.lr_scale!r}"),
-            (self.resize is None or self.resize >= 1, f"--resize must be >= 1, got {self.resize}"),
-            (self.crop_padding >= 0, f"--crop-padding must be >= 0, got {self.crop_padding}"),
-            (self.limit_train is None or self.limit_train >= 1, f"--limit-train must be >= 1, got {self.limit_train}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
-            (self.save_every >= 0, f"--save-every must be >= 0 minutes, got {self.save_every}"),
-            (0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in [0, epochs], got {self.warmup_epochs}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        """Reject values that cannot train, naming the option (exit code 2 in the CLI); derived from the
+        fields' limits and Literal choices."""
+        for f in dataclasses.fields(self):
+            check_option(f, getattr(self, f.name))
+        if self.warmup_epochs > self.epochs:
+            raise UsageError(f"--warmup-epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if any(not 1 <= e <= self.epochs for e in self.step_epochs):
+            raise UsageError(f"--step-epochs must lie in 1..{self.epochs} (--epochs), got {list(self.step_epochs)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,22 +103,54 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+            raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}")
         d = dict(d)
         if "step_epochs" in d:
             d["step_epochs"] = tuple(d["step_epochs"])
         return cls(**d)
 
 
-SCHEDULES = ("constant", "onecycle", "cosine", "step")
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    """The allowed values of a Literal-typed field (None for free values)."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[f.name]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_option(f: dataclasses.Field, value) -> None:
+    """UsageError naming the flag unless ``value`` is allowed for field ``f``."""
+    m, name = f.metadata, flag(f.name)
+    choices = choices_of(f)
+    if choices is not None and value not in choices:
+        allowed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) <= 3 else f"one of {', '.join(choices)}"
+        raise UsageError(f"{name} must be {allowed}, got {value!r}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if value is None or isinstance(value, (bool, str, dict, tuple)) or (lo is None and hi is None):
+        return
+    unit = f" {m['unit']}" if m.get("unit") else ""
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value}")
+    if m.get("interval") and not (lo <= value < hi):
+        raise UsageError(f"{name} must be in [{lo}, {hi}), got {value}")
+    if lo is not None and (value <= lo if m.get("lo_open") else value < lo):
+        raise UsageError(f"{name} must be {'>' if m.get('lo_open') else '>='} {lo}{unit}, got {value}")
+    if hi is not None and value > hi:
+        raise UsageError(f"{name} must be <= {hi}{unit}, got {value}")
+
+
+SCHEDULES = typing.get_args(Schedule)
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, base_lr: float) -> float:
     """Learning rate for optimizer step ``step`` (0-based) under the config's schedule."""
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
-    if warm > 0 and step < warm:
-        return base_lr * (step + 1) / warm
+    if warm > 0 and step < warm:  # min: with a fractional warm-up the last warm-up step would overshoot
+        return base_lr * min(1.0, (step + 1) / warm)
     if cfg.schedule == "constant":
         return base_lr
     if cfg.schedule == "step":
@@ -107,15 +159,15 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, base_lr: float) -> 
     t = (step - warm) / max(1.0, total - warm)  # progress after warm-up, 0 -> 1
     if cfg.schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return base_lr * max(0.0, 1.0 - t)  # onecycle: warm-up up, then a straight line to 0
+    return base_lr * min(1.0, max(0.0, 1.0 - t))  # onecycle: warm-up up, then a straight line to 0
 
 
 # The presets.  Each is a set of overrides of TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
-    # The seed (d2l.ai train_ch6) exactly.
+    # The d2l.ai chapter (train_ch6) exactly.
     "d2l": dict(model="nin_d2l", init="xavier", resize=224, normalize=False, epochs=10, batch_size=128,
                 lr=0.1, schedule="constant", eval_batch_size=256),
-    # The seed's budget with the changes against its failure and its slow start.  On an H200
+    # The book's budget with the changes against its failure and its slow start.  On an H200
     # (BENCHMARKS.md#gpu) the failing runs looked like ReLUs dying in the 10-channel class-map block: all
     # of them (stuck at ln 10) or some (flat near 0.38).  That block loses its ReLUs, so no 10-wide ReLU
     # layer is left to die, and the lr follows a cosine to 0.  The runs that survive that way were still
@@ -141,7 +193,12 @@ RECIPES: dict[str, dict] = {
 
 
 def get_recipe(name: str, **overrides) -> TrainConfig:
+    """The named recipe's TrainConfig with ``overrides`` (any TrainConfig field) applied."""
     if name not in RECIPES:
         raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'recipe'}))}")
     cfg = TrainConfig(recipe=name, **RECIPES[name])
     return dataclasses.replace(cfg, **overrides)

@@ -1,4 +1,10 @@
-"""The run folder: config.json, metrics.csv/.jsonl, curves.png and last.ckpt (atomic, safe to load)."""
+"""The run folder: config.json, metrics.csv/.jsonl, curves.png, last.ckpt, the model, status.json, a lock.
+
+Every file is written atomically (``fsutil.atomic_write``) and loads without executing code.  While a
+process trains in a folder it holds an advisory lock on ``.lock`` (released by the kernel on any
+exit, so a killed run leaves no stale lock); a second process gets one clear error naming the PID.
+``status.json`` says why the run stopped (running, finished, stopped, diverged, interrupted; a
+"running" run whose process is gone was killed)."""
 from __future__ import annotations
 
 import csv
@@ -11,16 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, RunLocked, UsageError
 from .fsutil import atomic_write
 
 CKPT_FORMAT = "nin-ckpt/1"
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "lr", "images_per_sec", "seconds"]
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+                 "images_per_sec", "seconds"]
 
 
 def prepare(out: str | os.PathLike, resume: bool) -> Path:
     """Create the run folder; refuse to reuse one that holds a run unless resuming."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: is a file, not a folder; choose another --out")
     if not resume and out.exists() and any(out.iterdir()):
         raise UsageError(f"{out}: the folder already holds a run; use --resume {out} to continue it, "
                          f"or --out to choose another folder")
@@ -80,7 +89,7 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
 
 
 def plot_curves(out: Path, history: list[dict], title: str) -> None:
-    """train loss, train acc and test acc against epoch on one axis, like the seed's animator."""
+    """train loss, train acc, val acc and test acc against epoch on one axis, like the book's animator."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +100,8 @@ def plot_curves(out: Path, history: list[dict], title: str) -> None:
     ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
     ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
     ax.plot(epochs, [r["test_acc"] for r in history], "g-.", label="test acc")
+    if any(r.get("val_acc") is not None for r in history):
+        ax.plot(epochs, [r.get("val_acc") for r in history], "c:", label="val acc")
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5, max(epochs) + 0.5)
     ax.grid(True, alpha=0.3)
@@ -112,7 +123,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, state_keys: tuple[str, ...] = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
@@ -123,17 +134,16 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a loadable nin checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not a nin checkpoint (expected format {CKPT_FORMAT})")
-    missing = [k for k in CKPT_KEYS if k not in state]
+    missing = [k for k in (*CKPT_KEYS, *state_keys) if k not in state]
     if missing or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path}: an incomplete nin checkpoint (missing {', '.join(missing) or 'config/model'})")
     return state
 
 
-CKPT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "sums", "epoch_seconds", "best_acc", "history",
-             "train_seconds", "world_size", "config")
+CKPT_KEYS = ("model", "optimizer", "world_size", "config")  # the training state's keys: trainer.TrainState
 
 
-def load_for_resume(run: str | os.PathLike) -> dict:
+def load_for_resume(run: str | os.PathLike, state_keys: tuple[str, ...] = ()) -> dict:
     """The run's last.ckpt, checked against its config.json; removes temp files a killed write left.
 
     A last.ckpt copied in from a run of another model (model, its arguments, dataset, input size or
@@ -143,7 +153,7 @@ def load_for_resume(run: str | os.PathLike) -> dict:
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder")
     path = run / "last.ckpt"
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, state_keys)
     if (run / "config.json").exists():
         folder = read_config(run)
         ckpt = json.loads(json.dumps(state["config"]))
@@ -154,3 +164,163 @@ def load_for_resume(run: str | os.PathLike) -> dict:
     for tmp in run.glob(".*.tmp"):  # a write killed before its rename; the real file is intact
         tmp.unlink(missing_ok=True)
     return state
+
+
+# --- the lock and the status ----------------------------------------------------------------------
+LOCK_NAME, STATUS_NAME = ".lock", "status.json"
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The PID holding an flock on ``path`` (Linux's /proc/locks), or None if unknown."""
+    try:
+        ino = os.stat(path).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(ino):
+                return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def lock(run: Path):
+    """Hold an exclusive advisory lock on RUN/.lock; RunLocked (one line naming the PID) if a live process
+    holds it.  Returns the open file: the lock lasts until it is closed or the process ends."""
+    import fcntl
+
+    path = Path(run) / LOCK_NAME
+    f = open(path, "a")  # never truncated or rewritten: the folder's files stay as they were
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(path)
+        f.close()
+        who = f"process {holder}" if holder else "another process"
+        raise RunLocked(f"{run}: the run folder is in use by {who} (nin train is running there); wait for it "
+                        "to finish or stop it first") from None
+    return f
+
+
+def write_status(run: Path, state: str, reason: str = "", **extra) -> None:
+    import time
+
+    doc = {"state": state, "reason": reason, "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           **extra}
+    atomic_write(Path(run) / STATUS_NAME, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
+
+
+def read_status(run: str | os.PathLike) -> dict | None:
+    """status.json, with state "killed" for a run marked running whose process is gone (None: no file)."""
+    path = Path(run) / STATUS_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("state") == "running" and (Path(run) / LOCK_NAME).exists():
+        import fcntl
+
+        with open(Path(run) / LOCK_NAME, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                doc = {**doc, "state": "killed", "reason": "the training process ended without a word "
+                       "(killed, or the machine stopped); resume it with nin train --resume"}
+            except BlockingIOError:
+                pass
+    return doc
+
+
+# --- one run folder, as the training loop writes it -------------------------------------------------
+class Run:
+    """The folder a training process writes (main process only): locked for the run's life."""
+
+    def __init__(self, path: Path, lock_file, writer=None) -> None:
+        self.path, self._lock, self.writer, self.selected = path, lock_file, writer, "no model yet"
+
+    @classmethod
+    def open(cls, path, s, *, fresh: bool, tensorboard: bool = False) -> "Run":
+        path = prepare(path, resume=not fresh) if fresh else Path(path)
+        run = cls(path, lock(path))
+        if fresh:
+            cfg = s.cfg.to_dict()
+            if cfg.get("data_dir"):
+                cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+            write_config(path, cfg, {"device": str(s.device), "precision": str(s.amp_dtype or "fp32"),
+                                     "world_size": s.d.world_size, "data_source": s.ds.source,
+                                     "model_kwargs": s.meta.model_kwargs})
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                run.close()
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            run.writer = SummaryWriter(str(path / "tensorboard"))
+        return run
+
+    def kept(self) -> str:
+        last = self.path / "last.ckpt"
+        return f"; the last good checkpoint {last} is kept" if last.exists() else ""
+
+    def checkpoint(self, s, st) -> None:
+        # A step can leave NaN weights while its own loss was finite: never save those over the last good
+        # checkpoint.  The loss check stops the run at the next step (no collective here: rank 0 only).
+        from .engine import weights_finite
+
+        if not weights_finite(s.model):
+            return
+        state = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
+                 **st.to_checkpoint(), "world_size": s.d.world_size, "config": s.cfg.to_dict(),
+                 "rng": {"scheme": "torch.manual_seed(step_seed(seed, epoch, batch, rank)) before every step",
+                         "seed": s.cfg.seed}}
+        if s.ema is not None:
+            state["ema"] = s.ema.state_dict()
+        save_checkpoint(self.path / "last.ckpt", state)
+
+    def save_model(self, s, st, why: str) -> None:
+        """The model a user gets (best.safetensors + model.json): the weights evaluated (EMA when on)."""
+        import dataclasses
+
+        from .export import save_model
+
+        last = st.history[-1] if st.history else {}
+        info = {"selected": why, "epoch": last.get("epoch"), "step": st.step, "recipe": s.cfg.recipe,
+                "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc")}
+        save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
+        self.selected = f"{why}, epoch {last.get('epoch')}" if last else why
+
+    def epoch_done(self, s, st, row: dict) -> None:
+        write_metrics(self.path, st.history)
+        plot_curves(self.path, st.history, f"{s.cfg.recipe}: {s.cfg.model} on {s.cfg.dataset}")
+        self.checkpoint(s, st)
+        if self.writer is not None:
+            for k in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "images_per_sec"):
+                if row.get(k) is not None:
+                    self.writer.add_scalar(k, row[k], row["epoch"])
+            self.writer.flush()
+
+    def stopped_at_max_steps(self, s, st, row: dict) -> None:
+        """--max-steps ended the run mid-epoch: keep the exact point and a usable model."""
+        self.checkpoint(s, st)
+        if s.val_loader is None or not (self.path / "best.safetensors").exists():
+            from .export import save_model
+            import dataclasses
+
+            info = {"selected": f"step {st.step} (stopped by --max-steps)", "epoch": None, "step": st.step,
+                    "recipe": s.cfg.recipe, "val_acc": row.get("val_acc"), "test_acc": row.get("test_acc")}
+            save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
+        self.status("stopped", f"--max-steps {s.cfg.max_steps} at epoch {st.epoch + 1}, batch {st.batch}",
+                    epoch=st.epoch, step=st.step)
+
+    def status(self, state: str, reason: str, **extra) -> None:
+        try:
+            write_status(self.path, state, reason, **extra)
+        except Exception:  # the status is a note; never let it hide the real error
+            pass
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -47,6 +47,21 @@ def _events(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines() if line.endswith(tuple("0123456789"))]
 
 
+def _wait_for_open_write(proc: subprocess.Popen, path: Path, deadline: float, after: int) -> list[str]:
+    """Block until a checkpoint write of a step > ``after`` has its temp file written and is not yet
+    renamed (a "writing" event with no "saved" event for the same step): the moment to kill it.  Waiting
+    only for "writing" could return a write that had already finished (a race on a busy machine)."""
+    while True:
+        ev = _events(path)
+        saved = {e[1] for e in ev if e[0] == "saved"}
+        open_writes = [e for e in ev if e[0] == "writing" and int(e[1]) > after and e[1] not in saved]
+        if open_writes:
+            return open_writes[-1]
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before a checkpoint write > {after}"
+        assert time.monotonic() < deadline, "the test ran out of time"
+        time.sleep(0.002)
+
+
 def _wait_for(proc: subprocess.Popen, path: Path, kind: str, deadline: float, after: int = -1) -> list[str]:
     """Block until ``path`` holds an event of ``kind`` with a step number > ``after``; returns it."""
     while True:
@@ -98,8 +113,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             if kill == "random":
                 time.sleep(rng.uniform(0.0, 2 * STEP_SLEEP))
             else:  # during the next checkpoint write, after the temp file is written, before the rename
-                _wait_for(proc, events, "writing", deadline, after=targets[i] - 1)
-                time.sleep(rng.uniform(0.0, SLOW_SAVE / 2))
+                _wait_for_open_write(proc, events, deadline, after=targets[i] - 1)
+                time.sleep(rng.uniform(0.0, SLOW_SAVE / 4))
             assert proc.poll() is None, f"launch {i} finished before its kill"
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
@@ -116,6 +131,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             one_interval = int(SAVE_EVERY_MIN * 60 / STEP_SLEEP) + 1
             assert lost <= one_interval + 1 <= STEPS_PER_EPOCH, (i, lost, one_interval)
             mid_epoch += after["batch"] != 0
+            # every checkpoint's position is consistent: batch == step - epoch x steps per epoch
+            assert after["batch"] == after["step"] - after["epoch"] * STEPS_PER_EPOCH, (i, after["step"])
             print(f"kill {i} ({kill}): {len(steps)} steps run, checkpoint at step {after['step']} "
                   f"(epoch {after['epoch']}, batch {after['batch']}), {lost} steps to redo")  # shown on failure
             if kill == "mid-write":
