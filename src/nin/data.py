@@ -229,3 +229,43 @@ class BatchLoader:
 
     def __iter__(self):
         return self.iterate(self.epoch)
+
+
+# --- one entry point for every dataset and loader -----------------------------------------------
+_STREAM_ONLY = ("in_chans", "size", "transform", "eval_resize", "workers", "max_bad", "on_bad", "prefetch")
+
+
+def open_dataset(name: str, data_dir=None, *, seed: int = 0, stream: bool | None = None, memory_budget=None,
+                 device="cpu", download: bool = False):
+    """The dataset in memory (``Dataset``: uint8 tensors) or as files to stream (``stream.StreamDataset``).
+
+    ``wds:DIR`` always streams; ``folder:PATH`` streams with ``stream=True``, or with ``stream=None`` when
+    its decoded size exceeds ``memory_budget`` (``stream.choose_path``); the built-in datasets load."""
+    if name.startswith("wds:"):
+        from .shards import open_shards
+        return open_shards(name)
+    if name.startswith("folder:"):
+        from .stream import choose_path, open_folder
+        if stream or (stream is None and choose_path(name, memory_budget, device=device, seed=seed) == "stream"):
+            return open_folder(name[len("folder:"):], seed)
+    elif stream:
+        from .errors import UsageError
+        raise UsageError(f"--stream reads folder:PATH or wds:DIR; {name} is loaded into memory")
+    return load_dataset(name, data_dir, download=download, seed=seed)
+
+
+def make_loader(split, batch_size: int, **kw):
+    """``BatchLoader`` for an in-memory ``Split``, ``stream.StreamLoader`` for a ``FileSplit``,
+    ``shards.ShardLoader`` for a ``ShardSplit``: the same keyword arguments (the streaming ones, listed
+    in ``_STREAM_ONLY``, are ignored in memory, where only the "fit" transform exists)."""
+    from .stream import FileSplit, StreamLoader
+
+    if isinstance(split, Split):
+        if kw.get("transform", "fit") != "fit":
+            from .errors import UsageError
+            raise UsageError(f"the {kw['transform']} transform needs the streaming path (--stream)")
+        return BatchLoader(split, batch_size, **{k: v for k, v in kw.items() if k not in _STREAM_ONLY})
+    if isinstance(split, FileSplit):
+        return StreamLoader(split, batch_size, **kw)
+    from .shards import ShardLoader
+    return ShardLoader(split, batch_size, **kw)

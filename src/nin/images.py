@@ -156,6 +156,24 @@ def image_header(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIX
         raise ImageError(f"{label}: cannot read the image header ({e.__class__.__name__}: {e})") from None
 
 
+def _tv_decoder():
+    """torchvision.io's JPEG decoder, or None where it is gone: torchvision 0.29 deprecates its image
+    decoders in favour of TorchCodec, and Pillow's path below then decodes every JPEG."""
+    global _TV
+    if _TV is False:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchvision.io import ImageReadMode, decode_jpeg
+            _TV = (ImageReadMode, decode_jpeg)
+        except ImportError:
+            _TV = None
+    return _TV
+
+
+_TV = False
+
+
 def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: tuple[int, int] | None = None,
                  invert: bool = False, max_pixels: int = MAX_PIXELS, name: str | None = None):
     """Decode ``source`` into a uint8 C x H x W torch tensor in the model's channels (steps 1-5 above;
@@ -172,17 +190,18 @@ def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: 
         name = str(source)  # errors name the file even after its bytes are read below
     w0, h0, _, fmt = image_header(source, max_pixels=max_pixels, name=name)
     reduce = min(w0 / min_size[0], h0 / min_size[1]) if min_size else 1.0
-    if fmt == "JPEG" and reduce < 2:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+    if fmt == "JPEG" and reduce < 2 and _tv_decoder() is not None:
+        ImageReadMode, decode_jpeg = _tv_decoder()
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytearray(source)
         else:
             with open(source, "rb") as f:
                 data = bytearray(f.read())
         try:
-            x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), apply_exif_orientation=True,
-                            mode=ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), apply_exif_orientation=True,
+                                mode=ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB)
         except RuntimeError:
             x = None  # Pillow decides, and names what is wrong
         if x is not None and in_chans in (1, 3):

@@ -70,7 +70,7 @@ def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: 
     splits, bad = {}, []
     for name, split in (("train", ds.train), ("val", ds.test)):
         shards, n_written = [], 0
-        samples = []
+        samples, per_class = [], [0] * len(ds.classes)
         for i in order[name]:
             path = split.paths[int(i)]
             try:
@@ -83,13 +83,14 @@ def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: 
             samples.append({"__key__": f"{n_written:08d}", ext: data, "cls": str(int(split.labels[i])).encode(),
                             "path": str(Path(path).relative_to(root)).encode()})
             n_written += 1
+            per_class[int(split.labels[i])] += 1
             if len(samples) == shard_size:
                 shards.append(_write_shard(wds, out, name, len(shards), samples, atomic_write))
                 samples = []
         if samples or not shards:
             shards.append(_write_shard(wds, out, name, len(shards), samples, atomic_write))
         splits[name] = {"count": sum(s["count"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-                        "shards": shards}
+                        "per_class": per_class, "shards": shards}
         log(f"{name}: {splits[name]['count']:,} images in {len(shards)} shard(s), {splits[name]['bytes'] / 1e6:.1f} MB")
     index = {"format": FORMAT, "classes": ds.classes, "source": ds.source, "split": ds.split, "seed": seed,
              "shard_size": shard_size, "in_chans": ds.in_chans, "native_size": list(ds.native_size),
@@ -115,8 +116,9 @@ def _write_shard(wds, out: Path, split: str, number: int, samples: list, atomic_
 class ShardSplit:
     """A split as shards: ``urls`` (paths or anything webdataset's gopen opens) and samples per shard."""
 
-    def __init__(self, urls: list[str], counts: list[int]) -> None:
+    def __init__(self, urls: list[str], counts: list[int], per_class: list[int] | None = None) -> None:
         self.urls, self.counts = list(urls), np.asarray(counts, dtype=np.int64)
+        self.per_class = per_class  # samples per class, from the index
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])  # global id of each shard's first sample
 
     def __len__(self) -> int:
@@ -144,7 +146,8 @@ def open_shards(spec: str) -> StreamDataset:
             missing = [u for u in urls if not Path(u).is_file()]
             if missing:
                 raise DatasetError(f"{index_path}: {len(missing)} shard(s) listed are missing, e.g. {missing[0]}")
-            splits[name] = ShardSplit(urls, [int(s["count"]) for s in shards])
+            splits[name] = ShardSplit(urls, [int(s["count"]) for s in shards],
+                                      index["splits"][name].get("per_class"))
         ds = StreamDataset(f"wds:{index_path.parent}", splits["train"], splits["val"], list(index["classes"]),
                            tuple(index["mean"]), tuple(index["std"]), str(index_path.parent), int(index["in_chans"]),
                            tuple(index["native_size"]), index.get("split"))
