@@ -175,7 +175,7 @@ _TV = False
 
 
 def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: tuple[int, int] | None = None,
-                 invert: bool = False, max_pixels: int = MAX_PIXELS, name: str | None = None):
+                 invert: bool = False, max_pixels: int = MAX_PIXELS, name: str | None = None, header=None):
     """Decode ``source`` into a uint8 C x H x W torch tensor in the model's channels (steps 1-5 above;
     the size is the image's own, or smaller when ``min_size=(w, h)`` allows), or raise ImageError.
 
@@ -183,12 +183,13 @@ def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: 
     when ``min_size`` allows a reduction of 2x or more, Pillow's ``draft`` (libjpeg DCT scaling) decodes
     at 1/2-1/8 scale for 45-65% of the full decode's time; at full scale ``torchvision.io.decode_jpeg``
     is faster than Pillow on small and medium images (0.64 vs 1.04 ms at 500x375).  Other formats, and
-    JPEGs torchvision refuses (truncated, 12-bit), go through ``load_image`` (whose errors name the file)."""
+    JPEGs torchvision refuses (truncated, 12-bit), go through ``load_image`` (whose errors name the file).
+    ``header``: ``image_header(source)`` when the caller has read it already."""
     import torch
 
     if name is None and not isinstance(source, (bytes, bytearray, memoryview)):
         name = str(source)  # errors name the file even after its bytes are read below
-    w0, h0, _, fmt = image_header(source, max_pixels=max_pixels, name=name)
+    w0, h0, _, fmt = header or image_header(source, max_pixels=max_pixels, name=name)
     reduce = min(w0 / min_size[0], h0 / min_size[1]) if min_size else 1.0
     if fmt == "JPEG" and reduce < 2 and _tv_decoder() is not None:
         ImageReadMode, decode_jpeg = _tv_decoder()
