@@ -6,8 +6,8 @@ memory / time to first batch as a collection grows.  One run, side by side; medi
 Throughput: decoded + augmented 224x224 training images per second (RandomResizedCrop + flip, uint8
 batches of 64, 2 workers), nin's StreamLoader and ShardLoader against torchvision's ImageNet reference
 (ImageFolder + the same v2 transforms + DataLoader), alternating A/B/C rounds, median of each.
-Memory: peak RSS of this process plus its workers (VmRSS summed every 20 ms; shared pages counted in
-each process, so an upper bound) while one epoch of a folder of generated 256x256 JPEGs streams through,
+Memory: peak RSS of this process plus its workers, polled every 20 ms, two ways: VmRSS summed (shared
+pages counted in each process: an upper bound) and PSS (each shared page split among its sharers) while one epoch of a folder of generated 256x256 JPEGs streams through,
 at the loader level (the trainer integration is the lead's): streaming at each size, the in-memory path
 at the smallest.  Results go to benchmarks/results/stream-<date>.json.
 """
@@ -143,11 +143,11 @@ MEMORY_CHILD = r"""
 import os, sys, threading, time, json, torch
 sys.path.insert(0, sys.argv[1])
 mode, folder = sys.argv[2], sys.argv[3]
-peak = {"total": 0, "parent": 0}
-def rss(pid):
+peak = {"total": 0, "parent": 0, "pss": 0}
+def rss(pid, field="VmRSS", f="status"):
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+        with open(f"/proc/{pid}/{f}") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith(field)) * 1024
     except (OSError, StopIteration):
         return 0
 def kids(pid):
@@ -161,7 +161,10 @@ def poll():
     while True:
         p = rss(me)
         peak["parent"] = max(peak["parent"], p)
-        peak["total"] = max(peak["total"], p + sum(rss(k) for k in kids(me)))
+        ks = kids(me)
+        peak["total"] = max(peak["total"], p + sum(rss(k) for k in ks))
+        # PSS: each shared page divided among the processes sharing it (no double counting)
+        peak["pss"] = max(peak["pss"], sum(rss(q, "Pss:", "smaps_rollup") for q in [me, *ks]))
         time.sleep(0.02)
 threading.Thread(target=poll, daemon=True).start()
 t0 = time.perf_counter()
@@ -183,17 +186,18 @@ for x, y in L.iterate(0):
 total = time.perf_counter() - t0
 time.sleep(0.05)
 print(json.dumps({"mode": mode, "images": n, "first_batch_s": first, "epoch_s": total,
-                  "peak_rss_total_MB": peak["total"] / 2**20, "peak_rss_parent_MB": peak["parent"] / 2**20}))
+                  "peak_rss_total_MB": peak["total"] / 2**20, "peak_rss_parent_MB": peak["parent"] / 2**20,
+                  "peak_pss_total_MB": peak["pss"] / 2**20}))
 """
 
 
-def bench_memory(base: Path, sizes: list[int]) -> list[dict]:
+def bench_memory(base: Path, sizes: list[int], stream_only: bool = False) -> list[dict]:
     from nin.stream import estimate_memory
 
     rows = []
     for n in sizes:
         folder = make_folder(base / f"jpeg{n}", n)
-        modes = ["stream", "memory"] if n == min(sizes) else ["stream"]
+        modes = ["stream", "memory"] if n == min(sizes) and not stream_only else ["stream"]
         for mode in modes:
             out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "src"), mode, str(folder)],
                                  capture_output=True, text=True, check=True)
@@ -212,6 +216,7 @@ def main() -> None:
     ap.add_argument("--memory", default="5000,20000", help="collection sizes for the memory runs ('' to skip)")
     ap.add_argument("--work", default="/tmp/nin-bench-stream", help="where the generated collections go")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
+    ap.add_argument("--stream-only", action="store_true", help="memory runs: leave out the in-memory path")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode, throughput, memory")
     args = ap.parse_args()
     work = Path(args.work)
@@ -229,7 +234,7 @@ def main() -> None:
         result["throughput_img_per_s"] = bench_throughput(folder, shards, args.rounds)
         print(json.dumps(result["throughput_img_per_s"], indent=1))
     if "memory" not in skip and args.memory:
-        result["memory"] = bench_memory(work, [int(s) for s in args.memory.split(",")])
+        result["memory"] = bench_memory(work, [int(s) for s in args.memory.split(",")], args.stream_only)
         print(json.dumps(result["memory"], indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
