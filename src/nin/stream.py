@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
