@@ -358,6 +358,16 @@ class StreamLoader:
         self.epoch = 0
 
     @property
+    def on_bad(self):
+        """Called with the whole ``bad_files`` list whenever it grows (before a --max-bad error), e.g.
+        ``lambda bad: write_bad_files(run_dir / "bad_files.txt", bad)``; settable once the run folder exists."""
+        return self._bad.on_bad
+
+    @on_bad.setter
+    def on_bad(self, fn) -> None:
+        self._bad.on_bad = fn
+
+    @property
     def bad_files(self) -> list[tuple[str, str]]:
         """(path, reason) of every file that could not be decoded so far, sorted by path."""
         return self._bad.listing()
