@@ -454,6 +454,8 @@ _ADDERS.append(_add_use)
 def cmd_data_info(args: argparse.Namespace) -> int:
     from .data import load_dataset
 
+    if args.name.startswith("wds:"):
+        return _wds_info(args.name)
     ds = load_dataset(args.name, args.data_dir, download=False, seed=args.seed)
     c, h, w = ds.image_size
     print(f"{ds.name}: {len(ds.classes)} classes, images {c} x {h} x {w} (uint8)")
@@ -466,6 +468,33 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     for i, name in enumerate(ds.classes):
         print(f"{name:<{width}} {counts['train'][i]:>8,} {counts['test'][i]:>8,}")
     print(f"{'total':<{width}} {len(ds.train):>8,} {len(ds.test):>8,}")
+    return 0
+
+
+def _wds_info(name: str) -> int:
+    from .shards import open_shards
+
+    ds = open_shards(name)
+    c, h, w = ds.image_size
+    print(f"{ds.name}: {len(ds.classes)} classes, images {c} x {h} x {w} most common (decoded while training)")
+    print(f"shards: {len(ds.train.urls)} train, {len(ds.test.urls)} val in {ds.source}")
+    print(f"mean: {', '.join(f'{m:.4f}' for m in ds.mean)}   std: {', '.join(f'{s:.4f}' for s in ds.std)}"
+          "   (per channel, [0, 1] units, estimated from a sample of the train split)")
+    width = max(12, *(len(n) for n in ds.classes))
+    train, test = ds.train.per_class or [0] * len(ds.classes), ds.test.per_class or [0] * len(ds.classes)
+    print(f"{'class':<{width}} {'train':>8} {'test':>8}")
+    for i, cname in enumerate(ds.classes):
+        print(f"{cname:<{width}} {train[i]:>8,} {test[i]:>8,}")
+    print(f"{'total':<{width}} {len(ds.train):>8,} {len(ds.test):>8,}")
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from .shards import pack
+
+    index = pack(args.name, args.out, shard_size=args.shard_size, seed=args.seed)
+    print(f"wrote {len(index['splits']['train']['shards'])} train + {len(index['splits']['val']['shards'])} val "
+          f"shard(s) and index.json to {args.out}; train with --dataset wds:{args.out}")
     return 0
 
 
@@ -483,7 +512,8 @@ def _add_data(sub) -> None:
     names = "fashion-mnist, mnist, cifar10, cifar100, svhn or folder:PATH"
 
     q = data_sub.add_parser("info", help="where the files were found, counts per split and class, mean/std")
-    q.add_argument("name", nargs="?", default="fashion-mnist", metavar="NAME", help=f"{names} (default fashion-mnist)")
+    q.add_argument("name", nargs="?", default="fashion-mnist", metavar="NAME",
+                   help=f"{names.replace(' or ', ', ')} or wds:DIR (default fashion-mnist)")
     q.add_argument("--data-dir", metavar="DIR", help="look here first (then $NIN_DATA, ~/.cache/nin, system folders)")
     q.add_argument("--seed", type=number(int, 0, BIG), default=0,
                    help="seed of the train/test split of a folder without one")
@@ -493,6 +523,14 @@ def _add_data(sub) -> None:
     q.add_argument("name", nargs="?", default="fashion-mnist", metavar="NAME", help=f"{names} (default fashion-mnist)")
     q.add_argument("--data-dir", metavar="DIR", help="download here (default $NIN_DATA, else ~/.cache/nin)")
     q.set_defaults(func=cmd_data_fetch)
+
+    q = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards (for wds:DIR)")
+    q.add_argument("name", metavar="folder:PATH", help="the image folder (one subfolder per class, or train/ + val/)")
+    q.add_argument("--out", required=True, metavar="DIR", help="where to write train-000000.tar ..., val-... and index.json")
+    q.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/test split of a folder without one, and of the training samples' order")
+    q.set_defaults(func=cmd_data_pack)
 
 
 _ADDERS.append(_add_data)

@@ -22,7 +22,7 @@ import torch
 from .datasets import DATASETS, Dataset, Split, find_dataset, load_dataset, search_dirs
 
 __all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs",
-           "to_float_batch", "resize_matrix", "augment", "BatchLoader"]
+           "to_float_batch", "resize_matrix", "augment", "BatchLoader", "epoch_order", "num_batches", "make_loader"]
 
 
 @lru_cache(maxsize=64)
@@ -148,6 +148,28 @@ def _mix(*values: int) -> int:
     return s & 0x7FFFFFFFFFFFFFFF
 
 
+def epoch_order(n: int, epoch: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+    """The sample indices (int64, CPU) rank ``rank`` takes in ``epoch``, in order: ``randperm`` from a CPU
+    generator seeded with ``seed + 1000003 * epoch`` (or 0..n-1 without ``shuffle``), cut to a multiple of
+    ``world_size`` with ``drop_last``, then every ``world_size``-th from ``rank``.  Shared by every loader
+    (in memory and streaming), so each path sees the same order."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1000003 * epoch))
+    else:
+        order = torch.arange(n)
+    if drop_last:
+        order = order[: n - n % world_size]
+    return order[rank::world_size]
+
+
+def num_batches(n: int, batch_size: int, *, drop_last: bool, rank: int = 0, world_size: int = 1) -> int:
+    """Batches per epoch on ``rank``: with ``drop_last`` the same on every rank (full batches only)."""
+    if drop_last:
+        return n // world_size // batch_size
+    return math.ceil(len(range(rank, n, world_size)) / batch_size)
+
+
 class BatchLoader:
     """Batches of one split, held on ``device`` as uint8: ``for x, y in loader`` yields float x, int64 y.
 
@@ -178,29 +200,17 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
-    def _num_samples(self) -> int:
-        n = len(self.labels)
-        if self.drop_last:
-            return n // self.world_size
-        return len(range(self.rank, n, self.world_size))
-
     def __len__(self) -> int:
-        m = self._num_samples()
-        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+        return num_batches(len(self.labels), self.batch_size, drop_last=self.drop_last, rank=self.rank,
+                           world_size=self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """The sample indices (int64, CPU) this rank sees in ``epoch``, in order."""
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000003 * epoch))
-        else:
-            order = torch.arange(n)
-        if self.drop_last:
-            order = order[: n - n % self.world_size]
-        return order[self.rank::self.world_size]
+        return epoch_order(len(self.labels), epoch, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
+                           rank=self.rank, world_size=self.world_size)
 
     def iterate(self, epoch: int, start_batch: int = 0):
         """Yields (x float on device, y int64 on device) for batches ``start_batch..len(self)-1``."""
@@ -219,3 +229,43 @@ class BatchLoader:
 
     def __iter__(self):
         return self.iterate(self.epoch)
+
+
+# --- one entry point for every dataset and loader -----------------------------------------------
+_STREAM_ONLY = ("in_chans", "size", "transform", "eval_resize", "workers", "max_bad", "on_bad", "prefetch")
+
+
+def open_dataset(name: str, data_dir=None, *, seed: int = 0, stream: bool | None = None, memory_budget=None,
+                 device="cpu", download: bool = False):
+    """The dataset in memory (``Dataset``: uint8 tensors) or as files to stream (``stream.StreamDataset``).
+
+    ``wds:DIR`` always streams; ``folder:PATH`` streams with ``stream=True``, or with ``stream=None`` when
+    its decoded size exceeds ``memory_budget`` (``stream.choose_path``); the built-in datasets load."""
+    if name.startswith("wds:"):
+        from .shards import open_shards
+        return open_shards(name)
+    if name.startswith("folder:"):
+        from .stream import choose_path, open_folder
+        if stream or (stream is None and choose_path(name, memory_budget, device=device, seed=seed) == "stream"):
+            return open_folder(name[len("folder:"):], seed)
+    elif stream:
+        from .errors import UsageError
+        raise UsageError(f"--stream reads folder:PATH or wds:DIR; {name} is loaded into memory")
+    return load_dataset(name, data_dir, download=download, seed=seed)
+
+
+def make_loader(split, batch_size: int, **kw):
+    """``BatchLoader`` for an in-memory ``Split``, ``stream.StreamLoader`` for a ``FileSplit``,
+    ``shards.ShardLoader`` for a ``ShardSplit``: the same keyword arguments (the streaming ones, listed
+    in ``_STREAM_ONLY``, are ignored in memory, where only the "fit" transform exists)."""
+    from .stream import FileSplit, StreamLoader
+
+    if isinstance(split, Split):
+        if kw.get("transform", "fit") != "fit":
+            from .errors import UsageError
+            raise UsageError(f"the {kw['transform']} transform needs the streaming path (--stream)")
+        return BatchLoader(split, batch_size, **{k: v for k, v in kw.items() if k not in _STREAM_ONLY})
+    if isinstance(split, FileSplit):
+        return StreamLoader(split, batch_size, **kw)
+    from .shards import ShardLoader
+    return ShardLoader(split, batch_size, **kw)

@@ -18,6 +18,7 @@ model sees the same pixels in training and in prediction.  The policy, step by s
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -41,10 +42,13 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def load_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None):
+def load_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None,
+               draft: tuple[int, int] | None = None):
     """Decode a file path or raw bytes into a PIL image (steps 1-2), or raise ImageError naming it.
 
-    ``name`` is what error messages call the image (default: the path, or "the image" for bytes)."""
+    ``name`` is what error messages call the image (default: the path, or "the image" for bytes).
+    ``draft=(w, h)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
+    ``draft``) as long as it stays at least w x h (sizes before EXIF rotation); other formats ignore it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
@@ -59,6 +63,8 @@ def load_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXEL
                 if im.width * im.height > max_pixels:
                     raise ImageError(f"{label}: {im.width}x{im.height} pixels is over the limit of "
                                      f"{max_pixels:,} pixels")
+                if draft is not None and im.format == "JPEG":
+                    im.draft(im.mode, draft)
                 im.load()  # decode now: truncated data fails here, not later
                 im = ImageOps.exif_transpose(im) or im
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -76,8 +82,8 @@ def load_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXEL
         raise ImageError(f"{label}: cannot decode the image ({e.__class__.__name__}: {e})") from None
 
 
-def fit_image(im, in_chans: int, size: tuple[int, int], *, invert: bool = False) -> np.ndarray:
-    """A decoded PIL image -> uint8 C x H x W in the model's channels and size (steps 3-6 above)."""
+def to_channels(im, in_chans: int, *, invert: bool = False):
+    """A decoded PIL image in the model's channels: "L" or "RGB" (steps 3-5 above)."""
     from PIL import Image, ImageOps
 
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
@@ -92,6 +98,14 @@ def fit_image(im, in_chans: int, size: tuple[int, int], *, invert: bool = False)
         raise ImageError(f"models with {in_chans} input channels cannot read image files")
     if invert:
         im = ImageOps.invert(im)
+    return im
+
+
+def fit_image(im, in_chans: int, size: tuple[int, int], *, invert: bool = False) -> np.ndarray:
+    """A decoded PIL image -> uint8 C x H x W in the model's channels and size (steps 3-6 above)."""
+    from PIL import Image
+
+    im = to_channels(im, in_chans, invert=invert)
     h, w = size
     if im.size != (w, h):
         scale = min(w / im.width, h / im.height)
@@ -112,3 +126,100 @@ def read_image(source: str | os.PathLike | bytes, in_chans: int, size: tuple[int
 def is_grey(im) -> bool:
     """True for images without colour (the folder dataset reads a collection of them as 1 channel)."""
     return im.mode in GREY_MODES or (im.mode == "P" and im.palette is not None and im.palette.mode == "L")
+
+
+# --- for streaming loaders: the header first, then a decode no larger than needed -------------
+def image_header(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXELS,
+                 name: str | None = None) -> tuple[int, int, bool, str]:
+    """(width, height, grey, format) from the file's header alone, width and height after EXIF rotation
+    (as ``load_image`` returns the image).  Raises ImageError for a file Pillow cannot identify or one
+    over ``max_pixels``; a file whose header is fine but whose data is damaged passes here."""
+    from PIL import Image, UnidentifiedImageError
+
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    label = name or ("the image" if is_bytes else str(source))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(source)) if is_bytes else source) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{label}: {w}x{h} pixels is over the limit of {max_pixels:,} pixels")
+                if im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    w, h = h, w  # rotated a quarter turn by its EXIF orientation
+                return w, h, is_grey(im), im.format or ""
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image file Pillow can read") from None
+    except Exception as e:  # OSError, struct.error, SyntaxError, DecompressionBombError ...
+        raise ImageError(f"{label}: cannot read the image header ({e.__class__.__name__}: {e})") from None
+
+
+def _tv_decoder():
+    """torchvision.io's JPEG decoder, or None where it is gone: torchvision 0.29 deprecates its image
+    decoders in favour of TorchCodec, and Pillow's path below then decodes every JPEG."""
+    global _TV
+    if _TV is False:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchvision.io import ImageReadMode, decode_jpeg
+            _TV = (ImageReadMode, decode_jpeg)
+        except ImportError:
+            _TV = None
+    return _TV
+
+
+_TV = False
+
+
+def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: tuple[int, int] | None = None,
+                 invert: bool = False, max_pixels: int = MAX_PIXELS, name: str | None = None, header=None):
+    """Decode ``source`` into a uint8 C x H x W torch tensor in the model's channels (steps 1-5 above;
+    the size is the image's own, or smaller when ``min_size=(w, h)`` allows), or raise ImageError.
+
+    JPEGs take the faster of two decoders, measured here (benchmarks/bench_stream.py, one core):
+    when ``min_size`` allows a reduction of 2x or more, Pillow's ``draft`` (libjpeg DCT scaling) decodes
+    at 1/2-1/8 scale for 45-65% of the full decode's time; at full scale ``torchvision.io.decode_jpeg``
+    is faster than Pillow on small and medium images (0.64 vs 1.04 ms at 500x375).  Other formats, and
+    JPEGs torchvision refuses (truncated, 12-bit), go through ``load_image`` (whose errors name the file).
+    ``header``: ``image_header(source)`` when the caller has read it already."""
+    import torch
+
+    if name is None and not isinstance(source, (bytes, bytearray, memoryview)):
+        name = str(source)  # errors name the file even after its bytes are read below
+    w0, h0, _, fmt = header or image_header(source, max_pixels=max_pixels, name=name)
+    reduce = min(w0 / min_size[0], h0 / min_size[1]) if min_size else 1.0
+    if fmt == "JPEG" and reduce < 2 and _tv_decoder() is not None:
+        ImageReadMode, decode_jpeg = _tv_decoder()
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytearray(source)
+        else:
+            with open(source, "rb") as f:
+                data = bytearray(f.read())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), apply_exif_orientation=True,
+                                mode=ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB)
+        except RuntimeError:
+            x = None  # Pillow decides, and names what is wrong
+        if x is not None and in_chans in (1, 3):
+            return 255 - x if invert else x
+        source = bytes(data)
+    # a reduction is isotropic, so asking for (w0, h0) / reduce keeps both axes >= min_size (for an
+    # EXIF-rotated image Pillow's pre-rotation axes make the request stricter, never too small)
+    draft = (math.ceil(w0 / reduce), math.ceil(h0 / reduce)) if reduce >= 2 else None
+    im = to_channels(load_image(source, max_pixels=max_pixels, name=name, draft=draft), in_chans, invert=invert)
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+
+def center_crop_box(width: int, height: int, size: tuple[int, int], resize_short: int) -> tuple[float, float, float, float]:
+    """ImageNet-style evaluation as one crop box (top, left, height, width) in the image's pixels: scale
+    the short side to ``resize_short``, take the centre ``size`` = (H, W).  Cropping this box and resizing
+    it to ``size`` equals Resize(resize_short) + CenterCrop(size) up to the filter's edge pixels."""
+    scale = resize_short / min(width, height)
+    h, w = min(height, size[0] / scale), min(width, size[1] / scale)
+    return (height - h) / 2, (width - w) / 2, h, w

@@ -1,0 +1,245 @@
+"""Streaming input: JPEG decode cost per core, loader throughput against torchvision's reference, and
+memory / time to first batch as a collection grows.  One run, side by side; medians.
+
+    .venv/bin/python benchmarks/bench_stream.py [--images 2000] [--memory 5000,20000] [--out DIR]
+
+Throughput: decoded + augmented 224x224 training images per second (RandomResizedCrop + flip, uint8
+batches of 64, 2 workers), nin's StreamLoader and ShardLoader against torchvision's ImageNet reference
+(ImageFolder + the same v2 transforms + DataLoader), alternating A/B/C rounds, median of each.
+Memory: peak RSS of this process plus its workers, polled every 20 ms, two ways: VmRSS summed (shared
+pages counted in each process: an upper bound) and PSS (each shared page split among its sharers) while one epoch of a folder of generated 256x256 JPEGs streams through,
+at the loader level (the trainer integration is the lead's): streaming at each size, the in-memory path
+at the smallest.  Results go to benchmarks/results/stream-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def photo(rng, w, h):
+    """A photo-like image (smooth shapes, a little noise): JPEG size and decode cost near real photos'."""
+    from PIL import Image
+
+    x = np.linspace(0, 1, w)[None, :, None]
+    y = np.linspace(0, 1, h)[:, None, None]
+    f = rng.uniform(2, 20, 3)
+    base = np.sin(x * f[0] + y * f[1] + rng.uniform(0, 6, 3)) * 60 + np.cos(x * y * f[2]) * 40 + 128
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def make_folder(root: Path, n: int, classes: int = 10, size: int = 256) -> Path:
+    """n JPEGs (quality 90) of size x size in ``classes`` folders: crops of 64 generated 768px photos."""
+    done = root / ".done"
+    if done.exists() and int(done.read_text()) == n:
+        return root
+    rng = np.random.default_rng(0)
+    bases = [photo(rng, 768, 768) for _ in range(64)]
+    for i in range(n):
+        d = root / f"class{i % classes:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        x, y = rng.integers(0, 768 - size, 2)
+        bases[i % 64].crop((x, y, x + size, y + size)).save(d / f"{i:06d}.jpg", quality=90)
+    done.write_text(str(n))
+    return root
+
+
+def timeit(f, n):
+    f()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        runs.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(runs)
+
+
+def bench_decode() -> list[dict]:
+    """ms per image on one core: Pillow full / draft 1/2, 1/4, 1/8; torchvision.io.decode_jpeg."""
+    import warnings
+
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchvision.io import decode_jpeg
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(1)
+    rows = []
+    for w, h in ((256, 256), (500, 375), (1000, 750), (2000, 1500)):
+        b = io.BytesIO()
+        photo(rng, w, h).save(b, "JPEG", quality=90)
+        data = b.getvalue()
+        n = max(3, int(3e6 / (w * h)))
+        row = {"size": f"{w}x{h}", "kB": round(len(data) / 1e3, 1),
+               "torchvision.io": timeit(lambda: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), n)}
+        for s in (1, 2, 4, 8):
+            def pil(s=s):
+                im = Image.open(io.BytesIO(data))
+                im.draft("RGB", (w // s, h // s))
+                im.load()
+            row[f"pillow 1/{s}"] = timeit(pil, n)
+        rows.append(row)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return rows
+
+
+def _loaders(folder: Path, shards: Path, batch: int, workers: int):
+    from torchvision import datasets as tvd
+    from torchvision.transforms import v2
+
+    from nin.shards import ShardLoader, open_shards
+    from nin.stream import StreamLoader, finish_batch, open_folder
+
+    ref_ds = tvd.ImageFolder(str(folder), transform=v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(),
+                                                                 v2.ToImage()]))
+
+    def reference():
+        dl = torch.utils.data.DataLoader(ref_ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+        return ((x, y) for x, y in dl)
+
+    def uint8_batches(loader):  # the loaders' uint8 batches, before the float conversion (as the reference's)
+        def run():
+            for item in loader._batches(0, 0):
+                yield finish_batch(item, train=True, device=torch.device("cpu"), non_blocking=False)
+        return run
+
+    st = open_folder(folder)
+    kw = dict(in_chans=3, size=(224, 224), transform="random-resized-crop", flip=True, shuffle=True,
+              drop_last=True, workers=workers)
+    nin_folder = StreamLoader(st.train, batch, **kw)
+    sh = open_shards(f"wds:{shards}")
+    nin_shards = ShardLoader(sh.train, batch, **kw)
+    return {"torchvision reference": reference, "nin folder stream": uint8_batches(nin_folder),
+            "nin wds shards": uint8_batches(nin_shards)}
+
+
+def bench_throughput(folder: Path, shards: Path, rounds: int, batch: int = 64, workers: int = 2) -> dict:
+    loaders = _loaders(folder, shards, batch, workers)
+    rates = {k: [] for k in loaders}
+    for _ in range(rounds):
+        for name, make in loaders.items():
+            t0 = time.perf_counter()
+            n = sum(len(y) for _, y in make())
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {k: {"median": statistics.median(v), "runs": [round(r, 1) for r in v]} for k, v in rates.items()}
+
+
+MEMORY_CHILD = r"""
+import os, sys, threading, time, json, torch
+sys.path.insert(0, sys.argv[1])
+mode, folder = sys.argv[2], sys.argv[3]
+peak = {"total": 0, "parent": 0, "pss": 0}
+def rss(pid, field="VmRSS", f="status"):
+    try:
+        with open(f"/proc/{pid}/{f}") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith(field)) * 1024
+    except (OSError, StopIteration):
+        return 0
+def kids(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+def poll():
+    me = os.getpid()
+    while True:
+        p = rss(me)
+        peak["parent"] = max(peak["parent"], p)
+        ks = kids(me)
+        peak["total"] = max(peak["total"], p + sum(rss(k) for k in ks))
+        # PSS: each shared page divided among the processes sharing it (no double counting)
+        peak["pss"] = max(peak["pss"], sum(rss(q, "Pss:", "smaps_rollup") for q in [me, *ks]))
+        time.sleep(0.02)
+threading.Thread(target=poll, daemon=True).start()
+t0 = time.perf_counter()
+first = None
+n = 0
+if mode == "stream":
+    from nin.stream import StreamLoader, open_folder
+    ds = open_folder(folder)
+    L = StreamLoader(ds.train, 64, in_chans=3, size=(224, 224), transform="random-resized-crop", flip=True,
+                     shuffle=True, workers=2, mean=ds.mean, std=ds.std)
+else:
+    from nin.data import BatchLoader, load_dataset
+    ds = load_dataset("folder:" + folder)
+    L = BatchLoader(ds.train, 64, shuffle=True, resize=224, flip=True, mean=ds.mean, std=ds.std)
+for x, y in L.iterate(0):
+    if first is None:
+        first = time.perf_counter() - t0
+    n += len(y)
+total = time.perf_counter() - t0
+time.sleep(0.05)
+print(json.dumps({"mode": mode, "images": n, "first_batch_s": first, "epoch_s": total,
+                  "peak_rss_total_MB": peak["total"] / 2**20, "peak_rss_parent_MB": peak["parent"] / 2**20,
+                  "peak_pss_total_MB": peak["pss"] / 2**20}))
+"""
+
+
+def bench_memory(base: Path, sizes: list[int], stream_only: bool = False) -> list[dict]:
+    from nin.stream import estimate_memory
+
+    rows = []
+    for n in sizes:
+        folder = make_folder(base / f"jpeg{n}", n)
+        modes = ["stream", "memory"] if n == min(sizes) and not stream_only else ["stream"]
+        for mode in modes:
+            out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "src"), mode, str(folder)],
+                                 capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["collection"] = n
+            rows.append(row)
+        rows.append({"mode": "memory (estimate, not run)", "collection": n,
+                     "estimate_MB": estimate_memory(f"folder:{folder}") / 2**20})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000, help="JPEGs in the throughput folder (default 2000)")
+    ap.add_argument("--rounds", type=int, default=3, help="A/B/C rounds of the throughput comparison")
+    ap.add_argument("--memory", default="5000,20000", help="collection sizes for the memory runs ('' to skip)")
+    ap.add_argument("--work", default="/tmp/nin-bench-stream", help="where the generated collections go")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
+    ap.add_argument("--stream-only", action="store_true", help="memory runs: leave out the in-memory path")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: decode, throughput, memory")
+    args = ap.parse_args()
+    work = Path(args.work)
+    result = {"date": str(date.today()), "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    skip = set(filter(None, args.skip.split(",")))
+    if "decode" not in skip:
+        result["decode_ms_per_image"] = bench_decode()
+        print(json.dumps(result["decode_ms_per_image"], indent=1))
+    if "throughput" not in skip:
+        folder = make_folder(work / f"jpeg{args.images}", args.images)
+        shards = work / f"wds{args.images}"
+        if not (shards / "index.json").exists():
+            from nin.shards import pack
+            pack(f"folder:{folder}", shards, shard_size=500)
+        result["throughput_img_per_s"] = bench_throughput(folder, shards, args.rounds)
+        print(json.dumps(result["throughput_img_per_s"], indent=1))
+    if "memory" not in skip and args.memory:
+        result["memory"] = bench_memory(work, [int(s) for s in args.memory.split(",")], args.stream_only)
+        print(json.dumps(result["memory"], indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"stream-{result['date']}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
