@@ -170,7 +170,7 @@ def _add_train(sub) -> None:
             continue
         name, kind, help_text = flag(f.name), str(f.type), f.metadata["help"]
         choices = choices_of(f)
-        if kind == "bool":
+        if kind.startswith("bool"):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "step_epochs":
             p.add_argument(name, type=number(int, 1), nargs="*", default=None, metavar="EPOCH", help=help_text)

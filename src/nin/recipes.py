@@ -43,8 +43,23 @@ class TrainConfig:
     data_dir: str | None = opt(None, "where the dataset files are (else $NIN_DATA, ~/.cache/nin, Debian's package)")
     resize: int | None = opt(None, "resize images to this square side on the fly (the book: 224)", lo=1, hi=MAX_SIDE)
     normalize: bool = opt(True, "normalise inputs with the dataset's mean/std")
-    crop_padding: int = opt(0, "random-crop augmentation with this much zero padding (0: off)", lo=0, hi=64)
+    crop_padding: int = opt(0, "random-crop augmentation with this much zero padding (0: off; with --transform "
+                            "fit only: imagenet crops are random-resized already)", lo=0, hi=64)
     flip: bool = opt(False, "random horizontal flip augmentation")
+    stream: bool | None = opt(None, "read images from disk during training with DataLoader workers instead of "
+                              "decoding the whole collection first (folder:PATH; wds:DIR always streams); "
+                              "default: stream when the decoded folder exceeds --memory-budget")
+    memory_budget: str | None = opt(None, "most memory a decoded folder may take in memory, e.g. 8G (default: a "
+                                    "quarter of RAM, and of GPU memory on CUDA)")
+    transform: Literal["fit", "imagenet"] = opt(
+        "fit", "fit: letterbox every image to the collection's common size, as nin predict does; imagenet: "
+        "RandomResizedCrop(--crop-size) + flip in training, resize + centre crop in evaluation (streaming)")
+    crop_size: int = opt(224, "input side with --transform imagenet", lo=1, hi=MAX_SIDE)
+    workers: int | None = opt(None, "decoding processes per training process when streaming (default: its "
+                              "share of the cores, at most 8); resuming mid-epoch from wds: needs the same", lo=0,
+                              hi=256)
+    max_bad: float = opt(0.001, "fraction of unreadable images a streamed collection may hold: they are skipped "
+                         "and listed in the run's bad_files.txt; more stops the run", lo=0, hi=1, interval=True)
     limit_train: int | None = opt(None, "train on the first N training images only (quick checks)", lo=1,
                                    hi=2**62)
     val_split: int = opt(0, "hold out N training images (stratified by class, fixed by --seed) as a validation "
@@ -92,6 +107,8 @@ class TrainConfig:
             check_option(f, getattr(self, f.name))
         if self.warmup_epochs > self.epochs:
             raise UsageError(f"--warmup-epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.transform == "imagenet" and self.resize is not None:
+            raise UsageError("--transform imagenet crops to --crop-size; drop --resize")
         if any(not 1 <= e <= self.epochs for e in self.step_epochs):
             raise UsageError(f"--step-epochs must lie in 1..{self.epochs} (--epochs), got {list(self.step_epochs)}")
 
@@ -185,6 +202,12 @@ RECIPES: dict[str, dict] = {
     "best": dict(model="nin_fmnist", model_kwargs={"width": 64, "drop_rate": 0.1}, epochs=40, batch_size=256,
                  lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
                  warmup_epochs=2.0, label_smoothing=0.1, crop_padding=2, flip=True, tta_flip=True),
+    # The Caffe model zoo's ImageNet NiN solver (mavenlin's gist): base lr 0.01, x0.1 every 200k of 450k
+    # iterations at batch 64 (about 23 epochs of ImageNet-1k), momentum 0.9, weight decay 5e-4; streamed,
+    # RandomResizedCrop 224 + flip, evaluated at resize 256 + centre crop 224.  Give --dataset folder:/wds:.
+    "paper-imagenet": dict(model="nin_imagenet", dataset="folder:imagenet", transform="imagenet", crop_size=224,
+                           flip=True, stream=True, normalize=True, epochs=23, batch_size=64, lr=0.01, momentum=0.9,
+                           weight_decay=5e-4, schedule="step", step_epochs=(10, 20), eval_batch_size=256),
     # The paper's CIFAR-10 network and Caffe solver (120k iterations at batch 128, lr x0.1 at 100k).
     "paper-cifar10": dict(model="nin_cifar10", dataset="cifar10", epochs=307, batch_size=128, lr=0.1,
                           momentum=0.9, weight_decay=1e-4, schedule="step", step_epochs=(256,),

@@ -241,12 +241,18 @@ class Run:
     def open(cls, path, s, *, fresh: bool, tensorboard: bool = False) -> "Run":
         path = prepare(path, resume=not fresh) if fresh else Path(path)
         run = cls(path, lock(path))
+        for loader in (s.train_loader, s.test_loader):  # streamed collections: list unreadable images
+            if hasattr(loader, "on_bad"):
+                from .stream import write_bad_files
+
+                loader.on_bad = lambda bad: write_bad_files(path / "bad_files.txt", bad)
         if fresh:
             cfg = s.cfg.to_dict()
             if cfg.get("data_dir"):
                 cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
             write_config(path, cfg, {"device": str(s.device), "precision": str(s.amp_dtype or "fp32"),
                                      "world_size": s.d.world_size, "data_source": s.ds.source,
+                                     "data_path": "stream" if hasattr(s.train_loader, "on_bad") else "memory",
                                      "model_kwargs": s.meta.model_kwargs})
         if tensorboard:
             try:

@@ -116,6 +116,7 @@ class Setup:
     val_loader: object | None
     meta: object               # export.ModelMeta
     base_lr: float
+    n_train: int = 0           # training images (after --val-split and --limit-train)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -167,7 +168,7 @@ def init_from(model: nn.Module, cfg: TrainConfig) -> None:
 
 def set_up(cfg: TrainConfig) -> Setup:
     """Validate ``cfg`` and build the process group, data, model, optimizer and loaders it describes."""
-    from .data import BatchLoader, Split, load_dataset
+    from .data import Split, make_loader, open_dataset
     from .export import ModelMeta
     from .models import check_input_size, create_model
 
@@ -183,14 +184,27 @@ def set_up(cfg: TrainConfig) -> Setup:
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = True
 
-    ds = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
+                      device=device)
+    streaming = not isinstance(ds.train, Split)
     train_split, val_split = ds.train, None
     if cfg.val_split:
+        if streaming:
+            raise UsageError("--val-split holds images out of an in-memory training set; with a streamed "
+                             "collection give it a val/ folder instead")
         train_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     if cfg.limit_train is not None:
-        train_split = Split(train_split.images[:cfg.limit_train], train_split.labels[:cfg.limit_train])
-    in_chans, h, w = train_split.images.shape[1:]
-    if cfg.resize:
+        if isinstance(train_split, Split):
+            train_split = Split(train_split.images[:cfg.limit_train], train_split.labels[:cfg.limit_train])
+        elif hasattr(train_split, "head"):
+            train_split = train_split.head(cfg.limit_train)
+        else:
+            raise UsageError("--limit-train works on in-memory datasets and folders, not on wds: shards")
+    in_chans, h, w = ds.image_size
+    imagenet = cfg.transform == "imagenet"
+    if imagenet:
+        h = w = cfg.crop_size
+    elif cfg.resize:
         h = w = cfg.resize
 
     torch.manual_seed(cfg.seed)
@@ -212,14 +226,19 @@ def set_up(cfg: TrainConfig) -> Setup:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
-    common = dict(device=device, resize=cfg.resize, mean=mean, std=std, channels_last=cfg.channels_last,
-                  dtype=input_dtype(amp_dtype))
+    common = dict(device=device, resize=None if imagenet else cfg.resize, mean=mean, std=std,
+                  channels_last=cfg.channels_last, dtype=input_dtype(amp_dtype))
+    if streaming:  # decoding in worker processes, per sample
+        common.update(in_chans=in_chans, size=(h, w) if imagenet else tuple(ds.image_size[1:]), workers=cfg.workers,
+                      max_bad=cfg.max_bad)
     # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
-    train_loader = BatchLoader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
-                               crop_padding=cfg.crop_padding, flip=cfg.flip, rank=d.rank,
-                               world_size=d.world_size, **common)
-    test_loader = BatchLoader(ds.test, cfg.eval_batch_size, shuffle=False, **common)
-    val_loader = BatchLoader(val_split, cfg.eval_batch_size, shuffle=False, **common) if val_split else None
+    train_loader = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
+                               crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, rank=d.rank,
+                               world_size=d.world_size,
+                               transform="random-resized-crop" if imagenet else "fit", **common)
+    test_loader = make_loader(ds.test, cfg.eval_batch_size, shuffle=False,
+                              transform="resize-center-crop" if imagenet else "fit", **common)
+    val_loader = make_loader(val_split, cfg.eval_batch_size, shuffle=False, **common) if val_split else None
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
     opt = make_optimizer(model, cfg, base_lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -228,15 +247,16 @@ def set_up(cfg: TrainConfig) -> Setup:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    preprocess = {"resize": cfg.resize, "mean": list(mean) if mean else None, "std": list(std) if std else None}
+    if imagenet:
+        preprocess.update(transform="imagenet", crop_size=cfg.crop_size)
     meta = ModelMeta(model=cfg.model, model_kwargs=model_kwargs, classes=list(ds.classes),
-                     input_size=[int(in_chans), int(h), int(w)], dataset=ds.name,
-                     preprocess={"resize": cfg.resize, "mean": list(mean) if mean else None,
-                                 "std": list(std) if std else None},
+                     input_size=[int(in_chans), int(h), int(w)], dataset=ds.name, preprocess=preprocess,
                      tta="flip" if cfg.tta_flip else "none", split=ds.split,
                      precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
     ema = Ema(model, cfg.ema) if cfg.ema else None
     return Setup(cfg, d, device, amp_dtype, ds, model, net, opt, scaler, ema, train_loader, test_loader,
-                 val_loader, meta, base_lr)
+                 val_loader, meta, base_lr, len(train_split))
 
 
 def restore(s: Setup, ckpt: dict, path: Path) -> TrainState:
@@ -424,7 +444,7 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
             run.checkpoint(s, st)  # so a run killed before its first save can still be resumed
     if d.main and not quiet:
         log(f"training {cfg.model} ({sum(p.numel() for p in s.model.parameters()):,} params) on {cfg.dataset} "
-            f"{len(s.train_loader.labels):,}/{len(s.ds.test):,} images"
+            f"{s.n_train:,}/{len(s.ds.test):,} images"
             + (f" (+{len(s.val_loader.labels):,} validation)" if s.val_loader is not None else "")
             + f", {'x'.join(map(str, s.meta.input_size))}, {s.device}, "
             f"{'fp32' if s.amp_dtype is None else str(s.amp_dtype).replace('torch.', '')}, world size {d.world_size}"
