@@ -1,0 +1,371 @@
+"""Tests that catch a broken training run: each guards a behaviour a planted bug once slipped past.
+
+Fast (seconds each), on made-up data, independent references only: no number here comes from nin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from nin.cli import main
+from nin.recipes import TrainConfig, get_recipe, lr_at
+
+from .fakedata import fake_fashion_dir
+
+QUIET = dict(quiet=True, log=lambda *a, **k: None)
+
+
+def tiny(data, **kw):
+    base = dict(model_kwargs={"width": 4}, epochs=2, batch_size=64, limit_train=256, eval_batch_size=256,
+                warmup_epochs=0.0, data_dir=str(data))
+    return get_recipe("fast", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fake_fashion_dir(tmp_path_factory.mktemp("data"), n_train=512, n_test=128)
+
+
+# --- the step: label smoothing ------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_train_step_loss_is_label_smoothed_cross_entropy(eps):
+    from nin.engine import train_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    x, y = torch.randn(7, 3, 2, 2), torch.randint(0, 5, (7,))
+    with torch.no_grad():
+        logp = net(x).log_softmax(1)
+    # by hand: (1 - eps) * NLL of the label + eps * mean over classes of -log p
+    want = ((1 - eps) * -logp[torch.arange(7), y] + eps * -logp.mean(1)).mean()
+    sums = torch.zeros(3, dtype=torch.float64)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _ = train_step(net, opt, scaler, x, y, lr=0.0, amp_dtype=None, label_smoothing=eps, sums=sums)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert sums[2].item() == 7 and sums[0].item() == pytest.approx(want.item() * 7, rel=1e-6)
+
+
+def test_recipes_smoothing_reaches_the_step(data, monkeypatch):
+    import nin.trainer as t
+
+    seen = []
+    real = t.train_step
+    monkeypatch.setattr(t, "train_step", lambda *a, **k: seen.append(k["label_smoothing"]) or real(*a, **k))
+    t.train(tiny(data, epochs=1, limit_train=64, label_smoothing=0.25), None, dry_run=True, **QUIET)
+    assert seen == [0.25]
+
+
+# --- schedules ------------------------------------------------------------------------------------
+def test_cosine_schedule_by_formula():
+    cfg = TrainConfig(epochs=4, schedule="cosine", warmup_epochs=1.0)
+    spe = 10
+    for step in range(40):
+        got = lr_at(cfg, step, spe, 0.1)
+        if step < 10:
+            want = 0.1 * (step + 1) / 10
+        else:
+            want = 0.1 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 30))
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), step
+
+
+def test_every_step_gets_the_schedules_lr(data, monkeypatch):
+    """The lr the optimizer steps with is lr_at's for that step (onecycle, fractional warm-up)."""
+    import nin.engine as engine
+
+    cfg = tiny(data, epochs=2, schedule="onecycle", warmup_epochs=0.5, lr=0.3)
+    used = []
+    real = engine.torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine.torch.optim.SGD, "step", spy)
+    import nin.trainer as t
+
+    t.train(cfg, data.parent / "lr-run", **QUIET)
+    assert used == [pytest.approx(lr_at(cfg, s, 4, 0.3)) for s in range(8)] and max(used) <= 0.3
+
+
+# --- the saved model: classes, selection ------------------------------------------------------------
+def test_model_json_classes_are_the_datasets_in_order(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["zebra", "Apple", "mango", "10", "2"]
+    for n in names:
+        (tmp_path / "f" / n).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "f" / n / f"{i}.png")
+    from nin.data import load_dataset
+    from nin.trainer import train
+
+    ds = load_dataset(f"folder:{tmp_path / 'f'}")
+    assert ds.classes == sorted(names)
+    train(get_recipe("fast", dataset=f"folder:{tmp_path / 'f'}", epochs=1, batch_size=8, model_kwargs={"width": 4},
+                     warmup_epochs=0.0), tmp_path / "run", **QUIET)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["classes"] == ds.classes
+    # and a label means the same class: the model's prediction for class k's images counts as class k
+    from nin.evaluation import evaluate
+    from nin.export import load
+
+    result = evaluate(load(tmp_path / "run"), ds.test)
+    assert result.confusion.sum(1).tolist() == torch.bincount(ds.test.labels, minlength=5).tolist()
+
+
+def test_without_validation_the_final_epochs_weights_are_saved(data, tmp_path):
+    from nin.trainer import train
+
+    train(tiny(data, epochs=2), tmp_path / "run", **QUIET)
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    final = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["model"]
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k].float()) for k in best)
+    info = json.loads((tmp_path / "run" / "model.json").read_text())["info"]
+    assert info["selected"] == "final epoch" and info["epoch"] == 2
+
+
+def test_validation_chooses_even_when_the_test_set_peaks_elsewhere(data, tmp_path, monkeypatch):
+    """Test accuracy made to peak at epoch 1, validation at epoch 2: the epoch-2 weights are saved, and
+    they are exactly the weights a run that stopped after epoch 2 ends with (constant lr: same steps)."""
+    import nin.trainer as t
+
+    real = t.loader_eval
+    fake = {"test": iter([0.9, 0.1, 0.1]), "val": iter([0.2, 0.8, 0.3])}
+
+    def rigged(model, loader, *a, **k):
+        acc, loss = real(model, loader, *a, **k)
+        return next(fake["val" if loader is t._current.val_loader else "test"]), loss
+
+    orig_set_up = t.set_up
+
+    def remember(cfg):
+        s = orig_set_up(cfg)
+        t._current = s
+        return s
+
+    monkeypatch.setattr(t, "loader_eval", rigged)
+    monkeypatch.setattr(t, "set_up", remember)
+    cfg = tiny(data, epochs=3, val_split=64, schedule="constant", warmup_epochs=0.0)
+    t.train(cfg, tmp_path / "three", **QUIET)
+    monkeypatch.setattr(t, "loader_eval", real)
+    t.train(dataclasses.replace(cfg, epochs=2), tmp_path / "two", **QUIET)
+    saved = load_file(tmp_path / "three" / "best.safetensors")
+    two = torch.load(tmp_path / "two" / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], two[k].float()) for k in saved)
+    info = json.loads((tmp_path / "three" / "model.json").read_text())["info"]
+    assert info["selected"] == "best validation accuracy" and info["epoch"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in rows] == [0.2, 0.8, 0.3] and all(r["val_loss"] is not None for r in rows)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    from nin.data import Split
+    from nin.trainer import split_validation
+
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 30, 30, 30, 30, 30]))
+    ids = torch.arange(len(labels))
+    split = Split(ids[:, None, None, None].to(torch.int32), labels)  # the "image" is its index
+    tr, va = split_validation(split, 40, seed=3)
+    assert len(va) == 40 and len(tr) == len(labels) - 40
+    got = set(va.images.flatten().tolist())
+    assert got.isdisjoint(tr.images.flatten().tolist())
+    counts = torch.bincount(va.labels, minlength=10).tolist()
+    assert counts == [5, 5, 5, 5, 5, 3, 3, 3, 3, 3]  # 10% of each class
+    assert set(split_validation(split, 40, seed=3)[1].images.flatten().tolist()) == got
+    assert set(split_validation(split, 40, seed=4)[1].images.flatten().tolist()) != got
+
+
+# --- EMA -------------------------------------------------------------------------------------------
+def test_ema_follows_timms_rule():
+    from nin.engine import Ema
+
+    model = torch.nn.Linear(3, 2)
+    ema = Ema(model, 0.9)
+    ref = [p.detach().clone() for p in model.parameters()]
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        ref = [d * r + (1 - d) * p.detach() for r, p in zip(ref, model.parameters())]
+    for r, p in zip(ref, ema.module.parameters()):
+        torch.testing.assert_close(p, r)
+
+
+def test_ema_run_saves_and_resumes_the_average(data, tmp_path):
+    from nin.trainer import train
+
+    cfg = tiny(data, epochs=2, ema=0.9)
+    train(cfg, tmp_path / "full", **QUIET)
+    train(dataclasses.replace(cfg, max_steps=5), tmp_path / "part", **QUIET)
+    train(None, resume=tmp_path / "part", **QUIET)
+    a, b = load_file(tmp_path / "full" / "best.safetensors"), load_file(tmp_path / "part" / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ck = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"] if ck["model"][k].is_floating_point())
+    assert all(torch.equal(a[k], ck["ema"][k].float()) for k in a)  # the saved model is the average
+
+
+# --- resume refuses another run's checkpoint ------------------------------------------------------
+@pytest.mark.parametrize("field,value", [("dataset", "mnist"), ("resize", 32), ("seed", 7),
+                                         ("model_kwargs", {"width": 5})])
+def test_resume_refuses_another_runs_checkpoint(data, tmp_path, capsys, field, value):
+    from nin.trainer import train
+
+    train(tiny(data, epochs=1), tmp_path / "run", **QUIET)
+    ck = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    ck["config"][field] = value
+    torch.save(ck, tmp_path / "run" / "last.ckpt")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 1
+    assert f"belongs to another run ({field}" in capsys.readouterr().err
+
+
+# --- cam, eval --tta, eval .onnx, export refusal ------------------------------------------------------
+def test_cam_figure_draws_the_chosen_classes_maps(data, tmp_path, monkeypatch):
+    import nin.evaluation as ev
+    from nin.export import load
+    from nin.trainer import train
+
+    train(tiny(data, epochs=1), tmp_path / "run", **QUIET)
+    model = load(tmp_path / "run")
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 28, 28), dtype=np.uint8))
+    drawn = []
+    monkeypatch.setattr(ev, "_overlay", lambda ax, img, cam, title: drawn.append((cam.clone(), title)))
+    top = ev.save_cam_figure(model, image, tmp_path / "c.png", topk=3)
+    maps, logits = ev.class_activation_maps(model, ev.preprocess(model, image[None]))
+    order = logits[0].argsort(descending=True)[:3].tolist()
+    want = ev.upsample_maps(maps, (28, 28))[0]
+    assert [t for t, _ in top] == [model.classes[c] for c in order]
+    for (cam, title), c in zip(drawn, order):
+        torch.testing.assert_close(cam, want[c])
+        assert title.startswith(model.classes[c])
+    drawn.clear()
+    ev.save_cam_grid(model, image[None].repeat(2, 1, 1, 1), [0, 1], tmp_path / "g.png")
+    pred = int(logits.argmax())
+    torch.testing.assert_close(drawn[0][0], want[pred])
+
+
+def test_eval_tta_flip_and_onnx(data, tmp_path, capsys):
+    from nin.evaluation import predict_logits
+    from nin.export import load
+    from nin.data import load_dataset
+    from nin.trainer import train
+
+    train(tiny(data, epochs=1, tta_flip=True), tmp_path / "run", **QUIET)
+    model = load(tmp_path / "run")
+    ds = load_dataset("fashion-mnist", data)
+    x = ds.test.images
+    plain = predict_logits(model, x)
+    mirrored = predict_logits(model, x.flip(-1))
+    want = ((plain + mirrored) / 2).argmax(1)
+    for tta, expect in (("flip", want), ("none", plain.argmax(1))):
+        assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--tta", tta, "--precision", "fp32",
+                     "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["tta"] == tta
+        assert doc["accuracy"] == pytest.approx((expect == ds.test.labels).float().mean().item())
+    assert main(["export", str(tmp_path / "run"), "--dynamic-batch", "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m.onnx"), "--data-dir", str(data), "--tta", "none", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["accuracy"] == pytest.approx((plain.argmax(1) == ds.test.labels).float().mean().item(), abs=1 / 128)
+
+
+def test_export_refuses_and_removes_a_file_that_differs(data, tmp_path, capsys, monkeypatch):
+    import nin.export as ex
+    from nin.trainer import train
+
+    train(tiny(data, epochs=1), tmp_path / "run", **QUIET)
+    monkeypatch.setattr(ex, "onnx_max_diff", lambda *a: 0.5)  # inject: onnxruntime disagrees with torch
+    out = tmp_path / "bad.onnx"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "removed, the ONNX model does not match" in err and not out.exists()
+
+
+# --- a run from its recorded config reproduces itself; eval reproduces the run ------------------------
+def test_eval_reproduces_the_runs_reported_accuracy(data, tmp_path, capsys):
+    from nin.trainer import train
+
+    final = train(tiny(data, epochs=1, tta_flip=True), tmp_path / "run", **QUIET)
+    assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tta"] == "flip" and doc["n"] == 128
+    assert round(doc["accuracy"] * 128) == round(final["test_acc"] * 128)  # to the image
+
+
+# --- the odd images: one reader for datasets and predict ----------------------------------------------
+def test_folder_dataset_and_predict_see_the_same_pixels(tmp_path):
+    """16-bit, palette, RGBA, CMYK, EXIF-rotated and non-square images in a folder dataset: its tensors are
+    exactly what predict feeds the network for the same files."""
+    from nin.data import load_dataset
+    from nin.images import read_image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "odd"
+    for c in ("x", "y"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / "rgb.png")
+        Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / c / "grey16.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("P").save(root / c / "pal.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), "RGBA").save(root / c / "rgba.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(root / c / "cmyk.jpg")
+        Image.fromarray(rng.integers(0, 255, (10, 20, 3), dtype=np.uint8)).save(root / c / "wide.png")
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 on display
+        Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8)).save(root / c / "rot.jpg", exif=exif)
+    ds = load_dataset(f"folder:{root}", seed=0)
+    c, h, w = ds.image_size
+    assert (c, h, w) == (3, 20, 20)
+    from nin.datasets import folder_split
+
+    train_files, test_files, _, _ = folder_split(root, 0)
+    for split, files in ((ds.train, train_files), (ds.test, test_files)):
+        for img, (path, label) in zip(split.images, files):
+            want = torch.from_numpy(read_image(path, c, (h, w)))
+            assert torch.equal(img, want), path
+    # a 16-bit grey value is scaled, not clipped: 30000 -> round(30000 * 255 / 65535) = 117
+    Image.fromarray(np.full((4, 4), 30000, np.uint16)).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png", 1, (4, 4)).max() == 117
+
+
+def test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically(data, tmp_path, monkeypatch):
+    import shutil
+
+    import nin.runfolder as rf
+    from nin.trainer import train
+
+    cfg = tiny(data, epochs=2, model_kwargs={"width": 4, "drop_rate": 0.2})
+    train(cfg, tmp_path / "full", **QUIET)
+    saved = []
+    real = rf.save_checkpoint
+
+    def spy(path, state):
+        real(path, state)
+        saved.append((state["step"], state["epoch"], state["batch"]))
+        shutil.copy(path, tmp_path / f"ck-{state['step']}-{len(saved)}")
+
+    monkeypatch.setattr(rf, "save_checkpoint", spy)
+    train(dataclasses.replace(cfg, save_every=1e-9), tmp_path / "part", **QUIET)  # a save after every step
+    monkeypatch.setattr(rf, "save_checkpoint", real)
+    mid = [(s, e, b) for s, e, b in saved if b not in (0,)]
+    assert mid, saved
+    for step, epoch, batch in saved:
+        assert batch == step - epoch * 4, (step, epoch, batch)
+    # resume from a mid-epoch checkpoint (epoch 2, batch 1): same weights as the uninterrupted run
+    step, epoch, batch = next(x for x in mid if x[1] == 1)
+    i = saved.index((step, epoch, batch)) + 1
+    shutil.copy(tmp_path / f"ck-{step}-{i}", tmp_path / "part" / "last.ckpt")
+    train(None, resume=tmp_path / "part", **QUIET)
+    a = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
