@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ImageError
 from .images import IMAGE_SUFFIXES, MAX_PIXELS, read_image
 
-__all__ = ["collect_files", "Prediction", "predict_files", "read_image", "ImageError", "IMAGE_SUFFIXES"]
+__all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "ImageError", "IMAGE_SUFFIXES"]
 
 
 def collect_files(paths, *, warn=None) -> list["Path | Prediction"]:
@@ -60,6 +60,15 @@ class Prediction:
         return {"file": self.file, "top": [{"class": c, "prob": p} for c, p in self.top]}
 
 
+def probabilities(model, images, *, batch_size: int = 64):
+    """Class probabilities (N x K, float32) for uint8 images N x C x H x W already fitted to the model.
+
+    The one computation behind ``nin predict`` and ``nin serve``, so both give the same numbers."""
+    from .evaluation import predict_logits
+
+    return predict_logits(model, images, batch_size=batch_size).softmax(1)
+
+
 def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_size: int = 64,
                   max_pixels: int = MAX_PIXELS) -> list[Prediction]:
     """Predict every image under ``paths``; bad files give a Prediction with ``error`` set.
@@ -67,8 +76,6 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
     ``model`` is what export.load_any returns (a torch model or an OnnxModel): it has ``.meta``.
     """
     import torch
-
-    from .evaluation import predict_logits
 
     c, h, w = model.meta.input_size
     results = collect_files(paths)  # becomes a Prediction per input, in input order
@@ -80,8 +87,7 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
             except ImageError as e:
                 results[i] = Prediction(str(f), error=str(e))
     if good:
-        images = torch.from_numpy(np.stack([a for _, a in good]))
-        probs = predict_logits(model, images, batch_size=batch_size).softmax(1)
+        probs = probabilities(model, torch.from_numpy(np.stack([a for _, a in good])), batch_size=batch_size)
         k = max(1, min(topk, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         for (i, _), vs, ix in zip(good, values.tolist(), indices.tolist()):
