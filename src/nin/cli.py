@@ -423,8 +423,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", metavar="KEY",
                    help="require this key (X-API-Key or Authorization: Bearer) on /v1/* and /metrics "
                         "(default: $NIN_API_KEY, else none)")
-    p.add_argument("--max-batch", type=int, default=32, metavar="N",
-                   help="most images in one forward pass (default 32; 1 turns batching off)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most images in one forward pass (default 16; 1 turns batching off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                    help="how long a batch may wait for more images while requests are arriving (default 2)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -439,7 +439,7 @@ def _add_serve(sub) -> None:
                    help="what runs predictions: auto (onnxruntime on CPU when installed, else PyTorch), "
                         "onnx or torch (default auto); class maps always use PyTorch")
     p.add_argument("--device", default="auto", help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, metavar="N", help="compute threads (default: the library's own)")
+    p.add_argument("--threads", type=int, metavar="N", help="compute threads (default: all cores but one, left to the HTTP side)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                    help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hmac
 import io
 import logging
@@ -113,7 +114,7 @@ def _top(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return [{"class": classes[i], "prob": float(probs[i])} for i in order]
 
 
-def create_app(served: ServedModel, *, max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256,
+def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float = 2.0, max_queue: int = 256,
                max_upload_mb: float = 10, max_pixels: int = MAX_PIXELS, api_key: str | None = None,
                topk: int = 5) -> FastAPI:
     """The FastAPI app serving ``served``.  Start it with uvicorn (server.run_server) or TestClient."""
@@ -147,6 +148,7 @@ def create_app(served: ServedModel, *, max_batch: int = 32, max_wait_ms: float =
         # Warm up both batch shapes before the first request: the first run of a session allocates.
         for n in sorted({1, batcher.max_batch}):
             served.probabilities(np.zeros((n, c, h, w), np.uint8))
+        gc.freeze()  # the model and libraries never die: keep them out of every later collection's scan
         batcher.start()
         yield
         await batcher.stop()  # uvicorn has finished the in-flight requests by now

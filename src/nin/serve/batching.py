@@ -41,7 +41,7 @@ class Batcher:
     (``self.executor``), which other compute (class maps) shares so they never compete for the cores.
     """
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 32,
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 16,
                  max_wait_ms: float = 2.0, max_queue: int = 256) -> None:
         self.infer = infer
         self.max_batch = max(1, max_batch)
