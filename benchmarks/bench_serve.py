@@ -1,10 +1,12 @@
 """Serving: requests/s and p50/p99 latency of `nin serve` under 1, 8 and 64 concurrent clients.
 
-Three servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
+Four servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
   nin serve           backend auto (onnxruntime on CPU), dynamic batching (--max-batch 16)
   nin serve batch 1   the same with --max-batch 1 (no batching)
   few-line FastAPI    the endpoint a user would write: `async def predict(file: UploadFile)`, PIL, PyTorch
                       eager, one image per request (FEW_LINES below), under plain `uvicorn`
+  ... torch 1 thread  the same with torch.set_num_threads(1): PyTorch's 2 OpenMP threads fight the event
+                      loop (and anything else running) for 2 cores, which made the plain one far slower
 Models: the fast model (nin_fmnist width 32, 1x28x28) and nin_d2l (1x224x224); untrained weights unless
 --fmnist-run gives a trained run (speed does not depend on the values).  Every request is the same
 multipart upload of one 28x28 Fashion-MNIST-like PNG (the d2l model letterboxes it to 224x224).
@@ -45,6 +47,7 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 from nin.export import load
 
+torch.set_num_threads(int(os.environ.get("FEW_THREADS", torch.get_num_threads())))  # (benchmark variant)
 model = load(os.environ["RUN"])
 c, h, w = model.meta.input_size
 mean, std = model.meta.preprocess["mean"][0], model.meta.preprocess["std"][0]
@@ -119,9 +122,11 @@ def body_file(tmp: Path) -> Path:
 
 
 class Server:
-    def __init__(self, label: str, cmd: list[str], env: dict, path: str, port: int):
-        self.label, self.path, self.port = label, path, port
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, label: str, cmd: list[str], env: dict, path: str, port: int, log: Path):
+        self.label, self.path, self.port, self.log = label, path, port, log
+        # a file, not a pipe: a pipe nobody reads fills up and blocks the server's next log line
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
 
     def wait_ready(self, body: bytes, timeout: float = 180) -> None:
         import http.client
@@ -129,7 +134,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 c.request("POST", self.path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
@@ -164,11 +169,14 @@ def start_servers(run: Path, tmp: Path) -> list[Server]:
     for label, extra in (("nin serve", []), ("nin serve, --max-batch 1", ["--max-batch", "1"])):
         port = free_port()
         servers.append(Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], env,
-                              "/v1/predict", port))
-    port = free_port()
-    servers.append(Server("few-line FastAPI (PyTorch, 1 image/request)",
-                          [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level", "warning",
-                           "--no-access-log", "--app-dir", str(tmp)], env, "/predict", port))
+                              "/v1/predict", port, tmp / f"server{len(servers)}.log"))
+    for label, threads in (("few-line FastAPI (PyTorch, 1 image/request)", None),
+                           ("few-line FastAPI, torch 1 thread", "1")):
+        port = free_port()
+        servers.append(Server(label, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
+                                      "warning", "--no-access-log", "--app-dir", str(tmp)],
+                              {**env, **({"FEW_THREADS": threads} if threads else {})}, "/predict", port,
+                              tmp / f"server{len(servers)}.log"))
     return servers
 
 
@@ -258,7 +266,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['server']} | {r['clients']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                          f"| {r['errors']} | {r['server_cpu']:.2f} | {r['client_cpu']:.2f} |")
         at64 = {r["server"]: r for r in rows if r["clients"] == 64}
-        nin, few = at64.get("nin serve"), next((v for k, v in at64.items() if k.startswith("few-line")), None)
+        nin, few = at64.get("nin serve"), at64.get("few-line FastAPI (PyTorch, 1 image/request)")
         if nin and few:
             lines += ["", f"At 64 clients: nin serve answers {nin['rps'] / few['rps']:.1f}x the few-line endpoint's "
                           f"requests/s, p99 {nin['p99_ms']:.0f} ms vs {few['p99_ms']:.0f} ms."]

@@ -427,8 +427,13 @@ def test_real_server_under_load(server, torch_model, images):
         else:
             assert status == junk[-1 - i][1], data
     assert after <= before * 1.10, f"RSS grew from {before / 2**20:.0f} to {after / 2**20:.0f} MiB"
+    # a client that goes away halfway through its body is not an internal error
+    c = socket.create_connection(("127.0.0.1", server.port))
+    c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + bodies[0][:100])
+    c.close()
+    time.sleep(0.3)
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'status="500"' not in metrics
+    assert 'status="500"' not in metrics and 'nin_request_errors_total{reason="client_disconnect"} 1.0' in metrics
     print(f"\n2,000 requests from 64 clients in {seconds:.1f} s ({2000 / seconds:.0f}/s, shared test machine)")
 
 

@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ImageError
 from ..images import MAX_PIXELS, read_image
@@ -184,6 +185,13 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         return JSONResponse({"error": str(e.detail)}, e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect):
+        # The client closed the connection while sending its body (load generators do at their end):
+        # nobody will read this answer; 499 as nginx logs it, not an internal error.
+        errors.labels("client_disconnect").inc()
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):
