@@ -4,14 +4,14 @@
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data browser wrk train test bench clean
 
 $(PY):
 	python3 -m venv .venv
 
 .venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e ".[dev,onnx,stream]"
+	$(PY) -m pip install -q -e ".[dev,onnx,stream,serve]"
 	touch $@
 
 setup: .venv/.installed data
@@ -22,10 +22,22 @@ data:
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	fi
 
+# The browser test (tests/test_serve.py) drives Debian's headless Chromium through its matching
+# chromedriver; the serving benchmark loads the server with wrk.  Installed when missing and apt is here.
+browser:
+	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null; \
+	fi
+
+wrk:
+	@if ! command -v wrk >/dev/null && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)) >/dev/null; \
+	fi
+
 train: setup
 	.venv/bin/nin train $(ARGS)
 
-test: setup .venv/.seed-deps
+test: setup .venv/.seed-deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The seed pipeline (benchmarks and their smoke tests) is driven through the public d2l package
@@ -35,7 +47,7 @@ test: setup .venv/.seed-deps
 	$(PY) -m pip install -q pandas requests ipython matplotlib-inline
 	touch $@
 
-bench: setup .venv/.seed-deps
+bench: setup .venv/.seed-deps wrk
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 clean:

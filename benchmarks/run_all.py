@@ -7,6 +7,8 @@ Parts (--only / --skip pick a subset; BENCHMARKS.md is rewritten with the parts 
   infer  inference, nin_d2l and the fast model (nin_fmnist width 32): images/s at batch 256 and latency at
          batch 1, PyTorch eager (inference_mode, fp32) vs onnxruntime (reuses bench_infer.py's helpers)
   data   the input pipeline alone (bench_data.py)
+  serve  `nin serve` under 1/8/64 wrk clients vs --max-batch 1 vs a few-line FastAPI endpoint (bench_serve.py;
+         every measurement also goes to benchmarks/results/serve-cpu-DATE.json)
 Every speed figure of a part is measured in one process tree in one run; the 1-minute load average is
 recorded around each part (the machine is shared: compare ratios, not absolute numbers across runs).
 
@@ -28,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-PARTS = ("train", "tta", "infer", "data")
+PARTS = ("train", "tta", "infer", "data", "serve")
 
 
 def loadavg() -> str:
@@ -154,6 +156,14 @@ def run_data(args, tmp: Path) -> str:
     return out.stdout.strip()
 
 
+def run_serve(args, tmp: Path) -> str:
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    rounds = ["--seconds", "2", "--rounds", "1"] if args.quick else ["--seconds", "5", "--rounds", "3"]
+    out = subprocess.run([PY, str(HERE / "bench_serve.py"), *rounds, "--json", str(HERE / "results" / f"serve-cpu-{day}.json")],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def old_sections(path: Path) -> dict[str, str]:
     """The parts' sections of an earlier BENCHMARKS.md, so a subset run keeps the others."""
     if not path.exists():
@@ -182,7 +192,8 @@ def main(argv=None) -> None:
         for part in parts:
             before, t = loadavg(), time.perf_counter()
             print(f"[run_all] {part} ... (load {before})", file=sys.stderr, flush=True)
-            text = {"train": run_train, "tta": run_tta, "infer": run_infer, "data": run_data}[part](args, Path(tmp))
+            text = {"train": run_train, "tta": run_tta, "infer": run_infer, "data": run_data,
+                    "serve": run_serve}[part](args, Path(tmp))
             took = time.perf_counter() - t
             timings.append(f"{part} {took:.0f} s (load average 1/5/15 min: {before} before, {loadavg()} after)")
             stamp = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')

@@ -536,6 +536,71 @@ def _add_data(sub) -> None:
 _ADDERS.append(_add_data)
 
 
+# --- serving: an HTTP API and a web page ------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve import create_app, load_served, run_server
+    except ImportError as e:
+        raise UsageError(f"nin serve needs the serve extra: pip install 'nin[serve]' ({e})") from None
+    for flag, value, least in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                               ("--max-queue", args.max_queue, 1), ("--topk", args.topk, 1),
+                               ("--max-pixels", args.max_pixels, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        raise UsageError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
+    key = args.api_key or os.environ.get("NIN_API_KEY") or None
+    served = load_served(args.model, backend=args.backend, device=args.device, threads=args.threads)
+    app = create_app(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, api_key=key, topk=args.topk)
+
+    def ready(host, port):
+        meta = served.meta
+        print(f"nin serve: {meta.model} ({len(meta.classes)} classes, input {'x'.join(map(str, meta.input_size))}) "
+              f"on {served.backend}, batches up to {args.max_batch}{', API key required' if key else ''}", flush=True)
+        print(f"nin serve: http://{host}:{port}/  (API: POST /v1/predict, /v1/cam; GET /v1/model, /health, "
+              "/metrics; Ctrl+C or SIGTERM to stop)", flush=True)
+    return run_server(app, host=args.host, port=args.port, log_level=args.log_level, ready=ready)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP API and a web page for a trained model (needs nin[serve])")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a run folder, a .safetensors, an exported .onnx or a pretrained name "
+                        "(default: the default pretrained model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require this key (X-API-Key or Authorization: Bearer) on /v1/* and /metrics "
+                        "(default: $NIN_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most images in one forward pass (default 16; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="how long a batch may wait for more images while requests are arriving (default 2)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="images waiting at most; more are answered 503 with Retry-After (default 256)")
+    p.add_argument("--max-upload-mb", type=float, default=10, metavar="MB",
+                   help="refuse request bodies over this size with 413 (default 10)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
+                   help="refuse images with more pixels than N with 413 (default 40,000,000)")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes returned when ?topk= is not given "
+                                                                    "(default 5)")
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto",
+                   help="what runs predictions: auto (onnxruntime on CPU when installed, else PyTorch), "
+                        "onnx or torch (default auto); class maps always use PyTorch")
+    p.add_argument("--device", default="auto", help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, metavar="N", help="compute threads (default: all cores but one, left to the HTTP side)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
+                   help="uvicorn's log level (default warning)")
+    p.set_defaults(func=cmd_serve)
+
+
+_ADDERS.append(_add_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

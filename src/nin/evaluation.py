@@ -218,6 +218,9 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
+CAM_DPI = 130
+
+
 def _show_image(ax, image: torch.Tensor) -> None:
     img = image.cpu().numpy()
     if img.shape[0] == 1:
@@ -238,13 +241,10 @@ def _overlay(ax, image: torch.Tensor, cam: torch.Tensor, title: str) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
-                    title: str = "") -> list[tuple[str, float]]:
-    """The image (uint8 C x H x W, model-sized) and its top-k classes' maps overlaid, with their
-    probabilities.  Returns the top-k (class, probability)."""
+def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = ""):
+    """(matplotlib Figure, top-k [(class, probability)]): the image (uint8 C x H x W, model-sized) and
+    its top-k classes' maps overlaid, with their probabilities.  ``nin cam`` and ``nin serve`` draw it."""
     from matplotlib.figure import Figure
-
-    from .fsutil import atomic_write
 
     x = preprocess(model, image[None])
     maps, logits = class_activation_maps(model, x)
@@ -260,7 +260,16 @@ def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk
     for ax, p, c in zip(axes[1:], top.values.tolist(), top.indices.tolist()):
         _overlay(ax, image, cams[c], f"{model.classes[c]}  {p:.1%}")
         result.append((model.classes[c], p))
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    return fig, result
+
+
+def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
+                    title: str = "") -> list[tuple[str, float]]:
+    """cam_figure written to ``path`` (PNG).  Returns the top-k (class, probability)."""
+    from .fsutil import atomic_write
+
+    fig, result = cam_figure(model, image, topk=topk, title=title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=CAM_DPI))
     return result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ImageError
 from .images import IMAGE_SUFFIXES, MAX_PIXELS, read_image
 
-__all__ = ["collect_files", "Prediction", "predict_files", "read_image", "ImageError", "IMAGE_SUFFIXES"]
+__all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "ImageError", "IMAGE_SUFFIXES"]
 
 
 def collect_files(paths, *, warn=None) -> list["Path | Prediction"]:
@@ -60,6 +60,20 @@ class Prediction:
         return {"file": self.file, "top": [{"class": c, "prob": p} for c, p in self.top]}
 
 
+def probabilities(model, images, *, batch_size: int = 64, tta: str | None = None):
+    """Class probabilities (N x K, float32) for uint8 images N x C x H x W already fitted to the model,
+    with the run's own test-time augmentation unless ``tta`` says otherwise (a row is NaN where the
+    model gave non-finite logits).  The one computation behind ``nin predict`` and ``nin serve``."""
+    from .evaluation import predict_logits
+
+    if tta is None:
+        tta = getattr(getattr(model, "meta", None), "tta", "none")
+    logits = predict_logits(model, images, batch_size=batch_size, tta=tta)
+    if logits.shape[1] != len(model.classes):
+        raise ImageError(f"the model gives {logits.shape[1]} logits but has {len(model.classes)} class names")
+    return logits.softmax(1)
+
+
 def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_size: int = 64,
                   max_pixels: int = MAX_PIXELS, tta: str | None = None) -> list[Prediction]:
     """Predict every image under ``paths``; bad files give a Prediction with ``error`` set.
@@ -68,8 +82,6 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
     ``tta`` defaults to the run's own (``model.meta.tta``), so predictions match the reported accuracy.
     """
     import torch
-
-    from .evaluation import predict_logits
 
     c, h, w = model.meta.input_size
     results = collect_files(paths)  # becomes a Prediction per input, in input order
@@ -81,14 +93,11 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
             except ImageError as e:
                 results[i] = Prediction(str(f), error=str(e))
     if good:
-        images = torch.from_numpy(np.stack([a for _, a in good]))
-        logits = predict_logits(model, images, batch_size=batch_size, tta=tta)
-        if logits.shape[1] != len(model.classes):
-            raise ImageError(f"the model gives {logits.shape[1]} logits but has {len(model.classes)} class names")
-        probs = logits.softmax(1)
+        probs = probabilities(model, torch.from_numpy(np.stack([a for _, a in good])), batch_size=batch_size,
+                              tta=tta)
         k = max(1, min(topk, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
-        for (i, _), vs, ix, row in zip(good, values.tolist(), indices.tolist(), logits):
+        for (i, _), vs, ix, row in zip(good, values.tolist(), indices.tolist(), probs):
             if not bool(row.isfinite().all()):
                 results[i] = Prediction(str(results[i]), error=f"{results[i]}: the model gave non-finite logits")
                 continue

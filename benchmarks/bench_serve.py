@@ -1,0 +1,294 @@
+"""Serving: requests/s and p50/p99 latency of `nin serve` under 1, 8 and 64 concurrent clients.
+
+Four servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
+  nin serve           backend auto (onnxruntime on CPU), dynamic batching (--max-batch 16)
+  nin serve batch 1   the same with --max-batch 1 (no batching)
+  few-line FastAPI    the endpoint a user would write: `async def predict(file: UploadFile)`, PIL, PyTorch
+                      eager, one image per request (FEW_LINES below), under plain `uvicorn`
+  ... torch 1 thread  the same with torch.set_num_threads(1): PyTorch's 2 OpenMP threads fight the event
+                      loop (and anything else running) for 2 cores, which made the plain one far slower
+Models: the fast model (nin_fmnist width 32, 1x28x28) and nin_d2l (1x224x224); untrained weights unless
+--fmnist-run gives a trained run (speed does not depend on the values).  Every request is the same
+multipart upload of one 28x28 Fashion-MNIST-like PNG (the d2l model letterboxes it to 224x224).
+Client: wrk (C, one thread, keep-alive connections, Lua script for the POST body); its CPU seconds and
+the server's are recorded for every cell, since both share the machine's cores.
+
+Usage:  python benchmarks/bench_serve.py [--seconds 5] [--rounds 3] [--json FILE] [--fmnist-run RUN]
+Prints a markdown table (run_all.py's `serve` part puts it in BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+CONCURRENCY = (1, 8, 64)
+BOUNDARY = "ninbenchboundary"
+
+FEW_LINES = '''
+import io, os, torch, numpy as np
+from fastapi import FastAPI, UploadFile
+from PIL import Image
+from nin.export import load
+
+torch.set_num_threads(int(os.environ.get("FEW_THREADS", torch.get_num_threads())))  # (benchmark variant)
+model = load(os.environ["RUN"])
+c, h, w = model.meta.input_size
+mean, std = model.meta.preprocess["mean"][0], model.meta.preprocess["std"][0]
+app = FastAPI()
+
+@app.post("/predict")
+async def predict(file: UploadFile):
+    img = Image.open(io.BytesIO(await file.read())).convert("L").resize((w, h))
+    x = (torch.from_numpy(np.asarray(img, np.float32) / 255)[None, None] - mean) / std
+    with torch.no_grad():
+        p = model(x).softmax(1)[0]
+    return {"class": model.classes[int(p.argmax())], "prob": float(p.max())}
+'''
+
+LUA = '''
+local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=%s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, '
+    .. '"max_us": %%d, "connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+''' % BOUNDARY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_runs(tmp: Path, fmnist_run: str | None) -> dict[str, Path]:
+    import torch
+
+    from nin.export import ModelMeta, save_model
+    from nin.models import create_model
+
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    runs = {}
+    for name, size in (("nin_fmnist", 28), ("nin_d2l", 224)):
+        if name == "nin_fmnist" and fmnist_run:
+            runs[name] = Path(fmnist_run)
+            continue
+        torch.manual_seed(0)
+        out = tmp / name
+        out.mkdir()
+        meta = ModelMeta(name, {}, classes, [1, size, size], "fashion-mnist",
+                         {"resize": None, "mean": [0.286], "std": [0.353]})
+        save_model(out, create_model(name).eval(), meta)
+        runs[name] = out
+    return runs
+
+
+def body_file(tmp: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((28, 28), np.uint8)
+    img[4:24, 8:20] = rng.integers(120, 230, (20, 12))  # a garment-like bright block on black
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{BOUNDARY}--\r\n".encode()
+    path = tmp / "body.bin"
+    path.write_bytes(body)
+    return path
+
+
+class Server:
+    def __init__(self, label: str, cmd: list[str], env: dict, path: str, port: int, log: Path):
+        self.label, self.path, self.port, self.log = label, path, port, log
+        # a file, not a pipe: a pipe nobody reads fills up and blocks the server's next log line
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
+
+    def wait_ready(self, body: bytes, timeout: float = 180) -> None:
+        import http.client
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                c.request("POST", self.path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+                r = c.getresponse()
+                r.read()
+                if r.status == 200:
+                    return
+                raise RuntimeError(f"{self.label}: HTTP {r.status}")
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"{self.label} did not start")
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_servers(run: Path, tmp: Path) -> list[Server]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RUN": str(run)}
+    (tmp / "few_lines.py").write_text(FEW_LINES)
+    servers = []
+    for label, extra in (("nin serve", []), ("nin serve, --max-batch 1", ["--max-batch", "1"])):
+        port = free_port()
+        servers.append(Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], env,
+                              "/v1/predict", port, tmp / f"server{len(servers)}.log"))
+    for label, threads in (("few-line FastAPI (PyTorch, 1 image/request)", None),
+                           ("few-line FastAPI, torch 1 thread", "1")):
+        port = free_port()
+        servers.append(Server(label, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
+                                      "warning", "--no-access-log", "--app-dir", str(tmp)],
+                              {**env, **({"FEW_THREADS": threads} if threads else {})}, "/predict", port,
+                              tmp / f"server{len(servers)}.log"))
+    return servers
+
+
+def wrk(server: Server, conns: int, seconds: float, script: Path, body: Path) -> dict:
+    url = f"http://127.0.0.1:{server.port}{server.path}"
+    before_child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before_server = server.cpu_seconds()
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "20s", "-s", str(script), url],
+                         capture_output=True, text=True, env={**os.environ, "BODY_FILE": str(body)}, check=True)
+    after_child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(r"^RESULT (.*)$", out.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"wrk printed no result: {out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    dur = r["duration_us"] / 1e6
+    return {"rps": r["requests"] / dur, "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "requests": r["requests"], "errors": sum(r[k] for k in ("connect", "read", "write", "status", "timeout")),
+            "client_cpu": (after_child.ru_utime + after_child.ru_stime - before_child.ru_utime - before_child.ru_stime) / dur,
+            "server_cpu": (server.cpu_seconds() - before_server) / dur}
+
+
+def median_cell(rounds: list[dict]) -> dict:
+    keys = ("rps", "p50_ms", "p99_ms", "client_cpu", "server_cpu")
+    out = {k: statistics.median(r[k] for r in rounds) for k in keys}
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["requests"] = sum(r["requests"] for r in rounds)
+    return out
+
+
+def measure(args) -> dict:
+    if not shutil.which("wrk"):
+        sys.exit("bench_serve: wrk is not installed (apt-get install wrk, or `make wrk`)")
+    results = {"machine": machine(), "seconds": args.seconds, "rounds": args.rounds, "client": "wrk -t1 (Lua POST)",
+               "fmnist_run": args.fmnist_run, "models": {}}
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        runs = make_runs(tmp, args.fmnist_run)
+        body = body_file(tmp)
+        script = tmp / "post.lua"
+        script.write_text(LUA)
+        for model in args.models.split(","):
+            servers = start_servers(runs[model], tmp)
+            try:
+                for s in servers:
+                    s.wait_ready(body.read_bytes())
+                for s in servers:  # warm-up, and the first batches' allocations
+                    wrk(s, 8, 2, script, body)
+                cells: dict[tuple[str, int], list[dict]] = {}
+                for rnd in range(args.rounds):
+                    for conns in CONCURRENCY:
+                        for s in servers:
+                            r = wrk(s, conns, args.seconds, script, body)
+                            cells.setdefault((s.label, conns), []).append(r)
+                            print(f"[{model} round {rnd + 1}] {s.label:<45} c={conns:<3} {r['rps']:8.1f} req/s  "
+                                  f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}",
+                                  file=sys.stderr, flush=True)
+            finally:
+                for s in servers:
+                    s.stop()
+            results["models"][model] = [{"server": label, "clients": conns, **median_cell(rs), "rounds": rs}
+                                        for (label, conns), rs in cells.items()]
+    return results
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu})"
+
+
+def markdown(res: dict) -> str:
+    lines = [f"### Serving: `nin serve` under load ({res['machine']})", "",
+             f"Requests/s and latency of `POST` one 28x28 PNG (multipart), {res['client']}, {res['seconds']:g} s per "
+             f"cell, median of {res['rounds']} rounds run side by side; client and server CPU in cores "
+             "(1.0 = one core busy). Weights: " + ("a trained run" if res.get("fmnist_run") else "untrained")
+             + " nin_fmnist, untrained nin_d2l (speed does not depend on the values).", ""]
+    for model, rows in res["models"].items():
+        name = {"nin_fmnist": "the fast model (nin_fmnist, 1x28x28)", "nin_d2l": "nin_d2l (1x224x224)"}.get(model, model)
+        lines += [f"**{name}**", "",
+                  "| server | clients | req/s | p50 ms | p99 ms | errors | server CPU | wrk CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["clients"], r["server"])):
+            lines.append(f"| {r['server']} | {r['clients']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                         f"| {r['errors']} | {r['server_cpu']:.2f} | {r['client_cpu']:.2f} |")
+        at64 = {r["server"]: r for r in rows if r["clients"] == 64}
+        nin, few = at64.get("nin serve"), at64.get("few-line FastAPI (PyTorch, 1 image/request)")
+        if nin and few:
+            lines += ["", f"At 64 clients: nin serve answers {nin['rps'] / few['rps']:.1f}x the few-line endpoint's "
+                          f"requests/s, p99 {nin['p99_ms']:.0f} ms vs {few['p99_ms']:.0f} ms."]
+        lines.append("")
+    lines.append("Command: `python benchmarks/bench_serve.py" + (f" --fmnist-run RUN" if res.get("fmnist_run") else "")
+                 + f" --seconds {res['seconds']:g} --rounds {res['rounds']}`.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all cells; the table shows medians (default 3)")
+    p.add_argument("--models", default="nin_fmnist,nin_d2l", help="comma-separated (default nin_fmnist,nin_d2l)")
+    p.add_argument("--fmnist-run", metavar="RUN", help="a trained fast-model run folder (default: untrained weights)")
+    p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
+    args = p.parse_args(argv)
+    res = measure(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Dynamic batching: concurrent requests' images gathered into one forward pass, off the event loop.
+
+One worker task takes what is queued (up to ``max_batch`` images), runs it in the single inference
+thread and answers each request's future.  While a batch runs, the next one gathers, so under load
+batches fill by themselves.  The worker waits up to ``max_wait_ms`` for more images only while
+other requests are known to be on their way (their body is being read or decoded): a lone client
+pays no waiting time.  The queue is bounded: ``submit`` raises QueueFull instead of letting
+latency and memory grow without limit; the server answers 503 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """More images are waiting than the queue holds."""
+
+
+@dataclass
+class BatchStats:
+    """Counters the server exports as metrics (read by the /metrics collector)."""
+
+    batches: int = 0
+    images: int = 0
+    rejected: int = 0
+    sizes: collections.Counter = field(default_factory=collections.Counter)
+    on_batch: Callable[[int, float], None] | None = None  # (batch size, seconds) after each batch
+
+
+class Batcher:
+    """``await batcher.predict(image)`` -> that image's row of ``infer(np.stack(images))``.
+
+    ``infer`` takes uint8 N x C x H x W and returns an N x K array; it runs in one thread
+    (``self.executor``), which other compute (class maps) shares so they never compete for the cores.
+    """
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 16,
+                 max_wait_ms: float = 2.0, max_queue: int = 256) -> None:
+        self.infer = infer
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait_ms) / 1000
+        self.max_queue = max(1, max_queue)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="nin-infer")
+        self.stats = BatchStats()
+        self._queue: collections.deque[tuple[np.ndarray, asyncio.Future]] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.arriving = 0  # requests past the door whose image is not queued yet
+
+    # --- lifecycle (the app's lifespan) ---
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name="nin-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the worker and the inference thread."""
+        if self._task is not None:
+            while self._queue:
+                await asyncio.sleep(0.005)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.executor.shutdown(wait=True)
+
+    # --- requests ---
+    def expect(self) -> "_Arrival":
+        """Context manager around reading and decoding a request: tells the worker one is coming."""
+        return _Arrival(self)
+
+    async def predict(self, image: np.ndarray) -> np.ndarray:
+        if len(self._queue) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self._queue)} images are waiting (--max-queue {self.max_queue})")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((image, fut))
+        self._wake.set()
+        return await fut
+
+    async def run(self, fn: Callable, *args):
+        """Run other compute (class maps) in the inference thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # --- the worker ---
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = loop.time() + self.max_wait
+            while len(self._queue) < self.max_batch and self.arriving > 0 and loop.time() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            batch = [(x, f) for x, f in batch if not f.cancelled()]  # the client went away
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self.executor, self.infer, np.stack([x for x, _ in batch]))
+            except Exception as e:  # a bug, not a bad request (images are checked before queuing)
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            seconds = time.perf_counter() - start
+            for (_, f), row in zip(batch, out):
+                if not f.done():
+                    f.set_result(row)
+            self.stats.batches += 1
+            self.stats.images += len(batch)
+            self.stats.sizes[len(batch)] += 1
+            if self.stats.on_batch:
+                self.stats.on_batch(len(batch), seconds)
+
+
+class _Arrival:
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def __enter__(self) -> "_Arrival":
+        self.batcher.arriving += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.batcher.arriving -= 1
+        if self.batcher._wake is not None:
+            self.batcher._wake.set()  # the worker may stop waiting for this one

@@ -1,0 +1,192 @@
+// The nin serve page: choose, drop or draw an image; show what the network sees, the top-k classes
+// (from POST /v1/predict, the same answer an API client gets) and the class activation map of the
+// chosen class (POST /v1/cam?format=json).  No framework, nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, key: sessionStorage.getItem("nin-api-key") || "", last: null, cam: null };
+
+async function api(path, body) {
+  const headers = state.key ? { "X-API-Key": state.key } : {};
+  const res = await fetch(path, body ? { method: "POST", body, headers } : { headers });
+  if (res.status === 401) { $("key-card").hidden = false; }
+  const data = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
+  if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
+  return data;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function loadModel() {
+  try {
+    const m = await api("/v1/model");
+    state.model = m;
+    $("key-card").hidden = true;
+    const [c, h, w] = m.input_size;
+    const acc = m.accuracy != null ? ` · test accuracy <b>${(100 * m.accuracy).toFixed(1)}%</b>` : "";
+    $("model-info").innerHTML = `<b>${m.model}</b> · ${m.classes.length} classes · input ${c}×${h}×${w}` +
+      ` · ${m.backend}${acc}`;
+    $("draw-card").hidden = !(c === 1 && h === 28 && w === 28);
+    $("cam-figure").hidden = !m.cam;
+    $("bars-hint").hidden = !m.cam;
+    showError("");
+  } catch (e) {
+    $("model-info").textContent = "model unavailable";
+    showError(e.message);
+  }
+}
+
+async function classify(blob, name) {
+  if (!state.model) await loadModel();
+  if (!state.model) return;
+  const k = $("topk").value, inv = $("invert").checked;
+  const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
+  const query = `topk=${k}&invert=${inv}`;
+  document.body.classList.add("busy");
+  try {
+    const pred = await api(`/v1/predict?${query}&preview=true`, form());
+    state.last = pred;
+    state.cam = null;
+    showPrediction(pred, name);
+    if (state.model.cam) {
+      state.cam = await api(`/v1/cam?${query}&format=json`, form());
+      drawCam(pred.top[0].class);
+    }
+    showError("");
+  } catch (e) {
+    showError(`${name}: ${e.message}`);
+  } finally {
+    document.body.classList.remove("busy");
+  }
+}
+
+function showPrediction(pred, name) {
+  $("empty").hidden = true;
+  $("result").hidden = false;
+  $("file-name").textContent = name ? `· ${name}` : "";
+  const best = pred.top[0];
+  $("top-class").textContent = best.class;
+  $("top-prob").textContent = `${(100 * best.prob).toFixed(1)}%`;
+  const [, h, w] = state.model.input_size;
+  $("seen-size").textContent = `${w}×${h}`;
+  const img = new Image();
+  img.onload = () => {
+    const cv = $("seen"), ctx = cv.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.clearRect(0, 0, cv.width, cv.height);
+    ctx.drawImage(img, 0, 0, cv.width, cv.height);
+    state.seen = img;
+    if (state.cam) drawCam(state.camClass);
+  };
+  img.src = pred.input;
+  const bars = $("bars");
+  bars.replaceChildren();
+  pred.top.forEach((t, i) => {
+    const li = document.createElement("li");
+    li.dataset.cls = t.class;
+    if (i === 0) li.classList.add("chosen");
+    const nameEl = document.createElement("span"); nameEl.className = "name"; nameEl.textContent = t.class;
+    const track = document.createElement("span"); track.className = "track";
+    const fill = document.createElement("span"); fill.className = "fill";
+    fill.style.width = `${Math.max(0.5, 100 * t.prob).toFixed(1)}%`;
+    track.append(fill);
+    const pct = document.createElement("span"); pct.className = "pct"; pct.textContent = `${(100 * t.prob).toFixed(1)}%`;
+    li.append(nameEl, track, pct);
+    li.addEventListener("click", () => drawCam(t.class));
+    bars.append(li);
+  });
+}
+
+// matplotlib's "jet", as `nin cam` colours its maps
+function jet(v) {
+  const r = Math.min(Math.max(1.5 - Math.abs(4 * v - 3), 0), 1);
+  const g = Math.min(Math.max(1.5 - Math.abs(4 * v - 2), 0), 1);
+  const b = Math.min(Math.max(1.5 - Math.abs(4 * v - 1), 0), 1);
+  return [255 * r, 255 * g, 255 * b];
+}
+
+function drawCam(cls) {
+  if (!state.cam || !state.seen) { state.camClass = cls; return; }
+  const entry = state.cam.top.find((t) => t.class === cls);
+  if (!entry) return;
+  state.camClass = cls;
+  document.querySelectorAll("#bars li").forEach((li) => li.classList.toggle("chosen", li.dataset.cls === cls));
+  $("cam-class").textContent = cls;
+  const cv = $("cam"), ctx = cv.getContext("2d");
+  // the image in grey underneath
+  ctx.imageSmoothingEnabled = false;
+  ctx.filter = "grayscale(1)";
+  ctx.drawImage(state.seen, 0, 0, cv.width, cv.height);
+  ctx.filter = "none";
+  // the map, min-max scaled, coloured, 45% opaque, smoothly upsampled
+  const map = entry.map, mh = map.length, mw = map[0].length;
+  let lo = Infinity, hi = -Infinity;
+  for (const row of map) for (const v of row) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  const small = document.createElement("canvas");
+  small.width = mw; small.height = mh;
+  const sctx = small.getContext("2d"), px = sctx.createImageData(mw, mh);
+  for (let y = 0; y < mh; y++) for (let x = 0; x < mw; x++) {
+    const v = hi > lo ? (map[y][x] - lo) / (hi - lo) : 0, [r, g, b] = jet(v), i = 4 * (y * mw + x);
+    px.data[i] = r; px.data[i + 1] = g; px.data[i + 2] = b; px.data[i + 3] = 255;
+  }
+  sctx.putImageData(px, 0, 0);
+  ctx.imageSmoothingEnabled = true;
+  ctx.globalAlpha = 0.45;
+  ctx.drawImage(small, 0, 0, cv.width, cv.height);
+  ctx.globalAlpha = 1;
+}
+
+function setUpDrop() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => {
+    const f = e.target.files[0];
+    if (f) classify(f, f.name);
+    e.target.value = "";
+  });
+  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const f = e.dataTransfer.files[0];
+    if (f) classify(f, f.name);
+  });
+  const again = () => { if (state.lastBlob) classify(...state.lastBlob); };
+  $("topk").addEventListener("change", again);
+  $("invert").addEventListener("change", again);
+}
+
+function setUpDrawing() {
+  const cv = $("draw"), ctx = cv.getContext("2d");
+  const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, cv.width, cv.height); };
+  clear();
+  ctx.strokeStyle = "#fff"; ctx.lineWidth = 22; ctx.lineCap = "round"; ctx.lineJoin = "round";
+  let drawing = false;
+  const at = (e) => { const r = cv.getBoundingClientRect(); return [(e.clientX - r.left) * cv.width / r.width, (e.clientY - r.top) * cv.height / r.height]; };
+  cv.addEventListener("pointerdown", (e) => { drawing = true; cv.setPointerCapture(e.pointerId); ctx.beginPath(); ctx.moveTo(...at(e)); ctx.lineTo(...at(e)); ctx.stroke(); });
+  cv.addEventListener("pointermove", (e) => { if (drawing) { ctx.lineTo(...at(e)); ctx.stroke(); } });
+  const end = () => {
+    if (!drawing) return;
+    drawing = false;
+    cv.toBlob((b) => classify(b, "drawing.png"), "image/png");
+  };
+  cv.addEventListener("pointerup", end);
+  cv.addEventListener("pointercancel", end);
+  $("clear").addEventListener("click", clear);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key").value = state.key;
+  $("key-save").addEventListener("click", () => {
+    state.key = $("key").value.trim();
+    sessionStorage.setItem("nin-api-key", state.key);
+    loadModel();
+  });
+  const original = classify;
+  classify = (blob, name) => { state.lastBlob = [blob, name]; return original(blob, name); };
+  setUpDrop();
+  setUpDrawing();
+  loadModel();
+});

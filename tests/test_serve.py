@@ -1,0 +1,521 @@
+"""nin serve: every endpoint and every error through the ASGI app, predictions equal to `nin predict`'s,
+a real server process under load (2,000 requests from 64 clients, junk included) and SIGTERM, and a
+real headless Chromium using the page."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CI = os.environ.get("CI", "").lower() == "true"
+if not CI:  # under CI the serve extra is installed (Makefile): a missing one must fail, not skip
+    pytest.importorskip("fastapi")
+    pytest.importorskip("python_multipart")
+    pytest.importorskip("prometheus_fastapi_instrumentator")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from nin.cli import main  # noqa: E402
+from nin.export import export_model, load  # noqa: E402
+from nin.predict import predict_files  # noqa: E402
+from nin.serve import create_app, load_served  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# --- fixtures --------------------------------------------------------------------------------
+def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(small_run):
+    return small_run[0]
+
+
+@pytest.fixture(scope="module")
+def images(fmnist, tmp_path_factory) -> list[Path]:
+    """20 Fashion-MNIST test images as PNG, a colour JPEG of another size, and a large (>256 KB) PNG."""
+    d = tmp_path_factory.mktemp("serve_images")
+    files = []
+    for i in range(20):
+        p = d / f"test{i:02d}.png"
+        p.write_bytes(png_bytes(fmnist.test.images[i, 0].numpy()))
+        files.append(p)
+    rng = np.random.default_rng(0)
+    colour = np.zeros((60, 45, 3), np.uint8)
+    colour[10:50, 8:38] = (200, 120, 40)
+    (d / "photo.jpg").write_bytes(png_bytes(colour, "JPEG"))
+    (d / "large.png").write_bytes(png_bytes(rng.integers(0, 255, (400, 300, 3), dtype=np.uint8)))
+    assert (d / "large.png").stat().st_size > 256 * 1024  # decoded in a thread, not on the event loop
+    return files + [d / "photo.jpg", d / "large.png"]
+
+
+@pytest.fixture(scope="module")
+def torch_model(run):
+    return load(run)
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    app = create_app(load_served(str(run), backend="torch"), topk=5)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def strict(run):
+    """Tight limits and an API key."""
+    app = create_app(load_served(str(run), backend="torch"), max_upload_mb=0.05, max_pixels=10_000,
+                     api_key="s3cret")
+    with TestClient(app) as c:
+        yield c
+
+
+def as_dict(top: list[dict]) -> dict[str, float]:
+    return {t["class"]: t["prob"] for t in top}
+
+
+def assert_same_prediction(answer: dict, expected, tol: float) -> None:
+    got = as_dict(answer["top"])
+    want = dict(expected.top)
+    assert got.keys() == want.keys(), (got, want)
+    for c in want:
+        assert got[c] == pytest.approx(want[c], abs=tol)
+
+
+# --- predict ---------------------------------------------------------------------------------
+def test_predict_equals_nin_predict_raw_and_multipart(client, torch_model, images):
+    expected = predict_files(torch_model, images, topk=5)
+    for path, want in zip(images, expected):
+        raw = client.post("/v1/predict", content=path.read_bytes(), headers={"content-type": "image/png"})
+        form = client.post("/v1/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+        assert raw.status_code == form.status_code == 200
+        assert form.json()["file"] == path.name and raw.json()["file"] == "upload"
+        assert [t["class"] for t in raw.json()["top"]] == [c for c, _ in want.top]
+        assert_same_prediction(raw.json(), want, 1e-6)
+        assert_same_prediction(form.json(), want, 1e-6)
+
+
+def test_topk_invert_and_preview(client, torch_model, images):
+    body = images[0].read_bytes()
+    assert len(client.post("/v1/predict?topk=3", content=body).json()["top"]) == 3
+    assert len(client.post("/v1/predict?topk=1000", content=body).json()["top"]) == 10  # all classes
+    inverted = predict_files(torch_model, images[:1], topk=10, invert=True)[0]
+    assert_same_prediction(client.post("/v1/predict?topk=10&invert=true", content=body).json(), inverted, 1e-6)
+    preview = client.post("/v1/predict?preview=true", content=body).json()["input"]
+    assert preview.startswith("data:image/png;base64,")
+    import base64
+
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))))
+    assert np.array_equal(seen, np.asarray(Image.open(images[0])))  # a 28x28 image is used as is
+
+
+@pytest.fixture(scope="module")
+def onnx_file(torch_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_model(torch_model, out, format="onnx", dynamic_batch=True)
+    return out
+
+
+def test_onnx_model_answers_as_nin_predict_and_has_no_cam(onnx_file, images):
+    from nin.export import load_any
+
+    served = load_served(str(onnx_file))
+    assert served.backend.startswith("onnxruntime") and served.cam_model is None
+    expected = predict_files(load_any(onnx_file), images, topk=10)
+    with TestClient(create_app(served)) as c:
+        for path, want in zip(images, expected):
+            assert_same_prediction(c.post("/v1/predict?topk=10", content=path.read_bytes()).json(), want, 1e-6)
+        r = c.post("/v1/cam", content=images[0].read_bytes())
+        assert r.status_code == 501 and "PyTorch" in r.json()["error"]
+        assert c.get("/v1/model").json()["cam"] is False
+
+
+# --- errors ----------------------------------------------------------------------------------
+def _chunks(data: bytes, size: int = 4096):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("body, ctype, status, words", [
+    (b"", "image/png", 400, "empty body"),
+    (b"hello, I am not a picture", "text/plain", 415, "not an image file"),
+    ("truncated", "image/png", 400, "truncated"),
+    (b"--xx\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nabc\r\n--xx--\r\n",
+     "multipart/form-data; boundary=xx", 400, "without a file"),
+    (b"whatever", "multipart/form-data", 400, "boundary"),
+])
+def test_bad_bodies_are_json_errors(client, images, body, ctype, status, words):
+    if body == "truncated":
+        body = images[-1].read_bytes()[:5000]
+    r = client.post("/v1/predict", content=body, headers={"content-type": ctype})
+    assert r.status_code == status and words in r.json()["error"], r.text
+    assert client.post("/v1/predict", content=images[0].read_bytes()).status_code == 200  # nothing left broken
+
+
+def test_size_limits(strict, images):
+    key = {"X-API-Key": "s3cret"}
+    big = images[-1].read_bytes()  # ~360 KB, limit 50 KB
+    r = strict.post("/v1/predict", content=big, headers=key)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    # no Content-Length (chunked): refused while reading, by counting
+    r = strict.post("/v1/predict", content=_chunks(big), headers=key)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    # a small file with too many pixels (limit 10,000): a decompression bomb in miniature
+    bomb = png_bytes(np.zeros((200, 200), np.uint8))
+    assert len(bomb) < 2000
+    r = strict.post("/v1/predict", content=bomb, headers=key)
+    assert r.status_code == 413 and "200x200 pixels is over the limit" in r.json()["error"]
+    assert strict.post("/v1/predict", content=images[0].read_bytes(), headers=key).status_code == 200
+
+
+def test_api_key(strict, images):
+    body = images[0].read_bytes()
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        r = strict.post("/v1/predict", content=body, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert strict.post("/v1/predict", content=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert strict.post("/v1/predict", content=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert strict.get("/v1/model").status_code == 401 and strict.get("/metrics").status_code == 401
+    assert strict.get("/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert strict.get("/health").status_code == 200 and strict.get("/").status_code == 200  # open
+
+
+@pytest.mark.parametrize("query", ["topk=0", "topk=abc", "format=gif", "invert=maybe"])
+def test_bad_parameters_are_400(client, images, query):
+    r = client.post(f"/v1/cam?{query}", content=images[0].read_bytes())
+    assert r.status_code == 400 and r.json()["error"].split(":")[0] in query
+
+
+def test_unknown_routes_and_methods_are_json(client):
+    assert client.get("/v1/nothing").json() == {"error": "Not Found"}
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# --- batching and the queue ------------------------------------------------------------------
+class SlowServed:
+    """A ServedModel whose forward pass takes 50 ms, to fill the queue."""
+
+    def __init__(self, served):
+        self.inner = served
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def probabilities(self, images):
+        time.sleep(0.05)
+        return self.inner.probabilities(images)
+
+
+async def _concurrent(app, bodies: list[bytes], path: str = "/v1/predict?topk=10"):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.post(path, content=b) for b in bodies))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(run, torch_model, images):
+    served = load_served(str(run), backend="torch")
+    expected = predict_files(torch_model, images[:20], topk=10)
+    app = create_app(SlowServed(served), max_batch=8)
+    answers = asyncio.run(_concurrent(app, [p.read_bytes() for p in images[:20]] * 2))
+    for r, want in zip(answers, expected * 2):
+        assert r.status_code == 200
+        assert_same_prediction(r.json(), want, 1e-5)
+    sizes = app.state.batcher.stats.sizes
+    assert max(sizes) > 1 and max(sizes) <= 8 and sum(k * v for k, v in sizes.items()) == 40
+
+    one = create_app(SlowServed(served), max_batch=1)
+    asyncio.run(_concurrent(one, [p.read_bytes() for p in images[:6]]))
+    assert set(one.state.batcher.stats.sizes) == {1}
+
+
+def test_full_queue_answers_503_with_retry_after(run, images):
+    app = create_app(SlowServed(load_served(str(run), backend="torch")), max_batch=1, max_queue=2)
+    answers = asyncio.run(_concurrent(app, [images[0].read_bytes()] * 12))
+    codes = sorted(r.status_code for r in answers)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
+
+
+# --- class maps, model, health, metrics, page ------------------------------------------------
+def test_cam_png_is_the_nin_cam_figure(client, torch_model, images, tmp_path):
+    from nin.cli import main as nin
+
+    path = images[3]
+    r = client.post("/v1/cam?topk=3", files={"file": (path.name, path.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert nin(["cam", str(Path(client.app.state.served.source)), str(path), "--out", str(tmp_path / "c.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(Image.open(tmp_path / "c.png")))
+
+
+def test_cam_json_maps_average_to_the_logits(client, torch_model, images):
+    import torch
+
+    from nin.evaluation import class_activation_maps, preprocess
+    from nin.images import read_image
+
+    body = images[5].read_bytes()
+    doc = client.post("/v1/cam?format=json&topk=2", content=body).json()
+    x = torch.from_numpy(read_image(body, 1, (28, 28)))[None]
+    maps, logits = class_activation_maps(torch_model, preprocess(torch_model, x))
+    assert doc["map_size"] == list(maps.shape[2:]) and len(doc["top"]) == 2
+    predicted = client.post("/v1/predict?topk=2", content=body).json()["top"]
+    for t, p in zip(doc["top"], predicted):
+        assert t["class"] == p["class"] and t["prob"] == pytest.approx(p["prob"], abs=1e-5)
+        c = torch_model.classes.index(t["class"])
+        assert np.allclose(t["map"], maps[0, c].numpy(), atol=1e-4)
+
+
+def test_model_and_health(client, small_run):
+    doc = client.get("/v1/model").json()
+    meta = small_run[2]
+    assert doc["model"] == "nin_fmnist" and doc["classes"] == meta.classes and doc["input_size"] == [1, 28, 28]
+    assert doc["backend"] == "pytorch (cpu)" and doc["cam"] is True and doc["max_upload_bytes"] == 10 * 2 ** 20
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_metrics(client, images):
+    client.post("/v1/predict", content=images[0].read_bytes())
+    client.post("/v1/predict", content=b"junk")
+    text = client.get("/metrics").text
+    assert 'http_requests_total{handler="/v1/predict",method="POST",status="200"}' in text
+    assert 'status="415"' in text and 'nin_request_errors_total{reason="not_an_image"}' in text
+    assert "nin_batch_size_bucket" in text and "http_request_duration_seconds_bucket" in text
+    assert "nin_inference_seconds_count" in text and "nin_queue_depth" in text
+
+
+def test_page_and_its_assets_are_all_local(client):
+    import re
+
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    refs = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert refs and all(u.startswith("/") or u.startswith("data:") for u in refs), refs
+    for asset in ("/static/app.js", "/static/style.css"):
+        a = client.get(asset)
+        assert a.status_code == 200 and "http://" not in a.text and "https://" not in a.text
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 200
+
+
+def test_cli_refuses_bad_options(run, capsys):
+    assert main(["serve", str(run), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(run), "--backend", "onnx", "--device", "cpu", "--max-upload-mb", "0"]) == 2
+
+
+# --- a real server process -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str, timeout: float = 90):
+        self.port = free_port()
+        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "nin", "serve", *args, "--port", str(self.port)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nin serve exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("nin serve did not start")
+
+    def rss(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    s = ServerProcess(str(run))  # backend auto: onnxruntime, exported at start-up
+    yield s
+    s.stop()
+
+
+async def _load(port: int, jobs: list[tuple[int, bytes]], clients: int) -> list[tuple[int, int, bytes]]:
+    """POST each (id, body) to /v1/predict?topk=10 over ``clients`` keep-alive connections.
+
+    A minimal HTTP/1.1 client: far cheaper per request than httpx, so the 2 cores go to the server."""
+    queue = list(reversed(jobs))
+    out = []
+
+    async def worker():
+        reader = writer = None
+        while queue:
+            i, body = queue.pop()
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/predict?topk=10 HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            data = await reader.readexactly(int(headers["content-length"]))
+            out.append((i, int(lines[0].split()[1]), data))
+            if headers.get("connection") == "close":
+                writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return out
+
+
+def test_real_server_under_load(server, torch_model, images):
+    """2,000 requests from 64 concurrent clients, one in ten junk: no 5xx, every answer is its own
+    image's, and the memory after is within 10% of the memory before."""
+    good = images[:20]
+    expected = predict_files(torch_model, good, topk=10)
+    junk = [(b"", 400), (b"not an image at all", 415), (good[0].read_bytes()[:300], 400)]
+    bodies = [p.read_bytes() for p in good]
+    asyncio.run(_load(server.port, [(i % 20, bodies[i % 20]) for i in range(300)], 64))  # warm-up
+    before = server.rss()
+    jobs = [(-1 - (i // 10) % 3, junk[(i // 10) % 3][0]) if i % 10 == 9 else (i % 20, bodies[i % 20])
+            for i in range(2000)]
+    t = time.perf_counter()
+    answers = asyncio.run(_load(server.port, jobs, 64))
+    seconds = time.perf_counter() - t
+    after = server.rss()
+    assert len(answers) == 2000
+    for i, status, data in answers:
+        assert status < 500, data
+        if i >= 0:
+            assert status == 200
+            assert_same_prediction(json.loads(data), expected[i], 1e-5)
+        else:
+            assert status == junk[-1 - i][1], data
+    assert after <= before * 1.10, f"RSS grew from {before / 2**20:.0f} to {after / 2**20:.0f} MiB"
+    # a client that goes away halfway through its body is not an internal error
+    c = socket.create_connection(("127.0.0.1", server.port))
+    c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + bodies[0][:100])
+    c.close()
+    time.sleep(0.3)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'status="500"' not in metrics and 'nin_request_errors_total{reason="client_disconnect"} 1.0' in metrics
+    print(f"\n2,000 requests from 64 clients in {seconds:.1f} s ({2000 / seconds:.0f}/s, shared test machine)")
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
+    s = ServerProcess(str(run), "--backend", "torch")
+    try:
+        body = images[0].read_bytes()
+        conns = []
+        for _ in range(3):  # requests whose body is only half sent when SIGTERM arrives
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
+                      + body[:len(body) // 2])
+            conns.append(c)
+        time.sleep(0.3)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert s.proc.poll() is None  # still draining
+        for c in conns:
+            c.sendall(body[len(body) // 2:])
+            c.settimeout(10)
+            reply = b""
+            while b"}" not in reply:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            c.close()
+        assert s.proc.wait(20) == 0
+    finally:
+        s.stop()
+
+
+# --- a real browser --------------------------------------------------------------------------
+def _chrome():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if CI:
+            pytest.fail("CI=true but Debian's chromium/chromium-driver are missing (make browser)")
+        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
+    if not CI:
+        pytest.importorskip("selenium")
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,820",
+              "--disable-gpu"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_browser_uploads_an_image_and_shows_the_apis_top_class(server, images, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path = images[7]
+    api_top = httpx.post(server.url + "/v1/predict", content=path.read_bytes()).json()["top"][0]["class"]
+    browser = _chrome()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda b: "nin_fmnist" in b.find_element(By.ID, "model-info").text)
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda b: b.find_element(By.ID, "cam-class").text)  # prediction and class map drawn
+        assert browser.find_element(By.ID, "top-class").text == api_top
+        assert path.name in browser.find_element(By.ID, "file-name").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 5
+        shot = tmp_path / "serve.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("NIN_SERVE_SCREENSHOT"):  # how docs/serve.png was made
+            browser.save_screenshot(os.environ["NIN_SERVE_SCREENSHOT"])
+        # drawing on the canvas classifies the drawing
+        canvas = browser.find_element(By.ID, "draw")
+        ActionChains(browser).move_to_element_with_offset(canvas, -60, -80).click_and_hold() \
+            .move_by_offset(40, 60).move_by_offset(40, 60).move_by_offset(30, 20).release().perform()
+        wait.until(lambda b: "drawing.png" in b.find_element(By.ID, "file-name").text)
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe  # no blocked asset, no script error
+    finally:
+        browser.quit()
