@@ -14,16 +14,9 @@ from .errors import NinError, UsageError
 
 # --- inspecting ---------------------------------------------------------------------------
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .models import model_info
+    from .api import summary
 
-    info = model_info(args.model, tuple(args.input_size) if args.input_size else None)
-    n = args.batch_size
-    print(f"{info.name}: input {n} x {' x '.join(map(str, info.input_size))}")
-    for layer, shape in info.layers:
-        print(f"{layer:<20} output shape:\t{' x '.join(map(str, (n, *shape)))}")
-    print(f"Total parameters: {info.params:,}")
-    print(f"Forward FLOPs: {info.flops * n / 1e9:.3f} GFLOP for batch {n} "
-          f"({info.flops / 2e6:.1f} M multiply-adds per image)")
+    print(summary(args.model, tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size))
     return 0
 
 

@@ -16,7 +16,7 @@ from .errors import InputTooSmallError, UnknownModelError, UsageError
 
 __all__ = [
     "NiN", "ModelInfo", "nin_block", "nin_block_bn", "register_model", "list_models",
-    "create_model", "model_info", "min_input_size", "InputTooSmallError",
+    "create_model", "model_info", "describe", "min_input_size", "InputTooSmallError",
 ]
 
 
@@ -249,16 +249,31 @@ def check_input_size(model: NiN, input_size: tuple[int, int, int], name: str = "
 
 def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwargs) -> ModelInfo:
     """Per-layer output shapes, parameter count and forward FLOPs of a registered model."""
+    return describe(create_model(name, **kwargs), input_size, name=name)
+
+
+def describe(model: NiN, input_size: tuple[int, int, int] | None = None, *, name: str | None = None) -> ModelInfo:
+    """``model_info`` of a model instance (a loaded or trained one: its own input size by default).
+
+    Runs one zero image through ``model.layers()`` on the model's device; its train/eval mode is kept."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model(name, **kwargs).eval()
-    size = tuple(input_size) if input_size is not None else model.default_input_size
-    check_input_size(model, size, name)
-    x = torch.zeros(1, *size)
-    shapes = []
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for layer in model.layers():
-            x = layer(x)
-            shapes.append((layer.__class__.__name__, tuple(x.shape[1:])))
+    meta = getattr(model, "meta", None)
+    name = name or getattr(meta, "model", None) or model.__class__.__name__
+    if input_size is None:
+        input_size = getattr(meta, "input_size", None) or model.default_input_size
+    size = tuple(int(v) for v in input_size)
+    was_training = model.training
+    try:
+        check_input_size(model, size, name)
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *size, device=param.device if param is not None else "cpu")
+        shapes = []
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            for layer in model.layers():
+                x = layer(x)
+                shapes.append((layer.__class__.__name__, tuple(x.shape[1:])))
+    finally:
+        model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     return ModelInfo(name, size, params, counter.get_total_flops(), shapes)
