@@ -40,7 +40,15 @@ class LiveCurves:
         self.epochs, self.title, self._image = epochs, title, Image
         done = list(done or [])
         self.handle = display(self._render(done), display_id=True)
-        self.bar = tqdm(total=epochs, initial=len(done), desc="training", unit="epoch")
+        bar = dict(total=epochs, initial=len(done), desc="training", unit="epoch")
+        self.bar_handle = None
+        if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__):  # tqdm.auto chose the widget
+            # The widget goes out through a display handle of ours, updated with the bar: a saved
+            # notebook then keeps the bar's last state as text (tqdm's own display keeps its first, 0%).
+            self.bar = tqdm(**bar, display=False)
+            self.bar_handle = display(self.bar.container, display_id=True)
+        else:  # no ipywidgets: tqdm's text bar
+            self.bar = tqdm(**bar)
 
     def _render(self, history: list[dict]):
         from .runfolder import curves_figure
@@ -53,6 +61,12 @@ class LiveCurves:
         row = history[-1]
         self.bar.set_postfix_str(f"loss {row['train_loss']:.3f}, test acc {row['test_acc']:.3f}", refresh=False)
         self.bar.update(row["epoch"] - self.bar.n)
+        self._refresh_bar()
 
     def close(self) -> None:
         self.bar.close()
+        self._refresh_bar()
+
+    def _refresh_bar(self) -> None:
+        if self.bar_handle is not None:
+            self.bar_handle.update(self.bar.container)
