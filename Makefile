@@ -1,17 +1,18 @@
 # Two commands do all the set-up on a fresh Debian machine:
 #   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
 #   make test    -> same set-up (plus the d2l package the seed-pipeline tests drive), then the test suite
+#   make notebook -> same set-up, then JupyterLab on notebooks/nin.ipynb (the d2l chapter with nin)
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test bench notebook clean
 
 $(PY):
 	python3 -m venv .venv
 
 .venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e ".[dev,onnx]"
+	$(PY) -m pip install -q -e ".[dev,onnx,notebook]"
 	touch $@
 
 setup: .venv/.installed data
@@ -34,6 +35,10 @@ test: setup .venv/.seed-deps
 	$(PY) -m pip install -q --no-deps "d2l==1.0.3"
 	$(PY) -m pip install -q pandas requests ipython matplotlib-inline
 	touch $@
+
+# The notebook's kernel is this .venv's python (ipykernel's "python3" kernelspec inside .venv).
+notebook: setup
+	.venv/bin/jupyter lab notebooks/nin.ipynb
 
 bench: setup .venv/.seed-deps
 	$(PY) benchmarks/run_all.py $(ARGS)

@@ -228,7 +228,10 @@ def _notebook_ready(fig):
 
         from matplotlib.figure import Figure
 
-        png = sys.modules["IPython"].get_ipython().display_formatter.formatters["image/png"]
+        shell = sys.modules["IPython"].get_ipython()
+        png = getattr(getattr(shell, "display_formatter", None), "formatters", {}).get("image/png")
+        if png is None:
+            return fig
         try:
             png.lookup_by_type(Figure)
         except KeyError:
