@@ -184,7 +184,7 @@ def save_live_figure(nb: nbformat.NotebookNode, out: Path) -> Path:
     """The live curves as the executed notebook shows them at the end of the run (the README's picture)."""
     import base64
 
-    cell = next(c for c in nb.cells if c.cell_type == "code" and "nin.train(" in c.source)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "run = nin.train(" in c.source)
     png = next(o["data"]["image/png"] for o in cell.outputs if "image/png" in o.get("data", {}))
     out.write_bytes(base64.b64decode(png))
     return out

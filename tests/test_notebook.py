@@ -136,6 +136,12 @@ def test_the_cli_and_import_nin_do_not_load_notebook_packages():
 
 
 # --- the API ----------------------------------------------------------------------------------
+def test_every_public_name_resolves():
+    for name in nin.__all__:
+        assert getattr(nin, name) is not None, name
+    assert nin.train.__module__ == "nin.api" and nin.evaluate.__module__ == "nin.evaluation"
+
+
 def test_unknown_option_is_one_usage_error_listing_the_valid_ones(tmp_path):
     with pytest.raises(UsageError) as e:
         nin.train("fast", out=tmp_path / "run", epochz=3, learning_rate=0.1)

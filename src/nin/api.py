@@ -95,8 +95,12 @@ def train(recipe="fast", *, out: str | os.PathLike | None = None, resume: str | 
     else:
         cfg = make_config(recipe, **overrides)
         done = []
-    show = in_notebook() if live is None else live
-    display = LiveCurves(cfg.epochs, f"{cfg.recipe}: {cfg.model} on {cfg.dataset}", done) if show else None
+    display = None
+    if in_notebook() if live is None else live:
+        try:
+            display = LiveCurves(cfg.epochs, f"{cfg.recipe}: {cfg.model} on {cfg.dataset}", done)
+        except ImportError as e:
+            raise UsageError(f"live=True needs IPython ({e}); pip install 'nin[notebook]'") from None
     try:
         final = run_training(None if resume is not None else cfg, out, resume=resume, quiet=quiet,
                              on_epoch=display.update if display else None)
