@@ -185,10 +185,18 @@ def test_summary_is_what_nin_summary_prints(capsys, argv, kwargs):
     assert html.count("<tr>") == len(table.info.layers) + 1 and "Total parameters" in html
 
 
-def test_summary_of_a_model_instance(small_run):
-    folder, model, _ = small_run
-    loaded = nin.load(folder)
-    assert str(nin.summary(loaded)) == str(nin.summary("nin_fmnist", width=8))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch of the shrunk fast recipe on fake Fashion-MNIST files: (TrainResult, its dataset)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    run = nin.train("fast", out=tmp / "run", live=False, **tiny(tmp, epochs=1))
+    return run, nin.load_dataset("fashion-mnist", tmp / "data")
+
+
+def test_summary_of_a_model_instance(tiny_run):
+    run, _ = tiny_run
+    assert str(nin.summary(run.model)) == str(nin.summary("nin_fmnist", width=8))
+    assert str(nin.summary(nin.load(run.run_dir), batch_size=2)) == str(nin.summary("nin_fmnist", batch_size=2, width=8))
     trained = nin.create_model("nin_fmnist").train()
     nin.summary(trained)
     assert trained.training  # its mode is kept
@@ -196,7 +204,7 @@ def test_summary_of_a_model_instance(small_run):
         nin.summary(object())
 
 
-def test_plot_history_and_show_cam_return_figures(small_run, fmnist, tmp_path):
+def test_plot_history_and_show_cam_return_figures(tiny_run, tmp_path):
     from matplotlib.figure import Figure
 
     history = [dict(epoch=1, train_loss=1.0, train_acc=0.6, test_acc=0.7),
@@ -204,21 +212,24 @@ def test_plot_history_and_show_cam_return_figures(small_run, fmnist, tmp_path):
     fig = nin.plot_history(history, title="t")
     labels = [line.get_label() for line in fig.axes[0].lines]
     assert labels == ["train loss", "train acc", "test acc", "val acc"]
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history[:1]))
-    assert isinstance(nin.plot_history(run_dir), Figure)
+    run, ds = tiny_run
+    for source in (run, run.run_dir, str(run.run_dir)):
+        fig = nin.plot_history(source)
+        assert isinstance(fig, Figure) and fig.axes[0].get_title() == "fast: nin_fmnist on fashion-mnist"
     with pytest.raises(UsageError):
         nin.plot_history(tmp_path / "missing")
 
-    folder, _, _ = small_run
-    model = nin.load(folder)
-    one = nin.show_cam(model, fmnist.test.images[0], topk=2)
+    one = nin.show_cam(run.model, ds.test.images[0], topk=2)
     assert isinstance(one, Figure) and len(one.axes) == 3
-    grid = nin.show_cam(model, fmnist.test.images[:5], labels=fmnist.test.labels[:5])
+    grid = nin.show_cam(run.model, ds.test.images[:5], labels=ds.test.labels[:5])
     assert isinstance(grid, Figure) and len(grid.axes) == 5
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(ds.test.images[0, 0].numpy()).save(png)
+    assert len(nin.show_cam(run.model, png).axes) == 4  # a file, fitted to the model's input
     with pytest.raises(UsageError):
-        nin.show_cam(model, fmnist.test.images[0].float())
+        nin.show_cam(run.model, ds.test.images[0].float())
 
 
 # --- the chapter notebook ---------------------------------------------------------------------
