@@ -1,17 +1,18 @@
 # Two commands do all the set-up on a fresh Debian machine:
 #   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
 #   make test    -> same set-up (plus the d2l package the seed-pipeline tests drive), then the test suite
+#   make notebook -> same set-up, then JupyterLab on notebooks/nin.ipynb (the d2l chapter with nin)
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data browser wrk train test bench clean
+.PHONY: setup data browser wrk train test bench notebook clean
 
 $(PY):
 	python3 -m venv .venv
 
 .venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e ".[dev,onnx,stream,serve]"
+	$(PY) -m pip install -q -e ".[dev,onnx,stream,serve,notebook]"
 	touch $@
 
 setup: .venv/.installed data
@@ -49,6 +50,11 @@ test: setup .venv/.seed-deps browser
 
 bench: setup .venv/.seed-deps wrk
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+# Opens the chapter notebook in JupyterLab (installed on first use; the tests run it with nbclient).
+notebook: setup
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q "jupyterlab>=4.2"
+	.venv/bin/jupyter lab notebooks/nin.ipynb
 
 clean:
 	rm -rf .venv runs .pytest_cache

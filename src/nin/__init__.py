@@ -12,9 +12,11 @@ _LAZY = {
     "create_model": "nin.models", "list_models": "nin.models", "model_info": "nin.models",
     "nin_block": "nin.models", "NiN": "nin.models",
     "load_dataset": "nin.data", "BatchLoader": "nin.data",
-    "train": "nin.trainer", "TrainConfig": "nin.recipes", "get_recipe": "nin.recipes", "RECIPES": "nin.recipes",
+    "train": "nin.api", "TrainResult": "nin.api", "summary": "nin.api", "plot_history": "nin.api",
+    "show_cam": "nin.api", "TrainConfig": "nin.recipes", "get_recipe": "nin.recipes", "RECIPES": "nin.recipes",
     "evaluate": "nin.evaluation", "predict_files": "nin.predict", "read_image": "nin.images",
     "load": "nin.export", "save_model": "nin.export", "export_model": "nin.export",
+    "list_pretrained": "nin.pretrained",
     "NinError": "nin.errors", "UsageError": "nin.errors", "DatasetError": "nin.errors",
     "CheckpointError": "nin.errors", "ImageError": "nin.errors", "TrainingDiverged": "nin.errors",
 }

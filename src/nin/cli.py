@@ -46,21 +46,9 @@ def number(kind, lo=None, hi=None):
 
 # --- inspecting ---------------------------------------------------------------------------
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .models import model_info
+    from .api import summary
 
-    info = model_info(args.model, tuple(args.input_size) if args.input_size else None)
-    n = args.batch_size
-    print(f"{info.name}: input {n} x {' x '.join(map(str, info.input_size))}")
-    for layer, shape in info.layers:
-        print(f"{layer:<20} output shape:\t{' x '.join(map(str, (n, *shape)))}")
-    print(f"Total parameters: {info.params:,}")
-    print(f"Forward FLOPs: {info.flops * n / 1e9:.3f} GFLOP for batch {n} "
-          f"({info.flops / 2e6:.1f} M multiply-adds per image)")
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    need = info.activation_bytes * n
-    if total and need > total / 2:
-        print(f"note: a forward pass at this size holds about {need / 2**30:,.1f} GiB of fp32 activations "
-              f"(this machine has {total / 2**30:.0f} GiB): more than it can run")
+    print(summary(args.model, tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size))
     return 0
 
 

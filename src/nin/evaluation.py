@@ -176,10 +176,9 @@ def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
-def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    from .fsutil import atomic_write
+def confusion_figure(result: EvalResult):
+    """The confusion matrix as a matplotlib Figure (no pyplot: no global backend state)."""
+    from matplotlib.figure import Figure
 
     k = len(result.classes)
     fig = Figure(figsize=(1.0 + 0.6 * k, 0.6 + 0.55 * k), layout="constrained")
@@ -198,6 +197,13 @@ def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"accuracy {result.accuracy:.4f} on {result.n:,} images", fontsize=9)
+    return fig
+
+
+def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
+    from .fsutil import atomic_write
+
+    fig = confusion_figure(result)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
@@ -265,38 +271,46 @@ def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = ""):
 
 def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
                     title: str = "") -> list[tuple[str, float]]:
-    """cam_figure written to ``path`` (PNG).  Returns the top-k (class, probability)."""
+    """Write ``cam_figure`` as a PNG; returns the top-k (class, probability)."""
     from .fsutil import atomic_write
 
-    fig, result = cam_figure(model, image, topk=topk, title=title)
+    fig, top = cam_figure(model, image, topk=topk, title=title)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=CAM_DPI))
-    return result
+    return top
 
 
-def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, *, cols: int = 0) -> float:
-    """N images each with the map of its predicted class; titles 'predicted p (true)'.
-
-    Returns the accuracy on these images.
-    """
+def cam_grid_figure(model, images: torch.Tensor, labels=None, *, cols: int = 0):
+    """(Figure, accuracy): N images each with the map of its predicted class, titled 'predicted p'
+    and, when ``labels`` are given and the prediction is wrong, '(true: ...)'.  The accuracy on these
+    images is None without labels."""
     from matplotlib.figure import Figure
-
-    from .fsutil import atomic_write
 
     n = images.shape[0]
     cols = cols or min(n, 8)
-    rows = -(-n // cols)
+    rows = max(1, -(-n // max(cols, 1)))
     maps, logits = class_activation_maps(model, preprocess(model, images))
     probs = logits.float().softmax(1)
     pred = probs.argmax(1)
     cams = upsample_maps(maps, tuple(images.shape[2:]))
     fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    axes = fig.subplots(rows, max(cols, 1), squeeze=False).ravel()
     for i, ax in enumerate(axes):
         if i >= n:
             ax.axis("off")
             continue
-        c, t = int(pred[i]), int(labels[i])
+        c = int(pred[i])
+        t = int(labels[i]) if labels is not None else c
         mark = "" if c == t else f"\n(true: {model.classes[t]})"
         _overlay(ax, images[i], cams[i, c], f"{model.classes[c]} {probs[i, c]:.0%}{mark}")
+    if labels is None:
+        return fig, None
+    return fig, float((pred == torch.as_tensor(labels)).float().mean()) if n else 0.0
+
+
+def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, *, cols: int = 0) -> float:
+    """Write ``cam_grid_figure`` as a PNG; returns the accuracy on these images."""
+    from .fsutil import atomic_write
+
+    fig, acc = cam_grid_figure(model, images, labels, cols=cols)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
-    return float((pred == torch.as_tensor(labels)).float().mean()) if n else 0.0
+    return acc

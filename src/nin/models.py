@@ -16,7 +16,7 @@ from .errors import InputTooSmallError, UnknownModelError, UsageError
 
 __all__ = [
     "NiN", "ModelInfo", "nin_block", "nin_block_bn", "register_model", "list_models",
-    "create_model", "model_info", "min_input_size", "InputTooSmallError",
+    "create_model", "model_info", "describe", "min_input_size", "InputTooSmallError",
 ]
 
 
@@ -263,10 +263,20 @@ def check_input_size(model: NiN, input_size: tuple[int, int, int], name: str = "
 
 def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwargs) -> ModelInfo:
     """Per-layer output shapes, parameter count and forward FLOPs of a registered model."""
+    return describe(create_model(name, **kwargs), input_size, name=name)
+
+
+def describe(model: NiN, input_size: tuple[int, int, int] | None = None, *, name: str | None = None) -> ModelInfo:
+    """``model_info`` of a model instance (a loaded or trained one: its own input size by default).
+
+    Runs one zero image through a weightless copy of ``model.layers()`` on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model(name, **kwargs).eval()
-    size = tuple(input_size) if input_size is not None else model.default_input_size
+    meta = getattr(model, "meta", None)
+    name = name or getattr(meta, "model", None) or model.__class__.__name__
+    if input_size is None:
+        input_size = getattr(meta, "input_size", None) or model.default_input_size
+    size = tuple(int(v) for v in input_size)
     check_input_size(model, size, name)
     # on the meta device: no weights, no activations, so a huge input is measured, not allocated
     probe = _on_meta(model)

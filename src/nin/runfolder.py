@@ -88,28 +88,35 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
-def plot_curves(out: Path, history: list[dict], title: str) -> None:
-    """train loss, train acc, val acc and test acc against epoch on one axis, like the book's animator."""
-    import matplotlib
+def curves_figure(history: list[dict], title: str = "", *, epochs: int | None = None):
+    """train loss, train acc, test acc (and val acc when recorded) against epoch on one axis, like the
+    book's Animator.  A matplotlib Figure without pyplot: no global backend is chosen or changed, so it
+    is safe inside a notebook.  ``epochs`` fixes the x axis to the whole run (the live figure)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    ax.plot(epochs, [r["train_loss"] for r in history], "-", label="train loss")
-    ax.plot(epochs, [r["train_acc"] for r in history], "m--", label="train acc")
-    ax.plot(epochs, [r["test_acc"] for r in history], "g-.", label="test acc")
+    xs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot(xs, [r["train_loss"] for r in history], "-", label="train loss")
+    ax.plot(xs, [r["train_acc"] for r in history], "m--", label="train acc")
+    ax.plot(xs, [r["test_acc"] for r in history], "g-.", label="test acc")
     if any(r.get("val_acc") is not None for r in history):
-        ax.plot(epochs, [r.get("val_acc") for r in history], "c:", label="val acc")
+        val = [(r["epoch"], r["val_acc"]) for r in history if r.get("val_acc") is not None]
+        ax.plot([e for e, _ in val], [v for _, v in val], "c:", label="val acc")
     ax.set_xlabel("epoch")
-    ax.set_xlim(0.5, max(epochs) + 0.5)
+    ax.set_xlim(0.5, max([*xs, epochs or 0, 1]) + 0.5)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if history:
+        ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(out: Path, history: list[dict], title: str) -> None:
+    """Write the run's curves.png (``curves_figure``)."""
+    fig = curves_figure(history, title)
+    atomic_write(Path(out) / "curves.png", lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
