@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data browser wrk train test bench notebook clean
+.PHONY: setup data browser wrk train test bench notebook weights clean
 
 $(PY):
 	python3 -m venv .venv
@@ -50,6 +50,14 @@ test: setup .venv/.seed-deps browser
 
 bench: setup .venv/.seed-deps wrk
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+# Trains the shipped weights with nin's own recipes and publishes them into src/nin/weights/ (about 30
+# minutes on this 2-core CPU); the commands are recorded in each file and in weights/index.json.
+weights: setup
+	.venv/bin/nin train --recipe fast --out runs/weights-fast
+	$(PY) -m nin.pretrained runs/weights-fast nin_fmnist.fashion_mnist_fast --default --command "nin train --recipe fast"
+	.venv/bin/nin train --recipe best --out runs/weights-best
+	$(PY) -m nin.pretrained runs/weights-best nin_fmnist.fashion_mnist_best --command "nin train --recipe best"
 
 # Opens the chapter notebook in JupyterLab (installed on first use; the tests run it with nbclient).
 notebook: setup

@@ -11,7 +11,17 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def has_real_fmnist() -> bool:
-    return (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists()
+    """Whether nin finds real Fashion-MNIST the way it always does (--data-dir, $NIN_DATA, ~/.cache/nin,
+    Debian's package), not only at Debian's path."""
+    from nin.datasets import find_dataset
+    from nin.errors import DatasetError
+
+    try:
+        folder = find_dataset("fashion-mnist")
+    except DatasetError:
+        return False
+    sizes = [p.stat().st_size for p in folder.glob("train-images-idx3-ubyte*")]
+    return bool(sizes) and max(sizes) > 20_000_000  # the real 60,000 images, not a test's tiny fake
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -117,16 +117,38 @@ def _resize_operands(h: int, w: int, resize: int, c: int, device: str, dtype: to
     return a_w, blocks.to(dev, dtype), index.to(dev), bias
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 0, flip: bool = False) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip on a uint8 batch, each image its own draw.
+def erase_boxes(n: int, h: int, w: int, generator: torch.Generator, p: float) -> torch.Tensor:
+    """Random erasing (Zhong et al.): for each of n images, with probability ``p``, a box of 2-40% of the
+    image with aspect ratio 0.3-3.3 at a random place; returns an N x H x W bool mask of erased pixels."""
+    on = torch.rand(n, generator=generator) < p
+    area = (0.02 + 0.38 * torch.rand(n, generator=generator)) * h * w
+    log_r = math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(n, generator=generator)
+    bh = (area * log_r.exp()).sqrt().round().clamp(1, h).long()
+    bw = (area / log_r.exp()).sqrt().round().clamp(1, w).long()
+    y0 = (torch.rand(n, generator=generator) * (h - bh + 1)).long()
+    x0 = (torch.rand(n, generator=generator) * (w - bw + 1)).long()
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None]) &
+              (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return inside & on[:, None, None]
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 0, flip: bool = False,
+            erase: float = 0.0) -> torch.Tensor:
+    """Random crop with zero padding, horizontal flip and random erasing (to 0, the background) on a
+    uint8 batch, each image its own draw.
 
     Draws come from ``generator`` (a CPU generator) in a fixed order -- crop rows, crop columns,
-    flips -- so a batch's augmentation depends only on the generator's seed, never on the device."""
+    flips, then the erasing boxes -- so a batch's augmentation depends only on the generator's seed,
+    never on the device."""
     n, c, h, w = x.shape
     p = crop_padding
     dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
     dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
     flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    if erase:
+        mask = erase_boxes(n, h, w, generator, erase).to(x.device)
+        x = x.masked_fill(mask[:, None], 0)  # erased before the crop: the box moves with the image
     if not p and not flip:
         return x
     cols = torch.arange(w)
@@ -185,7 +207,7 @@ class BatchLoader:
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1,
+                 crop_padding: int = 0, flip: bool = False, erase: float = 0.0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -197,6 +219,7 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.resize, self.mean, self.std, self.dtype = resize, mean, std, dtype
         self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
+        self.erase = erase
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -219,9 +242,9 @@ class BatchLoader:
         for b in range(start_batch, len(self)):
             i = idx[b * b_size:(b + 1) * b_size]
             x = self.images[i]
-            if self.crop_padding or self.flip:
+            if self.crop_padding or self.flip or self.erase:
                 g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, self.rank))
-                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip)
+                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase)
             x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

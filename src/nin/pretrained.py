@@ -146,3 +146,24 @@ def load_matching(model, state: dict, source: str) -> list[str]:
         for k, v in fits.items():
             own[k].copy_(v)
     return sorted(set(own) - set(fits))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nin.pretrained RUN NAME --command "..." [--default]``: publish a run's model (make weights)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nin.pretrained", description=main.__doc__)
+    p.add_argument("run")
+    p.add_argument("name", help="architecture.tag, e.g. nin_fmnist.fashion_mnist_fast")
+    p.add_argument("--command", required=True, help="the command that trained the run (recorded)")
+    p.add_argument("--default", action="store_true", help="the architecture's default weights")
+    args = p.parse_args(argv)
+    entry = publish(args.run, args.name, args.command, default=args.default)
+    acc = entry["accuracy"]
+    print(f"{entry['file']}: {entry['bytes']:,} bytes, test accuracy fp32 {acc['fp32']['none']:.4f} "
+          f"(flip TTA {acc['fp32']['flip']:.4f}), bf16 {acc['bf16']['none']:.4f} ({acc['bf16']['flip']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,6 +46,8 @@ class TrainConfig:
     crop_padding: int = opt(0, "random-crop augmentation with this much zero padding (0: off; with --transform "
                             "fit only: imagenet crops are random-resized already)", lo=0, hi=64)
     flip: bool = opt(False, "random horizontal flip augmentation")
+    erase: float = opt(0.0, "random erasing: with this probability a box of 2-40%% of the image is set to the "
+                       "background (0: off)", lo=0, hi=1)
     stream: bool | None = opt(None, "read images from disk during training with DataLoader workers instead of "
                               "decoding the whole collection first (folder:PATH; wds:DIR always streams); "
                               "default: stream when the decoded folder exceeds --memory-budget")

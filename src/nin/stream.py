@@ -332,7 +332,7 @@ class StreamLoader:
     def __init__(self, split: FileSplit, batch_size: int, *, in_chans: int, size: tuple[int, int],
                  transform: str = "fit", eval_resize: int | None = None, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1,
+                 crop_padding: int = 0, flip: bool = False, erase: float = 0.0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, workers: int | None = None,
                  max_bad: float = MAX_BAD, on_bad=None, prefetch: int = 2) -> None:
         if batch_size < 1:
@@ -351,6 +351,7 @@ class StreamLoader:
         self.device = torch.device(device)
         self.resize, self.mean, self.std, self.dtype = resize, mean, std, dtype
         self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
+        self.erase = erase
         self.rank, self.world_size = rank, world_size
         self.workers = default_workers() if workers is None else workers
         self.prefetch = prefetch
@@ -411,9 +412,9 @@ class StreamLoader:
             if xy is None:
                 continue
             x, y = xy
-            if self.transform == "fit" and (self.crop_padding or self.flip):
+            if self.transform == "fit" and (self.crop_padding or self.flip or self.erase):
                 g = torch.Generator().manual_seed(_mix(self.seed, epoch, item["batch"], self.rank))
-                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip)
+                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase)
             x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
