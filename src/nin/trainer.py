@@ -166,30 +166,27 @@ def init_from(model: nn.Module, cfg: TrainConfig) -> None:
               f"({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})", file=sys.stderr)
 
 
-def set_up(cfg: TrainConfig) -> Setup:
-    """Validate ``cfg`` and build the process group, data, model, optimizer and loaders it describes."""
-    from .data import Split, make_loader, open_dataset
-    from .export import ModelMeta
-    from .models import check_input_size, create_model
-
-    cfg.validate()
+def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
+    """The process group, device and autocast dtype, with the device's process-wide settings."""
     d, device = setup_distributed(cfg.device)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. On CPU drop it; "
                          "each process then normalises with its own batch's statistics (batch norm over "
                          "--batch-size images) and evaluation uses rank 0's running statistics")
-    amp_dtype = resolve_precision(cfg.precision, device)
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = True
+    return d, device, resolve_precision(cfg.precision, device)
 
-    ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
-                      device=device)
-    streaming = not isinstance(ds.train, Split)
+
+def _splits(cfg: TrainConfig, ds):
+    """(train, validation or None) after --val-split and --limit-train."""
+    from .data import Split
+
     train_split, val_split = ds.train, None
     if cfg.val_split:
-        if streaming:
+        if not isinstance(train_split, Split):
             raise UsageError("--val-split holds images out of an in-memory training set; with a streamed "
                              "collection give it a val/ folder instead")
         train_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
@@ -200,22 +197,21 @@ def set_up(cfg: TrainConfig) -> Setup:
             train_split = train_split.head(cfg.limit_train)
         else:
             raise UsageError("--limit-train works on in-memory datasets and folders, not on wds: shards")
-    in_chans, h, w = ds.image_size
-    imagenet = cfg.transform == "imagenet"
-    if imagenet:
-        h = w = cfg.crop_size
-    elif cfg.resize:
-        h = w = cfg.resize
+    return train_split, val_split
+
+
+def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device) -> nn.Module:
+    """The initialised model on ``device`` (seeded by --seed), checked against the input size."""
+    from .models import check_input_size, create_model
 
     torch.manual_seed(cfg.seed)
-    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **cfg.model_kwargs}
     try:
         model = create_model(cfg.model, **model_kwargs)
     except UsageError:
         raise
     except (TypeError, ValueError) as e:  # an argument the builder does not take, or a bad value
         raise UsageError(f"--model-kwargs {cfg.model_kwargs} do not fit {cfg.model}: {e}") from None
-    check_input_size(model, (in_chans, h, w), f"{cfg.model} (with --resize {cfg.resize})" if cfg.resize else cfg.model)
+    check_input_size(model, input_size, f"{cfg.model} (with --resize {cfg.resize})" if cfg.resize else cfg.model)
     init_weights(model, cfg.init)
     if cfg.init_from:
         init_from(model, cfg)
@@ -224,25 +220,42 @@ def set_up(cfg: TrainConfig) -> Setup:
         model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and d.enabled:  # same parameter names, so checkpoints and weights files are unchanged
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def set_up(cfg: TrainConfig) -> Setup:
+    """Validate ``cfg`` and build the process group, data, model, optimizer and loaders it describes."""
+    from .data import Split, make_loader, open_dataset
+    from .export import ModelMeta
+
+    cfg.validate()
+    d, device, amp_dtype = _engine(cfg)
+    ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
+                      device=device)
+    train_split, val_split = _splits(cfg, ds)
+    imagenet = cfg.transform == "imagenet"
+    in_chans, h, w = ds.image_size
+    if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
+        h = w = cfg.crop_size if imagenet else cfg.resize
+    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **cfg.model_kwargs}
+    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device)
 
     mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
     common = dict(device=device, resize=None if imagenet else cfg.resize, mean=mean, std=std,
                   channels_last=cfg.channels_last, dtype=input_dtype(amp_dtype))
-    if streaming:  # decoding in worker processes, per sample
+    if not isinstance(ds.train, Split):  # streamed: decoded per sample in worker processes
         common.update(in_chans=in_chans, size=(h, w) if imagenet else tuple(ds.image_size[1:]), workers=cfg.workers,
                       max_bad=cfg.max_bad)
     # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
     train_loader = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
                                crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, erase=cfg.erase,
-                               rank=d.rank,
-                               world_size=d.world_size,
+                               rank=d.rank, world_size=d.world_size,
                                transform="random-resized-crop" if imagenet else "fit", **common)
     test_loader = make_loader(ds.test, cfg.eval_batch_size, shuffle=False,
                               transform="resize-center-crop" if imagenet else "fit", **common)
     val_loader = make_loader(val_split, cfg.eval_batch_size, shuffle=False, **common) if val_split else None
+
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
-    opt = make_optimizer(model, cfg, base_lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = model
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -255,9 +268,10 @@ def set_up(cfg: TrainConfig) -> Setup:
                      input_size=[int(in_chans), int(h), int(w)], dataset=ds.name, preprocess=preprocess,
                      tta="flip" if cfg.tta_flip else "none", split=ds.split,
                      precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
-    ema = Ema(model, cfg.ema) if cfg.ema else None
-    return Setup(cfg, d, device, amp_dtype, ds, model, net, opt, scaler, ema, train_loader, test_loader,
-                 val_loader, meta, base_lr, len(train_split))
+    return Setup(cfg, d, device, amp_dtype, ds, model, net, make_optimizer(model, cfg, base_lr, device),
+                 torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                 Ema(model, cfg.ema) if cfg.ema else None, train_loader, test_loader, val_loader, meta, base_lr,
+                 len(train_split))
 
 
 def restore(s: Setup, ckpt: dict, path: Path) -> TrainState:
