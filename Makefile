@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data browser wrk train test bench notebook weights clean
+.PHONY: setup data browser wrk train test bench mutation notebook weights clean
 
 $(PY):
 	python3 -m venv .venv
@@ -50,6 +50,14 @@ test: setup .venv/.seed-deps browser
 
 bench: setup .venv/.seed-deps wrk
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+# Mutation testing of the training core (mutmut 3.8.1), outside CI's pass/fail like `make bench`: runs
+# the fast tests against each mutant, without and with the issue-21 guard tests, niced on one thread, and
+# writes benchmarks/results/mutation-<date>.md.  All of the scope takes hours on 2 cores; restrict it with
+# MUTATION_ARGS="--functions recipes.lr_at,engine.train_step" (see benchmarks/mutation.py).
+mutation: setup
+	$(PY) -m pip install -q -e ".[mutation]"
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) benchmarks/mutation.py $(MUTATION_ARGS)
 
 # Trains the shipped weights with nin's own recipes and publishes them into src/nin/weights/ (about 30
 # minutes on this 2-core CPU); the commands are recorded in each file and in weights/index.json.

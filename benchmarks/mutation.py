@@ -16,6 +16,7 @@ import datetime
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,50 @@ DESELECT = "not numeric and not broken_pipe and not test_fast_recipe_learns_real
 # Survivors judged by hand, keyed by (function, the mutated line with spaces removed).
 # EQUIVALENT: cannot change a trained number.  NOT EQUIVALENT: could; "killed by" names the guard test.
 CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
+    # recipes.lr_at
+    ("recipes.lr_at", "ifwarm>=0andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+        ("EQUIVALENT", "with warm == 0 no step is < 0, so the warm-up branch is never taken either way."),
+    ("recipes.lr_at", "ifwarm>1andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+        ("NOT EQUIVALENT", "a warm-up of at most one step would skip to the schedule (cosine: below the lr); "
+                           "killed by test_lr_a_one_step_warm_up_gives_that_step_the_full_lr."),
+    ("recipes.lr_at", "ifwarm>0andstep<=warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+        ("NOT EQUIVALENT", "the first step after a warm-up that ends on a step milestone keeps the full lr; killed by "
+                           "test_lr_step_schedule_drops_on_the_first_step_after_a_warm_up_that_ends_at_a_milestone."),
+    ("recipes.lr_at", "epoch=step/steps_per_epoch"):
+        ("EQUIVALENT", "step_epochs are validated ints, and floor(s/n) >= e iff s/n >= e for an integer e."),
+    ("recipes.lr_at", "t=(step-warm)/max(2.0,total-warm)#progressafterwarm-up,0->1"):
+        ("NOT EQUIVALENT", "differs when fewer than 2 steps follow the warm-up; killed by "
+                           "test_lr_cosine_progress_divides_by_the_true_post_warm_up_length_even_when_short."),
+    ("recipes.lr_at", "returnbase_lr*0.5*(1+math.cos(math.pi*min(t,2.0)))"):
+        ("EQUIVALENT", "t < 1 for every step < epochs * steps_per_epoch, the only steps the trainer asks for."),
+    ("recipes.lr_at", "returnbase_lr*min(2.0,max(0.0,1.0-t))#onecycle:warm-upup,thenastraightlineto0"):
+        ("EQUIVALENT", "past the warm-up step >= warm, so t >= 0 and 1 - t <= 1: the clamp at 1 never acts."),
+    # engine
+    ("engine.Ema.__init__", "self.module=copy.deepcopy(model).eval().requires_grad_(True)"):
+        ("EQUIVALENT", "the average is only updated under no_grad and evaluated under no_grad; the flag is not saved."),
+    ("engine.make_optimizer", "(no_decayif(p.ndim<=1)andFalseelsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
+        ("NOT EQUIVALENT", "biases and norm affines would be decayed; killed by "
+                           "test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
+    ("engine.train_step", "withtorch.autocast(x.device.type,dtype=None,enabled=amp_dtypeisnotNone):"):
+        ("NOT EQUIVALENT", "autocast would use the device default (float16 on CUDA) instead of the asked dtype; "
+                           "killed by test_train_step_autocasts_to_the_requested_dtype."),
+    ("engine.train_step", "withtorch.autocast(x.device.type,enabled=amp_dtypeisnotNone):"):
+        ("NOT EQUIVALENT", "as above (the dtype argument dropped); killed by test_train_step_autocasts_to_the_requested_dtype."),
+    ("engine.train_step", "withtorch.autocast(x.device.type,dtype=amp_dtypeandtorch.bfloat16,enabled=amp_dtypeisnotNone):"):
+        ("NOT EQUIVALENT", "float16 asked, bfloat16 used; killed by test_train_step_autocasts_to_the_requested_dtype."),
+    ("engine.train_step", "opt.zero_grad(set_to_none=None)"):
+        ("EQUIVALENT", "zeroed instead of None grads differ only for a parameter that gets no gradient; every "
+                       "nin model uses all its parameters every step, so each grad is overwritten by backward."),
+    ("engine.train_step", "opt.zero_grad(set_to_none=False)"):
+        ("EQUIVALENT", "as above: zeros vs None before a backward that fills every parameter's grad."),
+    ("engine.train_step", "sums[:2]+=torch.stack([loss.detach().double()*y.numel(),(logits.argmax(None)==y).sum().double()])"):
+        ("NOT EQUIVALENT", "the reported train accuracy (not the weights) would be wrong; killed by "
+                           "test_train_step_counts_correct_predictions_per_sample."),
+    # data
+    ("data.epoch_order", "defepoch_order(n:int,epoch:int,*,shuffle:bool,seed:int,drop_last:bool,rank:int=1,"):
+        ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
+    ("data.epoch_order", "world_size:int=2)->torch.Tensor:"):
+        ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
 }
 
 
@@ -76,26 +121,38 @@ def prepare(work: Path, tests: list[str]) -> None:
     (work / "pyproject.toml").write_text(toml)
 
 
-def run_variant(name: str, tests: list[str], limit_s: int) -> dict:
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def run_variant(name: str, tests: list[str], limit_s: int, globs: list[str], resume: bool) -> None:
     work = ROOT / "runs" / "mutation" / name
-    prepare(work, tests)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    cmd = [str(MUTMUT), "run", "--max-children", "1", *mutant_globs()]
+    if not (resume and (work / "mutants").is_dir()):
+        prepare(work, tests)
+    env = ENV
+    cmd = [str(MUTMUT), "run", "--max-children", "1", *globs]
     t0 = time.time()
     log = (work / "mutmut-run.log").open("w")
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: os.nice(19))
+                            preexec_fn=lambda: os.nice(19), start_new_session=True)
     try:
         proc.wait(timeout=limit_s)
         finished = True
     except subprocess.TimeoutExpired:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # mutmut and its forked test runs
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         finished = False
-    elapsed = time.time() - t0
+    with (work / "elapsed.txt").open("a") as f:  # one line per (resumed) run: seconds, finished
+        f.write(f"{time.time() - t0:.0f} {int(finished)}\n")
+
+
+def collect(name: str, tests: list[str], globs: list[str]) -> dict:
+    work = ROOT / "runs" / "mutation" / name
+    env = ENV
+    runs = [ln.split() for ln in (work / "elapsed.txt").read_text().splitlines()]
+    secs, finished = sum(float(r[0]) for r in runs), runs[-1][1]
     out = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=work, env=env,
                          capture_output=True, text=True).stdout
     status = {}
@@ -103,7 +160,7 @@ def run_variant(name: str, tests: list[str], limit_s: int) -> dict:
         m = re.match(r"\s*(nin\.\S+):\s*(.+)$", line)
         if m:
             status[m.group(1)] = m.group(2).strip()
-    in_scope = [re.compile(g.replace(".", r"\.").replace("*", ".*") + "$") for g in mutant_globs()]
+    in_scope = [re.compile(g.replace(".", r"\.").replace("*", ".*") + "$") for g in globs]
     status = {k: v for k, v in status.items() if any(p.match(k) for p in in_scope)}
     survivors = {}
     for k, v in sorted(status.items()):
@@ -111,7 +168,7 @@ def run_variant(name: str, tests: list[str], limit_s: int) -> dict:
             survivors[k] = subprocess.run([str(MUTMUT), "show", k], cwd=work, env=env,
                                           capture_output=True, text=True).stdout
     return {"name": name, "tests": tests, "status": status, "survivors": survivors,
-            "elapsed": elapsed, "finished": finished, "rc": proc.returncode}
+            "elapsed": float(secs), "finished": finished == "1"}
 
 
 def function_of(mutant: str) -> str:
@@ -146,14 +203,13 @@ def report(results: list[dict], date: str, command: str) -> str:
               + " have no mutants (their bodies are covered only through the tests, not measured here).", "",
               f"Tests per mutant: mutmut runs only the tests that call the mutated function, from the selection "
               f"below, with `-k \"{DESELECT}\"`.", "", "## Counts", "",
-              "| selection | tests | mutants | killed | survived | other | wall |", "|---|---|---|---|---|---|---|"]
+              "| selection | tests | mutants | killed | survived | no test calls it | not run (time limit) | wall |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        st = r["status"]
-        killed = sum(v == "killed" for v in st.values())
-        surv = sum(v == "survived" for v in st.values())
-        other = len(st) - killed - surv
-        lines.append(f"| {r['name']} | {' '.join(r['tests'])} | {len(st)} | {killed} | {surv} | {other} "
-                     f"({counts(r)}) | {r['elapsed'] / 60:.1f} min{'' if r['finished'] else ' (stopped at the time limit: partial)'} |")
+        st = list(r["status"].values())
+        lines.append(f"| {r['name']} | {' '.join(r['tests'])} | {len(st)} | {st.count('killed')} | "
+                     f"{st.count('survived')} | {st.count('no tests')} | {st.count('not checked')} | "
+                     f"{r['elapsed'] / 60:.1f} min{'' if r['finished'] else ' (partial)'} |")
     lines += ["", "\"before\" leaves out the tests written for issue 21 (tests/test_guards.py, "
               "tests/reliability/test_defects.py); \"after\" includes them.", ""]
     last = results[-1]
@@ -171,12 +227,27 @@ def main() -> None:
     ap.add_argument("--variant", choices=["before", "after", "both"], default="both")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--limit-min", type=float, default=25.0, help="time limit per variant, minutes")
+    ap.add_argument("--functions", default="",
+                    help="comma-separated subset of SCOPE, e.g. recipes.lr_at,engine.Ema.* (default: all of SCOPE)")
+    ap.add_argument("--resume", action="store_true", help="keep runs/mutation/<variant>/ and its finished mutants")
+    ap.add_argument("--no-report", action="store_true", help="only run (e.g. the two variants in parallel)")
+    ap.add_argument("--report-only", action="store_true", help="only write the report from runs/mutation/")
     args = ap.parse_args()
+    if args.functions:
+        wanted = args.functions.split(",")
+        for mod in SCOPE:
+            SCOPE[mod] = [f for f in SCOPE[mod] if f"{mod}.{f}" in wanted]
+    globs = mutant_globs()
     variants = {"before": [t for t in ALL_TESTS if t not in NEW_TESTS], "after": ALL_TESTS}
     names = ["before", "after"] if args.variant == "both" else [args.variant]
-    results = [run_variant(n, variants[n], int(args.limit_min * 60)) for n in names]
+    if not args.report_only:
+        for n in names:
+            run_variant(n, variants[n], int(args.limit_min * 60), globs, args.resume)
+    if args.no_report:
+        return
+    results = [collect(n, variants[n], globs) for n in names]
     out = ROOT / "benchmarks" / "results" / f"mutation-{args.date}.md"
-    command = "make mutation" if args.variant == "both" else f"python benchmarks/mutation.py --variant {args.variant}"
+    command = "make mutation" + (f" MUTATION_ARGS='--functions {args.functions}'" if args.functions else "")
     out.write_text(report(results, args.date, command))
     for r in results:
         print(f"{r['name']}: {len(r['status'])} mutants: {counts(r)} ({r['elapsed'] / 60:.1f} min)")

@@ -369,3 +369,65 @@ def test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identic
     a = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the lr schedule's edges: survivors of the mutation run (benchmarks/results/mutation-*.md) ------------
+def test_lr_a_one_step_warm_up_gives_that_step_the_full_lr():
+    cfg = TrainConfig(epochs=1, warmup_epochs=0.1, schedule="cosine")  # 10 steps: warm-up = step 0 only
+    assert lr_at(cfg, 0, 10, 0.2) == pytest.approx(0.2)  # (0 + 1) / 1 of the lr, not a cosine value
+    assert lr_at(cfg, 1, 10, 0.2) == pytest.approx(0.2)  # the cosine starts at its top
+    assert lr_at(cfg, 4, 10, 0.2) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 3 / 9)))
+
+
+def test_lr_step_schedule_drops_on_the_first_step_after_a_warm_up_that_ends_at_a_milestone():
+    cfg = TrainConfig(epochs=3, warmup_epochs=1.0, schedule="step", step_epochs=(1, 2))
+    want = [0.1 * (s + 1) / 5 for s in range(5)] + [0.01] * 5 + [0.001] * 5  # 5 steps an epoch
+    assert [lr_at(cfg, s, 5, 0.1) for s in range(15)] == pytest.approx(want)
+
+
+def test_lr_cosine_progress_divides_by_the_true_post_warm_up_length_even_when_short():
+    cfg = TrainConfig(epochs=1, warmup_epochs=0.25, schedule="cosine")  # 2 steps: warm-up 0.5, then 1.5
+    assert lr_at(cfg, 0, 2, 1.0) == pytest.approx(1.0)
+    assert lr_at(cfg, 1, 2, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5 / 1.5)))
+
+
+def test_train_step_counts_correct_predictions_per_sample():
+    from nin.engine import train_step
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    x, y = torch.randn(9, 3, 2, 2), torch.randint(0, 5, (9,))
+    with torch.no_grad():
+        want = int((net(x).numpy().argmax(axis=1) == y.numpy()).sum())  # numpy's row-wise argmax
+    sums = torch.zeros(3, dtype=torch.float64)
+    train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, lr=0.0, amp_dtype=None,
+               label_smoothing=0.0, sums=sums)
+    assert sums[1].item() == want and sums[2].item() == 9
+
+
+def test_train_step_autocasts_to_the_requested_dtype():
+    from nin.engine import train_step
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    x, y = torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))
+    for dtype in (torch.float16, torch.bfloat16, None):  # float16 is not CPU autocast's default (bfloat16)
+        _, logits = train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, lr=0.0,
+                               amp_dtype=dtype, label_smoothing=0.0, sums=torch.zeros(3, dtype=torch.float64))
+        assert logits.dtype == (dtype or torch.float32)
+
+
+def test_optimizer_decays_weights_but_not_biases_or_norm_affines():
+    from nin.engine import make_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1))
+    before = [p.detach().clone() for p in net.parameters()]
+    cfg = TrainConfig(weight_decay=0.5, momentum=0.0)
+    opt = make_optimizer(net, cfg, 0.1, torch.device("cpu"))
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradient: only weight decay moves a parameter, p <- p - lr * wd * p
+    for p, p0 in zip(net.parameters(), before):
+        want = p0 * (1 - 0.1 * 0.5) if p0.ndim > 1 else p0
+        assert torch.allclose(p.detach(), want), p0.shape

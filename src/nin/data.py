@@ -7,7 +7,7 @@ run on the whole batch.  No DataLoader workers, no per-image PIL calls.
 Resizing is two matrix products, ``A_h @ x @ A_w^T`` (the second by row blocks that skip A_h's
 zeros), with the weights of PIL's bilinear
 filter (the same weights as ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)``),
-so ``to_float_batch(x, resize=224)`` matches the seed's ``Resize(224)`` + ``ToTensor()``.  Scaling
+so ``to_float_batch(x, resize=224)`` matches the book's ``Resize(224)`` + ``ToTensor()``.  Scaling
 by 1/255 and the mean/std normalisation are folded into ``A_h`` and one bias add.
 
 Finding and parsing the files is in ``datasets.py``; its public names are re-exported here.

@@ -147,7 +147,9 @@ def test_full_disk_on_a_small_tmpfs_then_resume_after_freeing_space(tmp_path, da
     first epoch's saves.  Then the tmpfs grows (space freed) and --resume finishes the run."""
     (tmp_path / "mnt").mkdir()
     env = {**os.environ, "MNT": str(tmp_path / "mnt"), "PY": sys.executable, "DATA": str(data_dir),
-           "LOGS": str(tmp_path), "OMP_NUM_THREADS": "1"}
+           "LOGS": str(tmp_path), "OMP_NUM_THREADS": "1", "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    # matplotlib announces on stderr when it first builds its font cache: build it before, outside the test
+    subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env, capture_output=True, timeout=120)
     r = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK, "bash", *TINY_ARGS], env=env,
                        capture_output=True, text=True, timeout=240)
     if r.returncode in (98, 99):
