@@ -421,7 +421,8 @@ def test_train_step_autocasts_to_the_requested_dtype():
 def test_optimizer_decays_weights_but_not_biases_or_norm_affines():
     from nin.engine import make_optimizer
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 2))  # 4-d, 1-d and 2-d parameters
     before = [p.detach().clone() for p in net.parameters()]
     cfg = TrainConfig(weight_decay=0.5, momentum=0.0)
     opt = make_optimizer(net, cfg, 0.1, torch.device("cpu"))
