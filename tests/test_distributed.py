@@ -4,6 +4,7 @@ Each torchrun here takes seconds (width-8 network, 1,024 training images).  One 
 two-rank run (a module fixture) is the reference that the other tests compare against.
 """
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -238,3 +239,43 @@ def test_sync_bn_conversion_keeps_the_weight_names():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(create_model("nin_fmnist", width=8))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert list(synced.state_dict()) == list(model.state_dict())  # checkpoints and .safetensors unchanged
+
+
+def test_reported_train_metrics_are_the_sum_of_the_ranks_tallies_exactly(ref):
+    """train loss/acc = (rank 0's sums + rank 1's sums) / (images of both), to the last bit, and the images
+    counted are the epoch's images (2 ranks x 16 batches x 32)."""
+    d0, d1 = ref["dumps"]
+    rows = [json.loads(x) for x in (ref["run"] / "metrics.jsonl").read_text().splitlines()]
+    for e, row in enumerate(rows):
+        a, b = d0["tallies"][e], d1["tallies"][e]
+        seen = a[2] + b[2]
+        assert seen == row["images"] == N_TRAIN
+        assert row["train_loss"] == (a[0] + b[0]) / seen
+        assert row["train_acc"] == (a[1] + b[1]) / seen
+        assert a[2] == b[2] == len(d0["indices"][e])
+
+
+def test_lr_scale_linear_multiplies_the_lr_by_the_world_size(monkeypatch, tmp_path):
+    import nin.trainer as t
+    from nin.engine import Dist
+    from nin.recipes import get_recipe
+
+    data = fake_fashion_dir(tmp_path / "data", n_train=64, n_test=32)
+    monkeypatch.setattr(t, "setup_distributed", lambda device: (Dist(0, 4, 0), torch.device("cpu")))
+    monkeypatch.setattr(t.nn.parallel, "DistributedDataParallel", lambda model, **k: model)
+    for scale, want in (("linear", 0.8), ("none", 0.2)):
+        s = t.set_up(get_recipe("fast", data_dir=str(data), lr=0.2, lr_scale=scale, limit_train=64))
+        assert s.base_lr == pytest.approx(want)
+        assert max(group["lr"] for group in s.opt.param_groups) == pytest.approx(want)
+
+
+def test_mid_epoch_resume_under_torchrun_ends_with_the_uninterrupted_weights(ref, tmp_path):
+    args = ["--data-dir", str(ref["data"]), "--out", "run", "--batch-size", str(BATCH), "--quiet", *FLAGS]
+    run_job([*args, "--max-steps", "20"], tmp_path)  # epoch 2, batch 4 of 16
+    state = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 20)
+    run_job(["--resume", "run", "--quiet"], tmp_path)
+    for k, v in weights(ref["run"]).items():
+        assert torch.equal(weights(tmp_path / "run")[k], v), k
+    got, want = metrics(tmp_path / "run"), metrics(ref["run"])
+    assert [r["test_acc"] for r in got] == [r["test_acc"] for r in want]

@@ -103,7 +103,7 @@ def test_run_folder_contents_and_config_round_trip(tmp_path):
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
-                            "images_per_sec", "seconds"}
+                            "images_per_sec", "seconds", "images"}
     jsonl = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert jsonl[-1]["test_acc"] == pytest.approx(final["test_acc"])
     saved = json.loads((out / "config.json").read_text())

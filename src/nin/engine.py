@@ -166,10 +166,11 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dist) -> None:
+def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dist, tallies: dict | None = None) -> None:
     """Opt-in, for tests: with NIN_DEBUG_DUMP_DIR=DIR set, every rank of a finished run saves DIR/rankR.pt
-    holding its final weights and, per epoch, the training-sample indices it stepped through -- so the
-    ranks' agreement and their disjoint shards can be checked from outside.  Off unless set."""
+    holding its final weights and, per epoch, the training-sample indices it stepped through and its own
+    (loss sum, correct, seen) tallies -- so the ranks' agreement, their disjoint shards and the metrics'
+    sums can be checked from outside.  Off unless set."""
     out = os.environ.get("NIN_DEBUG_DUMP_DIR")
     if not out:
         return
@@ -177,7 +178,8 @@ def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dis
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({"rank": d.rank, "world_size": d.world_size,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "indices": {e: loader.epoch_indices(e)[b0 * bs:b1 * bs] for e, b0, b1 in ran}},
+                "indices": {e: loader.epoch_indices(e)[b0 * bs:b1 * bs] for e, b0, b1 in ran},
+                "tallies": tallies or {}},
                Path(out) / f"rank{d.rank}.pt")
 
 

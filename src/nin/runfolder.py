@@ -22,7 +22,7 @@ from .fsutil import atomic_write
 
 CKPT_FORMAT = "nin-ckpt/1"
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
-                 "images_per_sec", "seconds"]
+                 "images_per_sec", "seconds", "images"]
 
 
 def prepare(out: str | os.PathLike, resume: bool) -> Path:

@@ -356,7 +356,7 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
            "lr": getattr(st, "lr", s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
-           "seconds": st.epoch_seconds}
+           "seconds": st.epoch_seconds, "images": int(seen)}
     if s.val_loader is not None:
         row["val_acc"], row["val_loss"] = loader_eval(s.eval_model, s.val_loader, s.amp_dtype, s.tta, limit)
     return row
@@ -464,7 +464,7 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
             + f", {'x'.join(map(str, s.meta.input_size))}, {s.device}, "
             f"{'fp32' if s.amp_dtype is None else str(s.amp_dtype).replace('torch.', '')}, world size {d.world_size}"
             + (f", resuming at epoch {st.epoch + 1} batch {st.batch}" if resumed else ""))
-    ran = []  # (epoch, first batch, end batch) this process stepped through, for debug_dump
+    ran, tallies = [], {}  # for debug_dump: (epoch, first batch, end batch) stepped through; this rank's sums
     while st.epoch < cfg.epochs:
         first = st.batch
         stopped = run_epoch(s, st, run, quiet=quiet)
@@ -482,10 +482,11 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
                     f"test acc {row['test_acc']:.4f}; the current weights are saved as the model. "
                     f"Continue with: nin train --resume {run.path}")
             return {**row, "partial": True, "run_dir": str(run.path) if run else None}
+        tallies[st.epoch] = st.sums.tolist()
         end_epoch(s, st, epoch_metrics(s, st), run, quiet=quiet, log=log, on_epoch=on_epoch)
         if stopped:
             break
-    debug_dump(s.model, s.train_loader, ran, d)
+    debug_dump(s.model, s.train_loader, ran, d, tallies)
     final = dict(st.history[-1])
     total_seen = sum(r["images_per_sec"] * r["seconds"] for r in st.history)
     final["examples_per_sec"] = total_seen / max(st.train_seconds, 1e-9)
