@@ -64,8 +64,8 @@ mutation: setup
 weights: setup
 	.venv/bin/nin train --recipe fast --out runs/weights-fast
 	$(PY) -m nin.pretrained runs/weights-fast nin_fmnist.fashion_mnist_fast --default --command "nin train --recipe fast"
-	.venv/bin/nin train --recipe best --out runs/weights-best
-	$(PY) -m nin.pretrained runs/weights-best nin_fmnist.fashion_mnist_best --command "nin train --recipe best"
+	.venv/bin/nin train --recipe best --epochs 30 --ema 0.9995 --erase 0.5 --out runs/weights-w64
+	$(PY) -m nin.pretrained runs/weights-w64 nin_fmnist.fashion_mnist_w64 --command "nin train --recipe best --epochs 30 --ema 0.9995 --erase 0.5"
 
 # Opens the chapter notebook in JupyterLab (installed on first use; the tests run it with nbclient).
 notebook: setup
