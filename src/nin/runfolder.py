@@ -289,17 +289,18 @@ class Run:
             state["ema"] = s.ema.state_dict()
         save_checkpoint(self.path / "last.ckpt", state)
 
-    def save_model(self, s, st, why: str) -> None:
-        """The model a user gets (best.safetensors + model.json): the weights evaluated (EMA when on)."""
+    def save_model(self, s, st, why: str, row: dict | None = None) -> None:
+        """The model a user gets (best.safetensors + model.json): the weights evaluated (EMA when on).
+        ``row`` is the metrics of those weights (default: the last finished epoch's)."""
         import dataclasses
 
         from .export import save_model
 
-        last = st.history[-1] if st.history else {}
+        last = row if row is not None else (st.history[-1] if st.history else {})
         info = {"selected": why, "epoch": last.get("epoch"), "step": st.step, "recipe": s.cfg.recipe,
                 "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc")}
         save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
-        self.selected = f"{why}, epoch {last.get('epoch')}" if last else why
+        self.selected = f"{why}, epoch {last.get('epoch')}" if last.get("epoch") else why
 
     def epoch_done(self, s, st, row: dict) -> None:
         write_metrics(self.path, st.history)
@@ -315,12 +316,7 @@ class Run:
         """--max-steps ended the run mid-epoch: keep the exact point and a usable model."""
         self.checkpoint(s, st)
         if s.val_loader is None or not (self.path / "best.safetensors").exists():
-            from .export import save_model
-            import dataclasses
-
-            info = {"selected": f"step {st.step} (stopped by --max-steps)", "epoch": None, "step": st.step,
-                    "recipe": s.cfg.recipe, "val_acc": row.get("val_acc"), "test_acc": row.get("test_acc")}
-            save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
+            self.save_model(s, st, f"step {st.step} (stopped by --max-steps)", {**row, "epoch": None})
         self.status("stopped", f"--max-steps {s.cfg.max_steps} at epoch {st.epoch + 1}, batch {st.batch}",
                     epoch=st.epoch, step=st.step)
 

@@ -338,7 +338,6 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
             last_save = time.monotonic()
     bar.close()
     st.epoch_seconds += time.perf_counter() - t0
-    st.lr = lr_at(cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr)
     return stop
 
 
@@ -355,7 +354,7 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit)
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
-           "lr": getattr(st, "lr", s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
+           "lr": lr_at(s.cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
            "seconds": st.epoch_seconds, "images": int(seen)}
     if s.val_loader is not None:
         row["val_acc"], row["val_loss"] = loader_eval(s.eval_model, s.val_loader, s.amp_dtype, s.tta, limit)
