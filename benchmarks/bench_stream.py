@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,28 @@ threading.Thread(target=poll, daemon=True).start()
 t0 = time.perf_counter()
 first = None
 n = 0
+if mode == "train":  # `nin train` itself, a fixed number of steps: what differs is only the collection
+    import nin.trainer as T
+    real_step = T.train_step
+    def timed_step(*a, **k):
+        global first
+        if first is None:
+            first = time.perf_counter() - t0
+        return real_step(*a, **k)
+    T.train_step = timed_step
+    from nin.cli import main
+    steps = int(sys.argv[4])
+    main(["train", "--dataset", "folder:" + folder, "--stream", "--model", "nin_fmnist", "--model-kwargs",
+          '{"width": 8}', "--transform", "imagenet", "--crop-size", "224", "--batch-size", "64",
+          "--eval-batch-size", "64", "--workers", "2",
+          "--max-steps", str(steps), "--out", sys.argv[5], "--quiet"])
+    n = steps * 64
+    total = time.perf_counter() - t0
+    time.sleep(0.05)
+    print(json.dumps({"mode": mode, "images": n, "first_batch_s": first, "epoch_s": total,
+                      "peak_rss_total_MB": peak["total"] / 2**20, "peak_rss_parent_MB": peak["parent"] / 2**20,
+                      "peak_pss_total_MB": peak["pss"] / 2**20}))
+    sys.exit(0)
 if mode == "stream":
     from nin.stream import StreamLoader, open_folder
     ds = open_folder(folder)
@@ -191,22 +214,68 @@ print(json.dumps({"mode": mode, "images": n, "first_batch_s": first, "epoch_s": 
 """
 
 
-def bench_memory(base: Path, sizes: list[int], stream_only: bool = False) -> list[dict]:
+def bench_memory(base: Path, sizes: list[int], stream_only: bool = False, train_steps: int = 50) -> list[dict]:
+    import tempfile
+
     from nin.stream import estimate_memory
 
     rows = []
     for n in sizes:
         folder = make_folder(base / f"jpeg{n}", n)
-        modes = ["stream", "memory"] if n == min(sizes) and not stream_only else ["stream"]
+        modes = ["train", "stream", "memory"] if n == min(sizes) and not stream_only else ["train", "stream"]
         for mode in modes:
-            out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "src"), mode, str(folder)],
-                                 capture_output=True, text=True, check=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ROOT / "src"), mode, str(folder),
+                                      str(train_steps), str(Path(tmp) / "run")],
+                                     capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["collection"] = n
             rows.append(row)
         rows.append({"mode": "memory (estimate, not run)", "collection": n,
                      "estimate_MB": estimate_memory(f"folder:{folder}") / 2**20})
     return rows
+
+
+def markdown(result: dict, command: str) -> str:
+    """The BENCHMARKS.md section of one run."""
+    lines = ["### Streaming: your own images (`benchmarks/bench_stream.py`)", "",
+             f"Command: `{command}`; {result['cpus']} CPU cores, torch {result['torch']}, {result['date']}.", ""]
+    tp = result.get("throughput_img_per_s")
+    if tp:
+        ref = tp["torchvision reference"]["median"]
+        lines += [f"Throughput: decoded + augmented 224x224 training images/s (RandomResizedCrop + flip, uint8 "
+                  f"batches of 64, 2 workers, {result['images']:,} generated 256x256 JPEGs), alternating rounds, "
+                  "median (runs):", "", "| loader | images/s | vs reference |", "|---|---:|---:|"]
+        for name, v in tp.items():
+            label = {"torchvision reference": "torchvision reference (`ImageFolder` + the same v2 transforms + "
+                                              "`DataLoader`)"}.get(name, name)
+            runs = ", ".join(f"{r:.0f}" for r in v["runs"])
+            lines.append(f"| {label} | {v['median']:.0f} ({runs}) | {v['median'] / ref:.2f}x |")
+        lines.append("")
+    mem = [r for r in result.get("memory", []) if "images" in r]
+    if mem:
+        what = {"train": "`nin train --stream` (fixed steps)", "stream": "StreamLoader, one epoch",
+                "memory": "in memory (`load_dataset` + `BatchLoader`), one epoch"}
+        lines += ["Memory and time to the first step (peak over the process and its workers; PSS splits shared "
+                  "pages among their sharers, VmRSS summed counts them once per process):", "",
+                  "| collection | path | images | first step | PSS total | VmRSS summed | VmRSS main process |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in mem:
+            lines.append(f"| {r['collection']:,} | {what.get(r['mode'], r['mode'])} | {r['images']:,} | "
+                         f"{r['first_batch_s']:.1f} s | {r.get('peak_pss_total_MB', 0):,.0f} MB | "
+                         f"{r['peak_rss_total_MB']:,.0f} MB | {r['peak_rss_parent_MB']:,.0f} MB |")
+        by = {(r["mode"], r["collection"]): r for r in mem}
+        sizes = sorted({r["collection"] for r in mem})
+        for mode in ("train", "stream"):
+            a, b = by.get((mode, sizes[0])), by.get((mode, sizes[-1]))
+            if a and b and a is not b:
+                lines.append(f"\n{what[mode]}: PSS total {sizes[-1]:,} vs {sizes[0]:,} images: "
+                             f"{b['peak_pss_total_MB'] / a['peak_pss_total_MB'] - 1:+.1%}.")
+        est = [r for r in result.get("memory", []) if "estimate_MB" in r]
+        if est:
+            lines.append("\nThe in-memory path would hold " + ", ".join(
+                f"{r['estimate_MB']:,.0f} MB for {r['collection']:,} images" for r in est) + " (`estimate_memory`).")
+    return "\n".join(lines).rstrip()
 
 
 def main() -> None:
@@ -218,9 +287,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
     ap.add_argument("--stream-only", action="store_true", help="memory runs: leave out the in-memory path")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode, throughput, memory")
+    ap.add_argument("--markdown", help="also write the BENCHMARKS.md section here")
     args = ap.parse_args()
     work = Path(args.work)
-    result = {"date": str(date.today()), "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    result = {"date": str(date.today()), "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+              "images": args.images}
     skip = set(filter(None, args.skip.split(",")))
     if "decode" not in skip:
         result["decode_ms_per_image"] = bench_decode()
@@ -239,6 +310,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"stream-{result['date']}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        command = " ".join([".venv/bin/python benchmarks/bench_stream.py", *sys.argv[1:]])
+        command = re.sub(r" --markdown \S+| --out \S+", "", command)
+        Path(args.markdown).write_text(markdown(result, command) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Parts (--only / --skip pick a subset; BENCHMARKS.md is rewritten with the parts 
   data   the input pipeline alone (bench_data.py)
   serve  `nin serve` under 1/8/64 wrk clients vs --max-batch 1 vs a few-line FastAPI endpoint (bench_serve.py;
          every measurement also goes to benchmarks/results/serve-cpu-DATE.json)
+  stream streaming your own images: loader throughput vs torchvision's ImageFolder path, memory and time to the
+         first step of `nin train --stream` at 5,000 and 20,000 JPEGs (bench_stream.py; JSON in benchmarks/results/)
 Every speed figure of a part is measured in one process tree in one run; the 1-minute load average is
 recorded around each part (the machine is shared: compare ratios, not absolute numbers across runs).
 
@@ -30,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-PARTS = ("train", "tta", "infer", "data", "serve")
+PARTS = ("train", "tta", "infer", "data", "serve", "stream")
 
 
 def loadavg() -> str:
@@ -164,6 +166,15 @@ def run_serve(args, tmp: Path) -> str:
     return out.stdout.strip()
 
 
+def run_stream(args, tmp: Path) -> str:
+    sizes = ["--images", "300", "--rounds", "1", "--memory", "400,800", "--work", str(tmp / "imgs"),
+             "--out", str(tmp)] if args.quick else []
+    md = tmp / "stream.md"
+    subprocess.run([PY, str(HERE / "bench_stream.py"), "--skip", "decode", *sizes, "--markdown", str(md)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return md.read_text().strip()
+
+
 def old_sections(path: Path) -> dict[str, str]:
     """The parts' sections of an earlier BENCHMARKS.md, so a subset run keeps the others."""
     if not path.exists():
@@ -193,7 +204,7 @@ def main(argv=None) -> None:
             before, t = loadavg(), time.perf_counter()
             print(f"[run_all] {part} ... (load {before})", file=sys.stderr, flush=True)
             text = {"train": run_train, "tta": run_tta, "infer": run_infer, "data": run_data,
-                    "serve": run_serve}[part](args, Path(tmp))
+                    "serve": run_serve, "stream": run_stream}[part](args, Path(tmp))
             took = time.perf_counter() - t
             timings.append(f"{part} {took:.0f} s (load average 1/5/15 min: {before} before, {loadavg()} after)")
             stamp = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')

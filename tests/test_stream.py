@@ -1,5 +1,6 @@
 """Streaming folders and WebDataset shards: the same order, pixels and resume as the in-memory path,
 disjoint equal rank shares (also across two torchrun "nodes"), bad files skipped and counted."""
+import dataclasses
 import json
 import os
 import re
@@ -198,6 +199,31 @@ def test_pack_and_read_shards(tmp_path, capsys):
         int(Path(mem_train.test.paths[i]).stem) for i in range(len(mem_train.test)))
 
 
+def test_brace_patterns_and_limit_train_on_shards(tmp_path, capsys):
+    root = id_folder(tmp_path / "f", n=61)
+    out = tmp_path / "shards"
+    assert main(["data", "pack", f"folder:{root}", "--out", str(out), "--shard-size", "10"]) == 0
+    full = open_dataset(f"wds:{out}")
+
+    def ids(split, **kw):
+        return [i for x, _ in make_loader(split, 7, in_chans=3, size=(8, 8), workers=0, **kw).iterate(0)
+                for i in ids_of(x)]
+    every = ids(full.train)  # shard order of the index, unshuffled: shard k holds every[10k:10k+10]
+    picked = open_dataset(f"wds:{out}/train-{{000001..000002}}.tar")
+    assert len(picked.train) == 20 and picked.classes == full.classes and len(picked.test) == len(full.test)
+    assert ids(picked.train) == every[10:30]
+    head = full.train.head(25)
+    assert head.counts.tolist() == [10, 10, 5] and ids(head) == every[:25]
+    assert sorted(ids(head, shuffle=True, seed=3)) == sorted(every[:25])  # shuffled: the same 25, once each
+    assert len(full.train.head(1000)) == 49
+    with pytest.raises(DatasetError, match=r"not training shards .* val-000000.tar"):
+        open_dataset(f"wds:{out}/{{train-000000,val-000000}}.tar")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"wds:{out}/train-{{000000..000001}}.tar", "--limit-train", "12",
+                 "--model", "nin_fmnist", "--resize", "28", "--epochs", "1", "--batch-size", "4", "--out", str(run)]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["images"] == 12
+
+
 def test_unequal_shards_give_equal_steps_per_rank(tmp_path):
     root = id_folder(tmp_path / "f", n=70)
     out = tmp_path / "s"
@@ -279,3 +305,58 @@ def test_train_end_to_end_from_stream_and_shards(tmp_path):
         meta = json.loads((run / "model.json").read_text())
         assert meta["input_size"] == [3, 64, 64] and meta["preprocess"]["transform"] == "imagenet"
         assert (run / "best.safetensors").exists()
+
+
+def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys):
+    """A --transform imagenet run's model.json says so, and `nin predict`, `nin eval` and `nin cam --grid`
+    read its images by resize + centre crop, the test loader's own path, not the letterbox of 28x28 models."""
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms import v2
+
+    from nin.evaluation import evaluate, predict_logits, streamed_test_batches
+    from nin.export import load
+    from nin.images import read_input
+    from nin.predict import probabilities
+
+    root = photo_folder(tmp_path / "p", n=40)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}", "--stream", "--model", "nin_fmnist", "--transform", "imagenet",
+                 "--crop-size", "32", "--epochs", "1", "--batch-size", "8", "--out", str(run)]) == 0
+    model = load(run)
+    assert model.meta.preprocess["transform"] == "imagenet" and model.meta.input_size == [3, 32, 32]
+    # the prediction reader against torchvision's reference: Resize(32 / 0.875) + CenterCrop(32)
+    yy, xx = np.mgrid[0:200, 0:300]
+    smooth = np.stack([xx * 0.8, yy * 1.2, 128 + 100 * np.sin(xx / 20) * np.cos(yy / 15)], -1).astype(np.uint8)
+    big = tmp_path / "smooth.jpg"
+    Image.fromarray(smooth).save(big, quality=95)
+    ref = v2.CenterCrop(32)(v2.Resize(37, antialias=True)(decode_jpeg(torch.tensor(list(big.read_bytes()), dtype=torch.uint8))))
+    x = torch.from_numpy(read_input(model.meta, big))
+    assert x.shape == (3, 32, 32)
+    assert (x.float() - ref.float()).abs().mean() < 4.0  # sub-pixel crop offsets and filters only
+    fit = torch.from_numpy(read_input(dataclasses.replace(model.meta, preprocess={}), big))
+    assert (fit.float() - ref.float()).abs().mean() > 10  # the letterbox is another picture
+    # random weights make every image's logits differ; prediction and evaluation must see the same pixels
+    torch.manual_seed(0)
+    for m in model.modules():  # fresh He-initialised weights: one epoch on noise barely moves the logits
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_parameters()
+    ds = open_dataset(f"folder:{root}", stream=True)
+    xs, ys = zip(*streamed_test_batches(model, ds, batch_size=5)[0])
+    from_loader = predict_logits(model, torch.cat(xs), tta="none")
+    files = torch.stack([torch.from_numpy(read_input(model.meta, ds.test.paths[i])) for i in range(len(ds.test))])
+    assert from_loader.std(0).max() > 1e-3
+    torch.testing.assert_close(predict_logits(model, files, tta="none"), from_loader, rtol=0, atol=0)
+    torch.testing.assert_close(probabilities(model, files, tta="none"), from_loader.softmax(1))
+    result = evaluate(model, streamed_test_batches(model, ds, batch_size=3)[0], tta="none")
+    assert result.n == len(ds.test) and result.confusion.trace() == int((from_loader.argmax(1) == torch.cat(ys)).sum())
+    # the CLI: eval reports the run's own test accuracy; the cam grid reads the same images
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)["accuracy"]
+    last = (run / "metrics.csv").read_text().splitlines()[-1].split(",")
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert acc == pytest.approx(float(last[header.index("test_acc")]), abs=1e-9)
+    assert main(["cam", str(run), "--grid", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 100

@@ -205,10 +205,9 @@ def _image_tensor(model, image):
     import torch
 
     if isinstance(image, (str, os.PathLike, bytes)):
-        from .images import read_image
+        from .images import read_input
 
-        c, h, w = model.meta.input_size
-        return torch.from_numpy(np.array(read_image(image, c, (h, w))))  # a writable copy
+        return torch.from_numpy(np.array(read_input(model.meta, image)))  # a writable copy
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.dtype != torch.uint8:
         raise UsageError(f"show_cam takes uint8 images (as the datasets hold them), got {t.dtype}")

@@ -190,8 +190,14 @@ def _dataset_for(model, name: str | None, data_dir: str | None):
     from .data import load_dataset
 
     split = getattr(model.meta, "split", None) if not name else None
-    ds = load_dataset(name or model.meta.dataset or "fashion-mnist", data_dir,
-                      seed=(split or {}).get("seed", 0))
+    name = name or model.meta.dataset or "fashion-mnist"
+    seed = (split or {}).get("seed", 0)
+    if name.startswith(("folder:", "wds:")):  # read as the run read it: in memory, or streamed
+        from .data import open_dataset
+        imagenet = (model.meta.preprocess or {}).get("transform") == "imagenet"
+        ds = open_dataset(name, seed=seed, stream=True if imagenet else None)
+    else:
+        ds = load_dataset(name, data_dir, seed=seed)
     if split and ds.split and ds.split.get("test_files_sha256") != split.get("test_files_sha256"):
         raise UsageError(f"{ds.source}: the folder's held-out files are not the ones the run held out "
                          f"({split.get('rule')}: {split.get('test_files')} files then, {ds.split.get('test_files')} "
@@ -201,6 +207,37 @@ def _dataset_for(model, name: str | None, data_dir: str | None):
         raise UsageError(f"the dataset has {len(ds.classes)} classes but the model has {len(model.classes)}; "
                          f"choose the dataset it was trained on with --data")
     return ds
+
+
+def _test_data(model, ds, batch_size: int):
+    """(ds.test, None) in memory, or (uint8 test batches, their loader) for a streamed dataset."""
+    from .data import Split
+    from .evaluation import streamed_test_batches
+
+    if isinstance(ds.test, Split):
+        return ds.test, None
+    return streamed_test_batches(model, ds, batch_size=batch_size)
+
+
+def _first_test_images(model, ds, n: int):
+    """The first ``n`` test images (uint8) and labels, as the model takes them."""
+    from .errors import DatasetError
+
+    data, loader = _test_data(model, ds, n)
+    if loader is None:
+        return data.images[:n], data.labels[:n]
+    batch = next(data, None)  # one batch of n, its unreadable files left out
+    _warn_bad_files(loader)
+    if batch is None:
+        raise DatasetError(f"{ds.source}: none of the first {n} test images could be read")
+    return batch
+
+
+def _warn_bad_files(loader) -> None:
+    bad = loader.bad_files if loader is not None else []
+    if bad:
+        print(f"warning: {len(bad)} test image(s) could not be read and were left out, as in training "
+              f"(first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr)
 
 
 def _tta(args, model) -> str:
@@ -227,8 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, _run_dir(args.run) / "eval")
     ds = _dataset_for(model, args.data, args.data_dir)
     tta = _tta(args, model)
-    result = evaluate(model, ds.test, batch_size=args.batch_size, tta=tta, limit=args.limit,
-                      precision=args.precision)
+    data, loader = _test_data(model, ds, args.batch_size)
+    result = evaluate(model, data, batch_size=args.batch_size, tta=tta, limit=args.limit, precision=args.precision)
+    _warn_bad_files(loader)
     split = ds.split["rule"] if ds.split else f"the dataset's test split ({ds.source})"
     png, csv_path, written = out / "confusion.png", out / "confusion.csv", True
     try:
@@ -327,15 +365,15 @@ def cmd_cam(args: argparse.Namespace) -> int:
     if args.grid is not None:
         ds = _dataset_for(model, args.data, args.data_dir)
         out = Path(args.out) if args.out else _run_dir(args.run) / "cam_grid.png"
-        acc = save_cam_grid(model, ds.test.images[:args.grid], ds.test.labels[:args.grid], out)
+        images, labels = _first_test_images(model, ds, args.grid)
+        acc = save_cam_grid(model, images, labels, out)
         print(f"{out}: {args.grid} test images with their predicted class maps (accuracy {acc:.0%})")
         return 0
     import torch
 
-    from .images import read_image
+    from .images import read_input
 
-    c, h, w = model.meta.input_size
-    image = torch.from_numpy(read_image(args.image, c, (h, w), invert=args.invert))
+    image = torch.from_numpy(read_input(model.meta, args.image, invert=args.invert))
     out = Path(args.out) if args.out else _run_dir(args.run) / f"cam_{Path(args.image).stem}.png"
     top = save_cam_figure(model, image, out, topk=args.topk, title=Path(args.image).name)
     print(f"{out}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))

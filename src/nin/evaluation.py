@@ -141,7 +141,8 @@ class EvalResult:
 
 def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None,
              precision: str | None = "fp32") -> EvalResult:
-    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``).
+    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``) or on
+    uint8 batches ``(x, y)`` of a streamed one (``streamed_test_batches``), at most ``limit`` images.
 
     ``tta`` defaults to what the model's run used for its reported accuracy (``model.meta.tta``);
     ``precision="run"`` evaluates as the run did (see resolve_eval_precision)."""
@@ -149,19 +150,40 @@ def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, lim
         tta = getattr(getattr(model, "meta", None), "tta", "none")
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be at least 1, got {limit}")
-    images, labels = split.images, split.labels
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
     classes = list(model.classes)
     precision = resolve_eval_precision(model, precision)
-    logits = predict_logits(model, images, batch_size=batch_size, tta=tta, precision=precision)
+    batches = [(split.images, split.labels)] if hasattr(split, "images") else split
+    logits, labels, n = [], [], 0
+    for x, y in batches:
+        if limit is not None:
+            x, y = x[:limit - n], y[:limit - n]
+        logits.append(predict_logits(model, x, batch_size=batch_size, tta=tta, precision=precision))
+        labels.append(torch.as_tensor(y).cpu())
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
+    logits = torch.cat(logits) if logits else torch.zeros(0, len(classes))
     if logits.shape[1] != len(classes):
         raise UsageError(f"the model gives {logits.shape[1]} logits but has {len(classes)} class names")
-    labels = torch.as_tensor(labels).cpu().numpy()
+    labels = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise UsageError(f"the labels go up to {labels.max()} but the model knows {len(classes)} classes")
     cm = confusion_matrix(labels, logits.argmax(1).numpy(), len(classes))
     return EvalResult(classes, cm, tta or "none", precision)
+
+
+def streamed_test_batches(model, ds, *, batch_size: int = 256, workers: int | None = None):
+    """uint8 batches (x, y) of a streamed dataset's test split (``ds.test``: files or shards) as the run's
+    own test loader decoded them: its transform ("imagenet": resize + centre crop to the model's input;
+    "fit": letterbox to the collection's size, the model's resize then follows in ``preprocess``).
+    Unreadable files are left out, as in training; the loader is returned too, for its ``bad_files``."""
+    from .data import make_loader
+
+    c, h, w = model.meta.input_size
+    imagenet = (model.meta.preprocess or {}).get("transform") == "imagenet"
+    loader = make_loader(ds.test, batch_size, in_chans=c, size=(h, w) if imagenet else tuple(ds.image_size[1:]),
+                         transform="resize-center-crop" if imagenet else "fit", workers=workers)
+    return loader.uint8_batches(), loader
 
 
 def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:

@@ -108,6 +108,9 @@ def validate_meta(data, where: str) -> ModelMeta:
         raise CheckpointError(f"{where}: fields 'preprocess.mean' and 'preprocess.std' go together")
     if pre.get("std") is not None and min(pre["std"]) <= 0:
         raise CheckpointError(f"{where}: field 'preprocess.std' must be > 0, got {pre['std']}")
+    transform = pre.get("transform", "fit")
+    if transform not in ("fit", "imagenet"):
+        raise CheckpointError(f"{where}: field 'preprocess.transform' must be 'fit' or 'imagenet', got {transform!r}")
     if data.get("tta", "none") not in ("none", "flip"):
         bad("tta", "'none' or 'flip'")
     if data.get("precision", "fp32") not in ("fp32", "bf16"):
@@ -119,7 +122,8 @@ def validate_meta(data, where: str) -> ModelMeta:
             bad(key, "a JSON object")
     return ModelMeta(model=data["model"], model_kwargs=dict(kwargs), classes=list(classes), input_size=list(size),
                      dataset=data.get("dataset", ""),
-                     preprocess={"resize": resize, "mean": pre.get("mean"), "std": pre.get("std")},
+                     preprocess={"resize": resize, "mean": pre.get("mean"), "std": pre.get("std"),
+                                 **({"transform": transform} if transform != "fit" else {})},
                      tta=data.get("tta", "none"), precision=data.get("precision", "fp32"), split=data.get("split"),
                      info=dict(data.get("info") or {}))
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, read_image
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, read_image, read_input
 
-__all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "ImageError", "IMAGE_SUFFIXES"]
+__all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "read_input", "ImageError",
+           "IMAGE_SUFFIXES"]
 
 
 def collect_files(paths, *, warn=None) -> list["Path | Prediction"]:
@@ -83,13 +84,12 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
     """
     import torch
 
-    c, h, w = model.meta.input_size
     results = collect_files(paths)  # becomes a Prediction per input, in input order
     good: list[tuple[int, np.ndarray]] = []
     for i, f in enumerate(results):
         if isinstance(f, Path):
             try:
-                good.append((i, read_image(f, c, (h, w), invert=invert, max_pixels=max_pixels)))
+                good.append((i, read_input(model.meta, f, invert=invert, max_pixels=max_pixels)))
             except ImageError as e:
                 results[i] = Prediction(str(f), error=str(e))
     if good:

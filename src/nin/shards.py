@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError, ImageError, UsageError
-from .stream import MAX_BAD, StreamDataset, StreamLoader, _BadFiles, decode_batch, open_folder
+from .stream import MAX_BAD, StreamDataset, StreamLoader, _BadFiles, decode_batch, open_folder, worker_init
 
 __all__ = ["pack", "open_shards", "ShardSplit", "ShardLoader", "INDEX"]
 
@@ -124,10 +124,28 @@ class ShardSplit:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def head(self, n: int) -> "ShardSplit":
+        """The first ``n`` samples in the index's shard order (--limit-train): whole shards, the last one cut."""
+        k = int(np.searchsorted(self.starts, min(n, len(self)), side="left"))  # shards 0..k-1 hold them
+        counts = [int(c) for c in self.counts[:k]]
+        if k:
+            counts[-1] = min(n, len(self)) - int(self.starts[k - 1])
+        return ShardSplit(self.urls[:k], counts)
+
 
 def open_shards(spec: str) -> StreamDataset:
-    """``wds:DIR`` (or ``wds:DIR/index.json``) -> a StreamDataset whose splits are ``ShardSplit``s."""
-    path = Path(spec.removeprefix("wds:")).expanduser().resolve()
+    """``wds:DIR`` (or ``wds:DIR/index.json``) -> a StreamDataset whose splits are ``ShardSplit``s.
+
+    ``wds:DIR/train-{000000..000009}.tar`` (a brace pattern, webdataset's notation) trains on the named
+    training shards only; the index beside them gives their sizes, the classes and the val shards."""
+    path = spec.removeprefix("wds:")
+    pattern = None
+    if "{" in path:
+        pattern, path = Path(path).name, str(Path(path).parent)
+        if "{" in path:
+            raise UsageError(f"--dataset {spec}: a brace pattern names shard files in one folder "
+                             "(wds:DIR/train-{000000..000009}.tar)")
+    path = Path(path).expanduser().resolve()
     index_path = path if path.suffix == ".json" else path / INDEX
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -148,12 +166,28 @@ def open_shards(spec: str) -> StreamDataset:
                 raise DatasetError(f"{index_path}: {len(missing)} shard(s) listed are missing, e.g. {missing[0]}")
             splits[name] = ShardSplit(urls, [int(s["count"]) for s in shards],
                                       index["splits"][name].get("per_class"))
+        if pattern is not None:
+            splits["train"] = _select(splits["train"], pattern, index_path, spec)
         ds = StreamDataset(f"wds:{index_path.parent}", splits["train"], splits["val"], list(index["classes"]),
                            tuple(index["mean"]), tuple(index["std"]), str(index_path.parent), int(index["in_chans"]),
                            tuple(index["native_size"]), index.get("split"))
     except (KeyError, TypeError, ValueError) as e:
         raise DatasetError(f"{index_path}: not a nin shard index (field {e} missing or malformed)") from None
     return ds
+
+
+def _select(split: ShardSplit, pattern: str, index_path: Path, spec: str) -> ShardSplit:
+    """The training shards a brace pattern names, in the index's order (each named shard must be one)."""
+    import braceexpand  # webdataset's own dependency
+
+    names = list(braceexpand.braceexpand(pattern))
+    by_name = {Path(u).name: i for i, u in enumerate(split.urls)}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DatasetError(f"--dataset {spec}: {len(unknown)} named shard(s) are not training shards in "
+                           f"{index_path}, e.g. {unknown[0]}")
+    keep = sorted({by_name[n] for n in names})
+    return ShardSplit([split.urls[i] for i in keep], [int(split.counts[i]) for i in keep])
 
 
 def _shuffled(n: int, bufsize: int, rng: np.random.Generator) -> np.ndarray:
@@ -227,7 +261,7 @@ class ShardLoader(StreamLoader):
             return iter(stream)
         return iter(torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.workers, prefetch_factor=self.prefetch,
-            pin_memory=self.device.type == "cuda", persistent_workers=False))
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=worker_init))
 
     def _name_of(self, key) -> str:
         return key  # "train-000003.tar/00001234 (class/file.jpg)"

@@ -32,14 +32,14 @@ import torch
 
 from .data import _mix, augment, epoch_order, num_batches, to_float_batch
 from .errors import DatasetError, ImageError, UsageError
-from .images import center_crop_box, decode_image, image_header, read_image
+from .images import center_crop_box, decode_image, image_header, read_image, resized_crop
+from .images import eval_resize as default_eval_resize
 
 __all__ = ["TRANSFORMS", "PathArray", "FileSplit", "StreamDataset", "StreamLoader", "open_folder",
            "transform_sample", "choose_path", "estimate_memory", "default_memory_budget", "parse_size",
            "default_workers", "write_bad_files"]
 
 TRANSFORMS = ("fit", "random-resized-crop", "resize-center-crop")
-EVAL_CROP_FRACTION = 0.875  # evaluation resizes the short side to size / 0.875 (224 -> 256), then crops
 MAX_BAD = 0.001  # default --max-bad: the fraction of a split that may be unreadable
 HEADER_SCAN = 2000  # headers read to choose channels and size (all of them in smaller collections)
 STATS_SAMPLE = 256  # images decoded (at reduced size) to estimate the mean and std of a stream
@@ -175,30 +175,20 @@ def transform_sample(source, in_chans: int, size: tuple[int, int], transform: st
     from torchvision v2's own ``make_params`` on the size in the header, then the JPEG is decoded no larger
     than that crop needs (``decode_image``'s ``min_size``), and the box, scaled to the decoded size, is
     resized with antialiasing (``v2.functional.resized_crop``)."""
-    from torchvision.transforms import v2
-
     if transform == "fit":
         return torch.from_numpy(read_image(source, in_chans, size, name=name))
     out_h, out_w = size
-    header = image_header(source, name=name)
-    w, h = header[:2]
     if transform == "random-resized-crop":
-        p = _rrc(out_h, out_w).make_params([torch.empty((0, h, w), dtype=torch.uint8)])
-        top, left, ch, cw = p["top"], p["left"], p["height"], p["width"]
-        mirror = flip and bool(torch.rand(()) < 0.5)
-    elif transform == "resize-center-crop":
-        top, left, ch, cw = center_crop_box(w, h, size, eval_resize or round(max(size) / EVAL_CROP_FRACTION))
-        mirror = False
-    else:
-        raise UsageError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
-    x = decode_image(source, in_chans, min_size=(math.ceil(w * out_w / cw), math.ceil(h * out_h / ch)), name=name,
-                     header=header)
-    sy, sx = x.shape[1] / h, x.shape[2] / w  # 1, or the reduced decode's scale
-    t, l = int(round(top * sy)), int(round(left * sx))
-    bh = max(1, min(x.shape[1] - t, int(round(ch * sy))))
-    bw = max(1, min(x.shape[2] - l, int(round(cw * sx))))
-    y = v2.functional.resized_crop(x, t, l, bh, bw, [out_h, out_w], antialias=True)
-    return y.flip(-1) if mirror else y
+        def box(w, h):  # torchvision v2's own parameters for this image's size
+            p = _rrc(out_h, out_w).make_params([torch.empty((0, h, w), dtype=torch.uint8)])
+            return p["top"], p["left"], p["height"], p["width"]
+        y = resized_crop(source, in_chans, size, box, name=name)
+        return y.flip(-1) if flip and bool(torch.rand(()) < 0.5) else y  # drawn after the crop, as v2 does
+    if transform == "resize-center-crop":
+        return resized_crop(source, in_chans, size,
+                            lambda w, h: center_crop_box(w, h, size, eval_resize or default_eval_resize(size)),
+                            name=name)
+    raise UsageError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
 
 
 _RRC = {}
@@ -236,7 +226,14 @@ class _BatchDecoder(torch.utils.data.Dataset):
 def decode_batch(sources, ids, labels, in_chans, size, transform, *, flip, eval_resize, seeds, known_bad=(),
                  names=None, batch=0) -> dict:
     """Decode and transform one batch (in a worker); shared by the folder and the shard loaders."""
-    out = torch.zeros((len(sources), in_chans, *size), dtype=torch.uint8)
+    shape = (len(sources), in_chans, *size)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker, built in shared memory (as default_collate does): sending a batch made
+        # in private memory copies it into a new shared segment first
+        out = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+        out.zero_()
+    else:
+        out = torch.zeros(shape, dtype=torch.uint8)
     good = torch.zeros(len(sources), dtype=torch.bool)
     bad = []
     rng_state = torch.get_rng_state()  # per batch, not per sample (fork_rng costs 0.2 ms an image)
@@ -249,7 +246,9 @@ def decode_batch(sources, ids, labels, in_chans, size, transform, *, flip, eval_
                 bad.append((key, known_bad[key] if isinstance(known_bad, dict) else "unreadable"))
                 continue
             try:
-                torch.manual_seed(seeds[j])
+                # the CPU generator only: torch.manual_seed also queues lazy CUDA/MPS seeding, which records a
+                # stack trace each time (0.9 ms an image, as long as the decode itself)
+                torch.default_generator.manual_seed(seeds[j])
                 out[j] = transform_sample(src, in_chans, size, transform, flip=flip, eval_resize=eval_resize,
                                           name="the image")
                 good[j] = True
@@ -265,6 +264,19 @@ def decode_batch(sources, ids, labels, in_chans, size, transform, *, flip, eval_
 
 
 # --- the loader ----------------------------------------------------------------------------------
+def worker_init(_worker_id: int) -> None:
+    """Fix glibc's mmap threshold in a decoding worker.  By default glibc raises it to the largest block
+    freed so far, after which the decoders' 0.2-10 MB buffers come from the heap and fragment it: a
+    worker grew about 3 MB a batch, so memory rose with the epoch's length (benchmarks/bench_stream.py).
+    With a fixed threshold those buffers are mapped and unmapped, and a worker stays flat."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD = -3; 128 KB is glibc's own default
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to fix
+        pass
+
+
 def default_workers() -> int:
     """Decoding workers per process: the cores this process may use, shared by the processes torchrun
     starts on this machine (LOCAL_WORLD_SIZE), at most 8 (more rarely pays in the reference recipes)."""
@@ -401,7 +413,16 @@ class StreamLoader:
             return (decoder[t] for t in tasks)
         return iter(torch.utils.data.DataLoader(
             decoder, batch_size=None, sampler=tasks, num_workers=self.workers, prefetch_factor=self.prefetch,
-            pin_memory=self.device.type == "cuda", persistent_workers=False))
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=worker_init))
+
+    def uint8_batches(self, epoch: int = 0):
+        """Yields (x uint8, y int64) on the CPU, the decoded and transformed batches before any device-side
+        step, bad samples left out: what ``evaluation.evaluate`` reads from a streamed split."""
+        for item in self._batches(epoch, 0):
+            self._bad.add(item["bad"], self._name_of)
+            xy = finish_batch(item, train=False, device=torch.device("cpu"), non_blocking=False)
+            if xy is not None:
+                yield xy
 
     def iterate(self, epoch: int, start_batch: int = 0):
         """Yields (x float on device, y int64 on device) for batches ``start_batch..len(self)-1``."""

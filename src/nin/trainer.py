@@ -193,10 +193,8 @@ def _splits(cfg: TrainConfig, ds):
     if cfg.limit_train is not None:
         if isinstance(train_split, Split):
             train_split = Split(train_split.images[:cfg.limit_train], train_split.labels[:cfg.limit_train])
-        elif hasattr(train_split, "head"):
+        else:  # files or shards: the first N
             train_split = train_split.head(cfg.limit_train)
-        else:
-            raise UsageError("--limit-train works on in-memory datasets and folders, not on wds: shards")
     return train_split, val_split
 
 
@@ -263,7 +261,7 @@ def set_up(cfg: TrainConfig) -> Setup:
         net = torch.compile(net)
     preprocess = {"resize": cfg.resize, "mean": list(mean) if mean else None, "std": list(std) if std else None}
     if imagenet:
-        preprocess.update(transform="imagenet", crop_size=cfg.crop_size)
+        preprocess["transform"] = "imagenet"  # evaluated and predicted with resize + centre crop
     meta = ModelMeta(model=cfg.model, model_kwargs=model_kwargs, classes=list(ds.classes),
                      input_size=[int(in_chans), int(h), int(w)], dataset=ds.name, preprocess=preprocess,
                      tta="flip" if cfg.tta_flip else "none", split=ds.split,

@@ -123,6 +123,7 @@ def test_4_max_steps_keeps_a_model_and_resumes(tmp_path, data_dir, capsys):
 @pytest.mark.parametrize("field,value,says", [
     ("preprocess", {"resize": None, "mean": [0.3], "std": [0.0]}, "preprocess.std"),
     ("preprocess", {"resize": None, "mean": [float("nan")], "std": [0.3]}, "preprocess.mean"),
+    ("preprocess", {"resize": None, "mean": None, "std": None, "transform": "stretch"}, "preprocess.transform"),
     ("classes", ["only one"], "field 'classes'"),
     ("input_size", [1, 28], "field 'input_size'"),
     ("input_size", [1, 30000, 30000], "field 'input_size'"),

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import ImageError
-from ..images import MAX_PIXELS, read_image
+from ..images import MAX_PIXELS, read_input
 from .batching import Batcher, QueueFull
 from .model import ServedModel
 
@@ -222,10 +222,10 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
             raise ApiError(400, f"{name}: empty body (send the image as the body or as the form field 'file')")
         try:
             if len(body) <= INLINE_DECODE_BYTES:
-                image = read_image(body, c, (h, w), invert=invert, max_pixels=max_pixels, name=name)
+                image = read_input(meta, body, invert=invert, max_pixels=max_pixels, name=name)
             else:
                 async with decoders:
-                    image = await asyncio.to_thread(read_image, body, c, (h, w), invert=invert,
+                    image = await asyncio.to_thread(read_input, meta, body, invert=invert,
                                                     max_pixels=max_pixels, name=name)
         except ImageError as e:
             status = image_error_status(e)
