@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Debian machine:
 #   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
-#   make test    -> same set-up (plus the d2l package the seed-pipeline tests drive), then the test suite
+#   make test    -> same set-up (plus the d2l package the book-pipeline tests drive), then the test suite
 #   make notebook -> same set-up, then JupyterLab on notebooks/nin.ipynb (the d2l chapter with nin)
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -38,17 +38,17 @@ wrk:
 train: setup
 	.venv/bin/nin train $(ARGS)
 
-test: setup .venv/.seed-deps browser
+test: setup .venv/.d2l-deps browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The seed pipeline (benchmarks and their smoke tests) is driven through the public d2l package
+# The book's pipeline (benchmarks and their smoke tests) is driven through the public d2l package
 # (no deps: it pins old versions) plus the few modules it imports.
-.venv/.seed-deps: | .venv/.installed
+.venv/.d2l-deps: | .venv/.installed
 	$(PY) -m pip install -q --no-deps "d2l==1.0.3"
 	$(PY) -m pip install -q pandas requests ipython matplotlib-inline
 	touch $@
 
-bench: setup .venv/.seed-deps wrk
+bench: setup .venv/.d2l-deps wrk
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 # Mutation testing of the training core (mutmut 3.8.1), outside CI's pass/fail like `make bench`: runs

@@ -1,7 +1,7 @@
-"""Input pipeline throughput: nin's BatchLoader against the seed's torchvision pipeline, same run.
+"""Input pipeline throughput: nin's BatchLoader against the book's torchvision pipeline, same run.
 
 Both produce shuffled batches of 128 Fashion-MNIST training images at 1 x 224 x 224, float.
-  seed: torchvision FashionMNIST + Resize(224) + ToTensor() in a DataLoader with 4 workers (d2l's default)
+  book: torchvision FashionMNIST + Resize(224) + ToTensor() in a DataLoader with 4 workers (d2l's default)
   nin:  BatchLoader(resize=224): uint8 split in memory, randperm, two GEMMs per batch (no workers)
 Each figure is 128 / the median time of one `next()` on the iterator, after warm-up batches.
 
@@ -34,7 +34,7 @@ def time_batches(it, warmup: int, batches: int) -> list[float]:
     return times
 
 
-def seed_pipeline(raw_dir: str, batches: int, workers: int) -> list[float]:
+def book_pipeline(raw_dir: str, batches: int, workers: int) -> list[float]:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -63,8 +63,10 @@ def nin_pipeline(ds, batches: int, **options) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=100, help="timed batches per nin variant (default 100)")
-    p.add_argument("--seed-batches", type=int, default=30, help="timed batches of the seed pipeline (default 30)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the seed pipeline (default 4)")
+    p.add_argument("--book-batches", type=int, default=30, help="timed batches of the book's pipeline (default 30)")
+    p.add_argument("--seed-batches", dest="book_batches", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # deprecated alias of --book-batches
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the book's pipeline (default 4)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for nin")
     p.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: nin's search)")
     args = p.parse_args()
@@ -73,8 +75,8 @@ def main() -> None:
 
     ds = load_dataset("fashion-mnist", args.data_dir)
     torch.set_num_threads(args.threads)
-    rows = [("seed: torchvision Resize(224)+ToTensor, DataLoader "
-             f"{args.workers} workers", seed_pipeline(ds.source, args.seed_batches, args.workers))]
+    rows = [("the book: torchvision Resize(224)+ToTensor, DataLoader "
+             f"{args.workers} workers", book_pipeline(ds.source, args.book_batches, args.workers))]
     norm = dict(mean=ds.mean, std=ds.std)
     variants = [("nin BatchLoader, fp32", {}),
                 ("nin BatchLoader, fp32, normalised", norm),
@@ -87,12 +89,12 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"### Input pipeline: Fashion-MNIST train, batches of 128 at 1x224x224 "
           f"({os.cpu_count()} CPU cores, {cpu}, torch {torch.__version__}, {args.threads} threads)\n")
-    print("| pipeline | images/s (median batch) | vs seed |")
+    print("| pipeline | images/s (median batch) | vs the book |")
     print("|---|---:|---:|")
     for name, times in rows:
         rate = 128 / statistics.median(times)
         print(f"| {name} | {rate:,.0f} | {rate / base:.1f}x |")
-    print(f"\nMedian of per-batch `next()` times after warm-up: seed {len(rows[0][1])} batches, "
+    print(f"\nMedian of per-batch `next()` times after warm-up: the book {len(rows[0][1])} batches, "
           f"nin {args.batches} batches per variant. Command: `.venv/bin/python benchmarks/bench_data.py`.")
 
 

@@ -1,22 +1,22 @@
-"""Training throughput on the seed's configuration: the seed's own pipeline against `nin train --recipe d2l`.
+"""Training throughput on the book's configuration: the book's own pipeline against `nin train --recipe d2l`.
 
-Both train nin_d2l (the seed's network) on Fashion-MNIST resized to 224 x 224, batch 128, plain SGD lr 0.1:
-  seed: the seed's code driven through the public d2l package (d2l==1.0.3): d2l.load_data_fashion_mnist(128,
-        resize=224) (torchvision Resize + ToTensor, DataLoader with 4 workers), the seed's nn.Sequential, and the
+Both train nin_d2l (the book's network) on Fashion-MNIST resized to 224 x 224, batch 128, plain SGD lr 0.1:
+  book: the d2l.ai chapter's code driven through the public d2l package (d2l==1.0.3): d2l.load_data_fashion_mnist(128,
+        resize=224) (torchvision Resize + ToTensor, DataLoader with 4 workers), the book's nn.Sequential, and the
         body of d2l.train_ch6's inner loop, verbatim (fp32, NCHW).  The Debian Fashion-MNIST files are unpacked
         where torchvision looks (a temp data/FashionMNIST/raw/), so nothing downloads.
   nin:  nin.trainer.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
         nin.trainer.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
-Each pipeline runs in its own worker process (the allocator setting is process-wide, and the seed's DataLoader
-workers are its own); the parent alternates them -- seed, nin, then (--one-thread, the default) the seed and nin
+Each pipeline runs in its own worker process (the allocator setting is process-wide, and the book's DataLoader
+workers are its own); the parent alternates them -- book, nin, then (--one-thread, the default) the book and nin
 again with one torch thread each, as under OMP_NUM_THREADS=1, then the conv peaks -- for --rounds rounds.  On a
 loaded 2-core machine two threads lose more than half their speed waiting on each other at every op
 (benchmarks/README.md), so the one-thread pair is the like-for-like comparison there.
 A segment's rate is images / wall seconds over its steps, data loading included, after one untimed step.
 The headline is the ratio of the median rates.  The same run measures this machine's bf16 and fp32 convolution
-peak (the seed's 5x5 conv 96->256 at 26x26, batch 128, forward) and nin's share of it.
+peak (the book's 5x5 conv 96->256 at 26x26, batch 128, forward) and nin's share of it.
 
-Run:  .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--seed-steps 4] [--nin-steps 8] [--json FILE]
+Run:  .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--book-steps 4] [--nin-steps 8] [--json FILE]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-# --- the seed pipeline --------------------------------------------------------------------
+# --- the book's pipeline ------------------------------------------------------------------
 def torchvision_root(raw_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
     """Unpack the Fashion-MNIST IDX files into root/data/FashionMNIST/raw/ (where torchvision looks for
     ``datasets.FashionMNIST("../data")`` run from root/cwd, as d2l does); returns root/cwd."""
@@ -66,8 +66,8 @@ def torchvision_root(raw_dir: str | os.PathLike, root: str | os.PathLike) -> Pat
     return Path(root) / "cwd"
 
 
-def seed_net() -> nn.Sequential:
-    """The seed's network, as its text writes it (/work/shared/seed/, d2l.ai's NiN chapter)."""
+def book_net() -> nn.Sequential:
+    """The book's network, as d2l.ai's NiN chapter writes it."""
     def nin_block(in_channels, out_channels, kernel_size, strides, padding):
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding),
@@ -88,7 +88,7 @@ def seed_net() -> nn.Sequential:
         nn.Flatten())
 
 
-class SeedPipeline:
+class BookPipeline:
     """d2l.load_data_fashion_mnist(batch_size, resize=224) + one pass of d2l.train_ch6's inner loop per ``step``."""
 
     def __init__(self, raw_dir: str = DEBIAN_FMNIST, batch_size: int = 128, device="cpu", lr: float = 0.1,
@@ -101,11 +101,11 @@ class SeedPipeline:
         os.chdir(cwd)  # d2l reads root="../data"; the dataset is in memory after construction
         try:
             if workers is not None:
-                d2l.get_dataloader_workers = lambda: workers  # smoke tests only; the seed uses 4
+                d2l.get_dataloader_workers = lambda: workers  # smoke tests only; the book uses 4
             self.train_iter, _ = d2l.load_data_fashion_mnist(batch_size, resize=224)
         finally:
             os.chdir(old)
-        net = seed_net()
+        net = book_net()
 
         def init_weights(m):  # train_ch6's own
             if type(m) == nn.Linear or type(m) == nn.Conv2d:
@@ -192,7 +192,7 @@ class NinPipeline:
 
 # --- conv peak and FLOPs ------------------------------------------------------------------
 def conv_peak(dtype: torch.dtype, batch: int = 128, reps: int = 3) -> float:
-    """Forward GFLOP/s of the seed's 5x5 conv 96->256 at 26x26 (its largest layer), channels_last, median."""
+    """Forward GFLOP/s of the book's 5x5 conv 96->256 at 26x26 (its largest layer), channels_last, median."""
     x = torch.randn(batch, 96, 26, 26).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 96, 5, 5).to(dtype).contiguous(memory_format=torch.channels_last)
     flops = 2 * batch * 26 * 26 * 256 * 96 * 25
@@ -222,9 +222,9 @@ def train_flops_per_image(name: str = "nin_d2l", size: int = 224) -> float:
 # --- worker processes ---------------------------------------------------------------------
 def worker(kind: str, args) -> None:
     """Set up one pipeline, say "ready", then for every "N" line run N timed steps (after one untimed)."""
-    torch.set_num_threads(1 if kind.endswith("1") else args.threads)  # seed1, nin1: as OMP_NUM_THREADS=1
-    if kind.startswith("seed"):
-        pipe = SeedPipeline(args.raw_dir, args.batch_size)
+    torch.set_num_threads(1 if kind.endswith("1") else args.threads)  # book1, nin1: as OMP_NUM_THREADS=1
+    if kind.startswith("book"):
+        pipe = BookPipeline(args.raw_dir, args.batch_size)
     else:
         pipe = NinPipeline(args.recipe, "cpu", args.data_dir, batch_size=args.batch_size)
     for _ in range(args.warmup):
@@ -269,7 +269,7 @@ class Worker:
 
 
 def measure(args) -> dict:
-    kinds = ["seed", "nin"] + (["seed1", "nin1"] if args.one_thread else [])
+    kinds = ["book", "nin"] + (["book1", "nin1"] if args.one_thread else [])
     workers = {k: Worker(k, args) for k in kinds}
     for w in workers.values():
         w.wait_ready()
@@ -279,16 +279,16 @@ def measure(args) -> dict:
         for r in range(args.rounds):
             row = {"load_before": loadavg()}
             for k, w in workers.items():
-                row[k] = w.run(args.seed_steps if k.startswith("seed") else args.nin_steps)
+                row[k] = w.run(args.book_steps if k.startswith("book") else args.nin_steps)
             row["peak_bf16"] = conv_peak(torch.bfloat16)
             row["peak_fp32"] = conv_peak(torch.float32)
             row["load_after"] = loadavg()
             for k in kinds:
                 row[k]["rate"] = row[k]["images"] / row[k]["wall"]
             rounds.append(row)
-            print(f"round {r + 1}/{args.rounds}: seed {row['seed']['rate']:.1f} img/s, nin {row['nin']['rate']:.1f} "
-                  f"img/s ({row['nin']['rate'] / row['seed']['rate']:.2f}x)"
-                  + (f"; one thread: seed {row['seed1']['rate']:.1f}, nin {row['nin1']['rate']:.1f} img/s"
+            print(f"round {r + 1}/{args.rounds}: the book {row['book']['rate']:.1f} img/s, "
+                  f"nin {row['nin']['rate']:.1f} img/s ({row['nin']['rate'] / row['book']['rate']:.2f}x)"
+                  + (f"; one thread: the book {row['book1']['rate']:.1f}, nin {row['nin1']['rate']:.1f} img/s"
                      if "nin1" in row else "") + f", conv peak bf16 {row['peak_bf16']:.0f} "
                   f"fp32 {row['peak_fp32']:.0f} GFLOP/s, load {row['load_before']:.2f}->{row['load_after']:.2f}",
                   file=sys.stderr, flush=True)
@@ -298,20 +298,20 @@ def measure(args) -> dict:
     med = lambda key, sub=None: statistics.median(r[key][sub] if sub else r[key] for r in rounds)  # noqa: E731
     flops = train_flops_per_image()
     res = {
-        "rounds": rounds, "seed_rate": med("seed", "rate"), "nin_rate": med("nin", "rate"),
-        "seed_compute_rate": statistics.median(r["seed"]["images"] / r["seed"]["compute"] for r in rounds),
+        "rounds": rounds, "book_rate": med("book", "rate"), "nin_rate": med("nin", "rate"),
+        "book_compute_rate": statistics.median(r["book"]["images"] / r["book"]["compute"] for r in rounds),
         "peak_bf16": med("peak_bf16"), "peak_fp32": med("peak_fp32"), "train_gflop_per_image": flops / 1e9,
         "loads": [x for r in rounds for x in (r["load_before"], r["load_after"])],
-        "ratios": [r["nin"]["rate"] / r["seed"]["rate"] for r in rounds],
-        "config": {k: getattr(args, k) for k in ("rounds", "seed_steps", "nin_steps", "batch_size", "threads",
+        "ratios": [r["nin"]["rate"] / r["book"]["rate"] for r in rounds],
+        "config": {k: getattr(args, k) for k in ("rounds", "book_steps", "nin_steps", "batch_size", "threads",
                                                   "one_thread")},
         "machine": machine(),
     }
-    res["ratio"] = res["nin_rate"] / res["seed_rate"]
+    res["ratio"] = res["nin_rate"] / res["book_rate"]
     if args.one_thread:
-        res["nin1_rate"], res["seed1_rate"] = med("nin1", "rate"), med("seed1", "rate")
-        res["ratio1"] = res["nin1_rate"] / res["seed1_rate"]
-        res["ratios1"] = [r["nin1"]["rate"] / r["seed1"]["rate"] for r in rounds]
+        res["nin1_rate"], res["book1_rate"] = med("nin1", "rate"), med("book1", "rate")
+        res["ratio1"] = res["nin1_rate"] / res["book1_rate"]
+        res["ratios1"] = [r["nin1"]["rate"] / r["book1"]["rate"] for r in rounds]
     res["limit_bf16"] = res["peak_bf16"] * 1e9 / flops
     res["limit_fp32"] = res["peak_fp32"] * 1e9 / flops
     return res
@@ -336,44 +336,44 @@ def markdown(res: dict) -> str:
         return ", ".join(f"{r[k]['rate']:.1f}" for r in res["rounds"])
 
     rows = [
-        "| pipeline | images/s (median of rounds) | per round | vs seed |",
+        "| pipeline | images/s (median of rounds) | per round | vs the book |",
         "|---|---:|---|---:|",
-        f"| seed: d2l 1.0.3 `load_data_fashion_mnist(128, resize=224)` + `train_ch6` step, fp32 | "
-        f"{res['seed_rate']:.1f} | {per_round('seed')} | 1.00x |",
+        f"| the book: d2l 1.0.3 `load_data_fashion_mnist(128, resize=224)` + `train_ch6` step, fp32 | "
+        f"{res['book_rate']:.1f} | {per_round('book')} | 1.00x |",
         f"| nin: `nin train --recipe d2l` step (`train_step`, BatchLoader bf16, channels_last, fused SGD) | "
         f"{res['nin_rate']:.1f} | {per_round('nin')} | "
         f"**{res['ratio']:.2f}x** |",
     ]
     if "nin1_rate" in res:
-        rows += [f"| seed, one thread (`OMP_NUM_THREADS=1`; its 4 loader workers as before) | {res['seed1_rate']:.1f} | "
-                 f"{per_round('seed1')} | 1.00x |",
+        rows += [f"| the book, one thread (`OMP_NUM_THREADS=1`; its 4 loader workers as before) | "
+                 f"{res['book1_rate']:.1f} | {per_round('book1')} | 1.00x |",
                  f"| nin, one thread: `OMP_NUM_THREADS=1 nin train --recipe d2l` step | {res['nin1_rate']:.1f} | "
-                 f"{per_round('nin1')} | **{res['ratio1']:.2f}x** (vs the default seed: "
-                 f"{res['nin1_rate'] / res['seed_rate']:.2f}x) |"]
+                 f"{per_round('nin1')} | **{res['ratio1']:.2f}x** (vs the book at default threads: "
+                 f"{res['nin1_rate'] / res['book_rate']:.2f}x) |"]
     gf = res["train_gflop_per_image"]
     lines = [
-        "### Training throughput, the seed's configuration (nin_d2l, Fashion-MNIST at 224, batch 128)", "",
+        "### Training throughput, the book's configuration (nin_d2l, Fashion-MNIST at 224, batch 128)", "",
         *rows, "",
         f"Per-round ratios: {', '.join(f'{x:.2f}' for x in res['ratios'])}"
-        + (f" (one thread each: {', '.join(f'{x:.2f}' for x in res['ratios1'])})" if "ratios1" in res else "") + ". The seed's own `examples/sec` figure "
-        f"(train_ch6's timer, data loading excluded) was {res['seed_compute_rate']:.1f} in the same segments.",
+        + (f" (one thread each: {', '.join(f'{x:.2f}' for x in res['ratios1'])})" if "ratios1" in res else "") + ". The book's own `examples/sec` figure "
+        f"(train_ch6's timer, data loading excluded) was {res['book_compute_rate']:.1f} in the same segments.",
         "",
-        "| convolution peak (seed's 5x5 conv 96->256 at 26x26, batch 128, forward, median) | GFLOP/s | "
+        "| convolution peak (the book's 5x5 conv 96->256 at 26x26, batch 128, forward, median) | GFLOP/s | "
         f"limit for nin_d2l at {gf:.2f} GFLOP per training image | nin's share |",
         "|---|---:|---:|---:|",
         f"| bf16, channels_last | {res['peak_bf16']:.0f} | {res['limit_bf16']:.0f} images/s | "
         f"{res['nin_rate'] / res['limit_bf16']:.0%}"
         + (f" (one thread: {res['nin1_rate'] / res['limit_bf16']:.0%})" if "nin1_rate" in res else "") + " |",
         f"| fp32, channels_last | {res['peak_fp32']:.0f} | {res['limit_fp32']:.0f} images/s | "
-        f"(seed: {res['seed_rate'] / res['limit_fp32']:.0%}) |",
+        f"(the book: {res['book_rate'] / res['limit_fp32']:.0%}) |",
         "",
-        f"{c['rounds']} rounds, each: seed {c['seed_steps']} steps, then nin {c['nin_steps']} steps"
+        f"{c['rounds']} rounds, each: the book's pipeline {c['book_steps']} steps, then nin {c['nin_steps']} steps"
         + (", then the same two with one thread each" if "nin1_rate" in res else "") + " (each after one "
         "untimed step; rate = images / wall seconds, data loading included), then the conv peaks. "
         f"Load average (1 min) before/after each round: {', '.join(f'{x:.2f}' for x in res['loads'])}. "
         f"{res['machine']}. Command: `.venv/bin/python benchmarks/bench_train.py --rounds {c['rounds']} "
         + (f"--threads {c['threads']} " if c["threads"] != os.cpu_count() else "")
-        + f"--seed-steps {c['seed_steps']} --nin-steps {c['nin_steps']}`.",
+        + f"--book-steps {c['book_steps']} --nin-steps {c['nin_steps']}`.",
     ]
     return "\n".join(lines)
 
@@ -381,7 +381,9 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    p.add_argument("--seed-steps", type=int, default=4, help="timed seed steps per round (default 4)")
+    p.add_argument("--book-steps", type=int, default=4, help="timed steps of the book's pipeline per round (default 4)")
+    p.add_argument("--seed-steps", dest="book_steps", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # deprecated alias of --book-steps
     p.add_argument("--nin-steps", type=int, default=8, help="timed nin steps per round (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after each worker starts (default 2)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size of both pipelines (default 128)")
@@ -393,7 +395,7 @@ def main(argv=None) -> None:
                    help="also time nin with one thread (as OMP_NUM_THREADS=1): on a loaded machine two threads "
                         "wait on each other at every op (default on)")
     p.add_argument("--json", help="also write the raw results to this JSON file")
-    p.add_argument("--worker", choices=["seed", "nin", "seed1", "nin1"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["book", "nin", "book1", "nin1"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)

@@ -1,4 +1,4 @@
-"""The seed's recipe against the d2l-stable candidates, over several seeds: which change stops the
+"""The book's recipe against the d2l-stable candidates, over several seeds: which change stops the
 stuck-at-ln-10 failure and reaches >= 0.88 test accuracy in every seed?
 
 Each run is `nin train --recipe d2l` plus one variant's flags (VARIANTS below), as a subprocess, so the
@@ -38,7 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "kaiming": ["--init", "kaiming"],                                # He init instead of xavier
     "warmup-cosine": ["--warmup-epochs", "1", "--schedule", "cosine"],
     "no-class-relu": ["--model-kwargs", '{"class_block_relus": "hidden"}'],
-    "d2l": [],                                                       # the seed, unchanged
+    "d2l": [],                                                       # the book's recipe, unchanged
     "kaiming-cosine": ["--init", "kaiming", "--schedule", "cosine"],
     "lr0.05": ["--lr", "0.05"],                                      # d2l's own later fix
     "no-class-relu-cosine": ["--model-kwargs", '{"class_block_relus": "hidden"}', "--schedule", "cosine"],
@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--resize", type=int, default=224, help="input side (the seed: 224; smallest: 67)")
+    ap.add_argument("--resize", type=int, default=224, help="input side (the book: 224; smallest: 67)")
     ap.add_argument("--limit-train", type=int, default=0, help="training images (0: all 60,000)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -1,12 +1,12 @@
-"""The seed's configuration on one GPU: nin's step and whole 10-epoch `d2l` run against the seed's pipeline.
+"""The book's configuration on one GPU: nin's step and whole 10-epoch `d2l` run against the book's pipeline.
 
 Measures, on a CUDA machine (nothing measured yet: no GPU was available when this was written):
-  1. nin training images/s on the seed's configuration (nin_d2l, Fashion-MNIST at 224, batch 128): data resident on
+  1. nin training images/s on the book's configuration (nin_d2l, Fashion-MNIST at 224, batch 128): data resident on
      the GPU as uint8 (BatchLoader), bf16 autocast, channels_last, torch.compile; --steps steps after a warm-up
      that includes compilation, timed with torch.cuda.synchronize() around the steps only;
   2. the whole `nin train --recipe d2l --compile` run (10 epochs + 10 test passes), wall seconds from the call
      to its return, and its test accuracy.  Goal: <= 20 s on one H100 at >= 0.87 test accuracy;
-  3. the seed's pipeline (d2l's DataLoader + train_ch6's step, fp32) for --seed-steps steps, same process.
+  3. the book's pipeline (d2l's DataLoader + train_ch6's step, fp32) for --book-steps steps, same process.
 Prints one markdown table (and --json FILE).  Usage on the GPU machine:
     .venv/bin/python benchmarks/gpu.py                     # everything, about 2 minutes on an H100
     .venv/bin/python benchmarks/gpu.py --device cpu --steps 2 --batch-size 8   # smoke test (tests/test_benchmarks.py)
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DEBIAN_FMNIST, NinPipeline, SeedPipeline, machine, sync  # noqa: E402
+from bench_train import DEBIAN_FMNIST, BookPipeline, NinPipeline, machine, sync  # noqa: E402
 
 
 def timed_steps(pipe, steps: int, warmup: int, **step_kw) -> dict:
@@ -66,12 +66,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke mode)")
     p.add_argument("--steps", type=int, help="timed nin steps (default 200 on a GPU; smoke mode: required)")
-    p.add_argument("--seed-steps", type=int, help="timed seed-pipeline steps (default 200; smoke: --steps)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128, the seed's)")
+    p.add_argument("--book-steps", type=int, help="timed steps of the book's pipeline (default 200; smoke: --steps)")
+    p.add_argument("--seed-steps", dest="book_steps", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # deprecated alias of --book-steps
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128, the book's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the nin model (default: on for CUDA, off for cpu)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["step", "full", "seed"], help="parts to leave out")
-    p.add_argument("--raw-dir", default=DEBIAN_FMNIST, help="the four Fashion-MNIST IDX files, for the seed")
+    p.add_argument("--skip", nargs="*", default=[], choices=["step", "full", "book"], help="parts to leave out")
+    p.add_argument("--raw-dir", default=DEBIAN_FMNIST, help="the four Fashion-MNIST IDX files, for the book's pipeline")
     p.add_argument("--data-dir", help="nin's --data-dir (default: nin's search)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv=None) -> dict:
     if not smoke and not torch.cuda.is_available():
         p.error("no CUDA device here; run with --device cpu --steps N for a smoke test")
     steps = args.steps or 200
-    seed_steps = args.seed_steps or (steps if smoke else 200)
+    book_steps = args.book_steps or (steps if smoke else 200)
     compile_ = (not smoke) if args.compile is None else args.compile
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -100,11 +102,11 @@ def main(argv=None) -> dict:
         del pipe
         print("nin_step", res["nin_step"], flush=True)
         save()
-    if "seed" not in args.skip:
-        seed = SeedPipeline(args.raw_dir, args.batch_size, args.device, workers=0 if smoke else None)
-        res["seed_step"] = timed_steps(seed, seed_steps, warmup=1 if smoke else 5)
-        seed.close()
-        print("seed_step", res["seed_step"], flush=True)
+    if "book" not in args.skip:
+        book = BookPipeline(args.raw_dir, args.batch_size, args.device, workers=0 if smoke else None)
+        res["book_step"] = timed_steps(book, book_steps, warmup=1 if smoke else 5)
+        book.close()
+        print("book_step", res["book_step"], flush=True)
         save()
     if "full" not in args.skip:
         res["nin_full"] = full_run(args, compile_, smoke)
@@ -116,13 +118,14 @@ def main(argv=None) -> dict:
         r = res["nin_step"]
         rows.append(f"| nin `d2l` step: data on device, bf16, channels_last{', torch.compile' if compile_ else ''}"
                     f" ({r['images']} images) | {r['images_per_sec']:,.0f} images/s |")
-    if "seed_step" in res:
-        r = res["seed_step"]
-        rows.append(f"| seed pipeline: d2l DataLoader ({0 if smoke else 4} workers) + train_ch6 step, fp32 "
+    if "book_step" in res:
+        r = res["book_step"]
+        rows.append(f"| the book's pipeline: d2l DataLoader ({0 if smoke else 4} workers) + train_ch6 step, fp32 "
                     f"({r['images']} images) | "
                     f"{r['images_per_sec']:,.0f} images/s |")
-    if "nin_step" in res and "seed_step" in res:
-        rows.append(f"| nin / seed | {res['nin_step']['images_per_sec'] / res['seed_step']['images_per_sec']:.2f}x |")
+    if "nin_step" in res and "book_step" in res:
+        rows.append(f"| nin / the book | "
+                    f"{res['nin_step']['images_per_sec'] / res['book_step']['images_per_sec']:.2f}x |")
     if "nin_full" in res:
         r = res["nin_full"]
         what = "dry run (1 train + 1 test batch)" if smoke else "10 epochs + 10 test passes, wall"

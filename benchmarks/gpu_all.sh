@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project measures on a lent GPU, in one command that fits one device call:
-#   1. benchmarks/gpu.py: nin's d2l step vs the seed pipeline (200 steps each) and the whole 10-epoch
+#   1. benchmarks/gpu.py: nin's d2l step vs the book's pipeline (200 steps each) and the whole 10-epoch
 #      `nin train --recipe d2l` run, wall time and accuracy (capped at GPU_S seconds);
 #   2. benchmarks/d2l_stability.py: `d2l` and the d2l-stable candidates, full 224 x 224, 10 epochs,
 #      60,000 images, seeds 0.. in priority order, WORKERS at once, until TOTAL_S from the start.
@@ -27,7 +27,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   gpu_args=(--no-compile)
   # the 2026-11-27 H200 session ran warmup kaiming warmup-cosine no-class-relu d2l kaiming-cosine
-  # (results/); next: d2l-stable as it is now (verified on CPU only), against the seed, seed by seed
+  # (results/); next: d2l-stable as it is now (verified on CPU only), against the book's recipe, seed by seed
   stab_args=(--device cuda --seeds 0 1 2 3 4 5 6 7
              --variants linear-class-block-cosine-batch64 d2l)
 fi

@@ -23,11 +23,12 @@ def _speed(path: Path) -> list[str]:
     if "nin_step" in r:
         lines.append(f"| nin `d2l` step: data on the GPU as uint8, bf16, channels_last ({r['nin_step']['images']:,} "
                      f"images) | {r['nin_step']['images_per_sec']:,.0f} |")
-    if "seed_step" in r:
-        lines.append(f"| seed pipeline: d2l DataLoader (4 workers, PIL resize) + train_ch6 step, fp32 "
-                     f"({r['seed_step']['images']:,} images) | {r['seed_step']['images_per_sec']:,.0f} |")
-    if "nin_step" in r and "seed_step" in r:
-        lines.append(f"| **nin / seed** | **{r['nin_step']['images_per_sec'] / r['seed_step']['images_per_sec']:.2f}x** |")
+    book = r.get("book_step", r.get("seed_step"))  # seed_step: its name in older results files
+    if book:
+        lines.append(f"| the book's pipeline: d2l DataLoader (4 workers, PIL resize) + train_ch6 step, fp32 "
+                     f"({book['images']:,} images) | {book['images_per_sec']:,.0f} |")
+    if "nin_step" in r and book:
+        lines.append(f"| **nin / the book** | **{r['nin_step']['images_per_sec'] / book['images_per_sec']:.2f}x** |")
     if "nin_full" in r:
         f = r["nin_full"]
         lines.append(f"| whole `nin train --recipe d2l` (10 epochs + 10 test passes) | {f['seconds']:.1f} s wall, "
@@ -39,7 +40,7 @@ def _speed(path: Path) -> list[str]:
 
 
 def stuck(history: list[dict]) -> bool:
-    """Ended at the seed's failure: loss ln 10 (uniform logits over the 10 classes), chance accuracy."""
+    """Ended at the book recipe's failure: loss ln 10 (uniform logits over the 10 classes), chance accuracy."""
     return bool(history) and abs(history[-1]["train_loss"] - math.log(10)) < 0.01 and history[-1]["train_acc"] < 0.2
 
 
@@ -79,7 +80,8 @@ def _stability(path: Path) -> list[str]:
             # a run that failed (NaN) counts against the variant; one cut off by time or dropped does not
             finished = sum(r["epochs_done"] == r["epochs"] or not (r["status"] == "cut off"
                            or r["status"].startswith("stopped")) for r in rs)
-            lines.append(f"| {variant} | `{' '.join(r['flags']) if rs[0]['flags'] else '(the seed)'}` | "
+            flags = " ".join(r["flags"]) if rs[0]["flags"] else "(the book's recipe)"
+            lines.append(f"| {variant} | `{flags}` | "
                          f"{', '.join(cells)} | {ok}/{finished} |")
         lines.append("")
     return lines

@@ -1,7 +1,7 @@
 """Run nin's benchmarks and write BENCHMARKS.md (`make bench`).  About 12-15 minutes on 2 shared CPU cores.
 
 Parts (--only / --skip pick a subset; BENCHMARKS.md is rewritten with the parts that ran):
-  train  the seed's pipeline vs `nin train --recipe d2l`'s step, alternating, medians; conv peaks (bench_train.py)
+  train  the book's pipeline vs `nin train --recipe d2l`'s step, alternating, medians; conv peaks (bench_train.py)
   tta    time to accuracy of the `fast` recipe: `nin train` as a subprocess, wall seconds from its start to
          the first epoch whose row in metrics.jsonl reaches >= 92% / >= 93% test accuracy
   infer  inference, nin_d2l and the fast model (nin_fmnist width 32): images/s at batch 256 and latency at
@@ -44,8 +44,8 @@ def loadavg() -> str:
 
 def run_train(args, tmp: Path) -> str:
     out = tmp / "train.json"
-    steps = ["--rounds", "2", "--seed-steps", "2", "--nin-steps", "4"] if args.quick else \
-        ["--rounds", str(args.rounds), "--seed-steps", "4", "--nin-steps", "8"]
+    steps = ["--rounds", "2", "--book-steps", "2", "--nin-steps", "4"] if args.quick else \
+        ["--rounds", str(args.rounds), "--book-steps", "4", "--nin-steps", "8"]
     subprocess.run([PY, str(HERE / "bench_train.py"), *steps, "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
     sys.path.insert(0, str(HERE))
     from bench_train import markdown
@@ -137,7 +137,7 @@ def run_infer(args, tmp: Path) -> str:
             with torch.inference_mode():
                 ips = throughput(fn, x, seconds)
                 lat = latency_ms(fn, x[:1], 50 if name == "nin_d2l" else 200)
-            label = f"{name}" + (" (fast recipe's, width 32)" if kwargs else " (seed's)")
+            label = f"{name}" + (" (fast recipe's, width 32)" if kwargs else " (the book's)")
             rows.append(f"| {label} | {runtime} | {ips:,.0f} | {lat:.2f} ms |")
     from PIL import Image
 
@@ -153,7 +153,7 @@ def run_infer(args, tmp: Path) -> str:
 
 
 def run_data(args, tmp: Path) -> str:
-    batches = ["--batches", "20", "--seed-batches", "10"] if args.quick else ["--batches", "50", "--seed-batches", "20"]
+    batches = ["--batches", "20", "--book-batches", "10"] if args.quick else ["--batches", "50", "--book-batches", "20"]
     out = subprocess.run([PY, str(HERE / "bench_data.py"), *batches], check=True, capture_output=True, text=True)
     return out.stdout.strip()
 

@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 needs_d2l = pytest.mark.skipif(importlib.util.find_spec("d2l") is None,
-                               reason="the seed pipeline needs d2l: pip install --no-deps d2l==1.0.3 "
+                               reason="the book's pipeline needs d2l: pip install --no-deps d2l==1.0.3 "
                                       "pandas requests ipython matplotlib-inline")
 
 
@@ -38,10 +38,10 @@ def test_nin_pipeline_steps(fake_root):
 
 
 @needs_d2l
-def test_seed_pipeline_steps(fake_root):
-    from bench_train import SeedPipeline
+def test_book_pipeline_steps(fake_root):
+    from bench_train import BookPipeline
 
-    pipe = SeedPipeline(fake_root / "FashionMNIST" / "raw", batch_size=4, workers=0)
+    pipe = BookPipeline(fake_root / "FashionMNIST" / "raw", batch_size=4, workers=0)
     try:
         n, seconds = pipe.step()
         assert n == 4 and seconds > 0 and pipe.metric[2] == 4
@@ -57,7 +57,7 @@ def test_gpu_script_cpu_smoke_mode(fake_root, tmp_path):
     res = gpu.main(["--device", "cpu", "--steps", "1", "--batch-size", "4", "--data-dir", str(fake_root),
                     "--raw-dir", str(fake_root / "FashionMNIST" / "raw"), "--json", str(out)])
     assert res["smoke"] and json.loads(out.read_text())["nin_step"]["images"] == 4
-    assert res["seed_step"]["images_per_sec"] > 0 and 0 <= res["nin_full"]["test_acc"] <= 1
+    assert res["book_step"]["images_per_sec"] > 0 and 0 <= res["nin_full"]["test_acc"] <= 1
     assert "SMOKE MODE" in res["markdown"]
 
 
@@ -69,7 +69,7 @@ def test_gpu_script_refuses_cpu_without_steps():
 
 
 def test_bf16_loader_and_step_match_fp32_within_bf16_tolerance():
-    """The speed changes (bf16 loader output, fused SGD, train_step) keep the seed's numerics within bf16."""
+    """The speed changes (bf16 loader output, fused SGD, train_step) keep the book's numerics within bf16."""
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=g)
     a = to_float_batch(x8, resize=224)
@@ -183,14 +183,19 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     (tmp_path / "d2l-stability-cpu-x.jsonl").write_text("\n".join(json.dumps(r) for r in cpu))
     (tmp_path / "gpu-x.json").write_text(json.dumps({
         "device": "GPU-NAME", "torch": "t", "batch_size": 128, "compile": False,
-        "nin_step": {"images": 10, "images_per_sec": 3000.0}, "seed_step": {"images": 10, "images_per_sec": 1000.0}}))
+        "nin_step": {"images": 10, "images_per_sec": 3000.0}, "book_step": {"images": 10, "images_per_sec": 1000.0}}))
     monkeypatch.setattr(gpu_results, "RESULTS", tmp_path / "benchmarks" / "results")
     gpu_results.RESULTS.mkdir(parents=True)
     for f in tmp_path.glob("*.json*"):
         f.rename(gpu_results.RESULTS / f.name)
     text = gpu_results.render()
     assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1) | 1/2 |" in text
-    assert "GPU-NAME" in text and "**3.00x**" in text
+    assert "GPU-NAME" in text and "| **nin / the book** | **3.00x** |" in text
+    old = gpu_results.RESULTS / "gpu-old.json"  # results files written before the rename say seed_step
+    old.write_text(json.dumps({"device": "OLD", "torch": "t", "batch_size": 128, "compile": False,
+                               "nin_step": {"images": 10, "images_per_sec": 2000.0},
+                               "seed_step": {"images": 10, "images_per_sec": 1000.0}}))
+    assert "| **nin / the book** | **2.00x** |" in "\n".join(gpu_results._speed(old))
     gpu_part, cpu_part = text.split("### d2l-stable candidates on CPU")
     assert "NVIDIA H200" in gpu_part and "| w |" not in gpu_part
     big, small = cpu_part.split("**96 x 96**")
