@@ -288,6 +288,7 @@ def main() -> None:
     ap.add_argument("--stream-only", action="store_true", help="memory runs: leave out the in-memory path")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode, throughput, memory")
     ap.add_argument("--markdown", help="also write the BENCHMARKS.md section here")
+    ap.add_argument("--train-steps", type=int, default=50, help="steps of the `nin train` memory runs (default 50)")
     args = ap.parse_args()
     work = Path(args.work)
     result = {"date": str(date.today()), "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
@@ -305,7 +306,8 @@ def main() -> None:
         result["throughput_img_per_s"] = bench_throughput(folder, shards, args.rounds)
         print(json.dumps(result["throughput_img_per_s"], indent=1))
     if "memory" not in skip and args.memory:
-        result["memory"] = bench_memory(work, [int(s) for s in args.memory.split(",")], args.stream_only)
+        result["memory"] = bench_memory(work, [int(s) for s in args.memory.split(",")], args.stream_only,
+                                        args.train_steps)
         print(json.dumps(result["memory"], indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

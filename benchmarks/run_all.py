@@ -167,8 +167,8 @@ def run_serve(args, tmp: Path) -> str:
 
 
 def run_stream(args, tmp: Path) -> str:
-    sizes = ["--images", "300", "--rounds", "1", "--memory", "400,800", "--work", str(tmp / "imgs"),
-             "--out", str(tmp)] if args.quick else []
+    sizes = ["--images", "200", "--rounds", "1", "--memory", "300,600", "--train-steps", "4", "--work",
+             str(tmp / "imgs"), "--out", str(tmp)] if args.quick else []
     md = tmp / "stream.md"
     subprocess.run([PY, str(HERE / "bench_stream.py"), "--skip", "decode", *sizes, "--markdown", str(md)],
                    check=True, stdout=subprocess.DEVNULL)

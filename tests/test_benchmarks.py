@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks/: the GPU script's CPU mode and the two pipelines' step functions (a few seconds)."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -219,3 +220,23 @@ def test_gpu_stubs_let_d2l_and_the_run_folder_plot_work(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_stream_benchmark_smoke_writes_its_tables(tmp_path):
+    """benchmarks/bench_stream.py (run_all's "stream" part) on a tiny generated collection: every loader
+    delivers images, `nin train --stream` really takes its steps, and the section has both tables."""
+    import subprocess
+
+    md = tmp_path / "s.md"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_stream.py"), "--skip", "decode", "--images", "96",
+                        "--rounds", "1", "--memory", "100,200", "--train-steps", "2", "--stream-only",
+                        "--work", str(tmp_path / "imgs"), "--out", str(tmp_path), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("stream-*.json")).read_text())
+    assert all(v["median"] > 0 for v in result["throughput_img_per_s"].values())
+    rows = {(m["mode"], m["collection"]): m for m in result["memory"] if "images" in m}
+    assert rows[("train", 100)]["images"] == rows[("train", 200)]["images"] == 2 * 64
+    assert rows[("stream", 200)]["images"] == 160  # one epoch: the 80% of 200 not held out
+    text = md.read_text()
+    assert "| nin folder stream |" in text and "| 200 | `nin train --stream` (fixed steps) | 128 |" in text
