@@ -182,6 +182,16 @@ def old_sections(path: Path) -> dict[str, str]:
     return dict(re.findall(r"<!-- part:(\w+) -->\n(.*?)\n<!-- /part:\1 -->", path.read_text(), re.S))
 
 
+def hand_written(path: Path) -> str:
+    """What an earlier BENCHMARKS.md holds after its last part (sections written by hand, e.g. the seed
+    tables of the model-quality runs): kept as it is."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    ends = list(re.finditer(r"<!-- /part:\w+ -->\n", text))
+    return text[ends[-1].end():] if ends else ""
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help=f"comma-separated parts to run ({','.join(PARTS)}); default all")
@@ -230,7 +240,7 @@ def main(argv=None) -> None:
     from gpu_results import render  # what a lent GPU measured, kept in benchmarks/results/
     sections.append(("gpu", render()))
     body = "\n\n".join(f"<!-- part:{k} -->\n{text}\n<!-- /part:{k} -->" for k, text in sections)
-    Path(args.out).write_text("\n".join(header) + "\n" + body + "\n")
+    Path(args.out).write_text("\n".join(header) + "\n" + body + "\n" + hand_written(Path(args.out)))
     print(f"wrote {args.out} ({total / 60:.1f} min)", file=sys.stderr)
 
 
