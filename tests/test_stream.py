@@ -360,3 +360,12 @@ def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys
     assert acc == pytest.approx(float(last[header.index("test_acc")]), abs=1e-9)
     assert main(["cam", str(run), "--grid", "4", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size[0] > 100
+    # export checks onnxruntime against torch on real test images read the same way; the .onnx evaluates alike
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert re.search(r"on \d+ real test images", capsys.readouterr().out)
+    accs = []
+    for target in (run, tmp_path / "m.onnx"):
+        assert main(["eval", str(target), "--precision", "fp32", "--json"]) == 0
+        accs.append(json.loads(capsys.readouterr().out)["accuracy"])
+    assert accs[0] == accs[1]

@@ -393,7 +393,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     real = None
     if args.format == "onnx":
         try:
-            real = _dataset_for(model, args.data, args.data_dir).test.images[:64]
+            real = _first_test_images(model, _dataset_for(model, args.data, args.data_dir), 64)[0]
         except (DatasetError, UsageError) as e:
             print(f"note: no check on real images ({e})", file=sys.stderr)
     report = export_model(model, out, format=args.format, opset=args.opset, dynamic_batch=args.dynamic_batch,
