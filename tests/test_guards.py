@@ -432,3 +432,62 @@ def test_optimizer_decays_weights_but_not_biases_or_norm_affines():
     for p, p0 in zip(net.parameters(), before):
         want = p0 * (1 - 0.1 * 0.5) if p0.ndim > 1 else p0
         assert torch.allclose(p.detach(), want), p0.shape
+
+
+# --- random erasing (--erase): boxes by the paper's rule, applied before crop and flip --------------
+def _boxes(mask: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """(y0, x0, h, w) of each image's erased pixels, or None; asserts they form one filled rectangle."""
+    out = []
+    for m in mask:
+        if not m.any():
+            out.append(None)
+            continue
+        ys, xs = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        y0, x0, h, w = int(ys[0]), int(xs[0]), len(ys), len(xs)
+        assert int(ys[-1]) - y0 + 1 == h and int(xs[-1]) - x0 + 1 == w  # contiguous rows and columns
+        assert int(m.sum()) == h * w  # and the whole box, nothing else
+        out.append((y0, x0, h, w))
+    return out
+
+
+def test_erase_boxes_follow_the_random_erasing_rule():
+    from nin.data import erase_boxes
+
+    n, h, w = 4000, 28, 28
+    g = torch.Generator().manual_seed(0)
+    boxes = _boxes(erase_boxes(n, h, w, g, 0.3))
+    on = [b for b in boxes if b is not None]
+    assert 0.27 < len(on) / n < 0.33  # each image erased with probability p
+    areas = np.array([bh * bw for _, _, bh, bw in on]) / (h * w)
+    ratios = np.array([bh / bw for _, _, bh, bw in on])
+    assert areas.min() > 0.01 and areas.max() < 0.45  # 2-40% of the image, up to rounding and clamping
+    assert 0.18 < areas.mean() < 0.24  # uniform in [0.02, 0.40]: mean 0.21 (clamping trims a little)
+    assert ratios.min() > 0.2 and ratios.max() < 5  # 0.3-3.3, up to rounding small boxes to whole pixels
+    assert 0.9 < np.exp(np.log(ratios).mean()) < 1.1  # log-uniform aspect ratio in [0.3, 3.3]: centred on 1
+    ys = np.array([y0 + bh / 2 for y0, _, bh, _ in on])
+    assert abs(ys.mean() - h / 2) < 1.0  # placed uniformly: centred on average
+    assert all(y0 >= 0 and x0 >= 0 and y0 + bh <= h and x0 + bw <= w for y0, x0, bh, bw in on)
+    assert not erase_boxes(50, h, w, g, 0.0).any() and all(b is not None for b in _boxes(erase_boxes(50, h, w, g, 1.0)))
+
+
+def test_augment_erases_to_zero_before_cropping_and_flipping():
+    """augment() against a reference written with loops: the same draws from the same generator
+    (crop rows, crop columns, flips, then the erasing boxes), erased pixels 0, then pad, crop, flip."""
+    from nin.data import augment, erase_boxes
+
+    x = torch.randint(1, 256, (16, 2, 10, 12), dtype=torch.uint8)
+    got = augment(x, torch.Generator().manual_seed(7), crop_padding=2, flip=True, erase=0.7)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randint(0, 5, (16,), generator=g)
+    dx = torch.randint(0, 5, (16,), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    mask = erase_boxes(16, 10, 12, g, 0.7)
+    want = torch.zeros_like(x)
+    for k in range(16):
+        img = x[k].clone()
+        img[:, mask[k]] = 0
+        padded = F.pad(img, (2, 2, 2, 2))
+        crop = padded[:, int(dy[k]):int(dy[k]) + 10, int(dx[k]):int(dx[k]) + 12]
+        want[k] = crop.flip(-1) if flips[k] else crop
+    assert mask.any() and torch.equal(got, want)
+    assert torch.equal(augment(x, torch.Generator().manual_seed(7), erase=0.0), x)  # nothing asked, nothing done
