@@ -183,6 +183,42 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
     assert set(split_validation(split, 40, seed=4)[1].images.flatten().tolist()) != got
 
 
+@pytest.mark.parametrize("sizes,n,quota", [
+    ([50, 30, 20], 7, [4, 2, 1]),    # 3.5, 2.1, 1.4: floors 3, 2, 1; the one left goes to the largest remainder
+    ([10, 45, 45], 9, [1, 4, 4]),    # 0.9, 4.05, 4.05: the small class, whose remainder is largest, gets it
+])
+def test_validation_quotas_are_largest_remainders(sizes, n, quota):
+    from nin.data import Split
+    from nin.trainer import split_validation
+
+    labels = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    split = Split(torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8), labels)
+    assert torch.bincount(split_validation(split, n, seed=0)[1].labels, minlength=len(sizes)).tolist() == quota
+
+
+def test_validation_split_bounds_are_one_to_all_but_one():
+    from nin.data import Split
+    from nin.errors import UsageError
+    from nin.trainer import split_validation
+
+    split = Split(torch.zeros(20, 1, 1, 1, dtype=torch.uint8), torch.arange(2).repeat(10))
+    assert len(split_validation(split, 1, seed=0)[1]) == 1 and len(split_validation(split, 19, seed=0)[1]) == 19
+    for n in (0, 20):
+        with pytest.raises(UsageError, match=rf"--val-split must be between 1 and 19 \(the training images\), got {n}$"):
+            split_validation(split, n, seed=0)
+
+
+def test_evaluate_defaults_to_the_runs_own_tta(data):
+    """nin.evaluate(model, split) with no tta evaluates as the run reported (its meta.tta), not without it."""
+    import nin
+    from nin.data import load_dataset
+
+    model = nin.load("nin_fmnist.fashion_mnist_fast")
+    assert model.meta.tta == "flip"
+    test = load_dataset("fashion-mnist", data).test
+    default, flip, none = (nin.evaluate(model, test, tta=t) for t in (None, "flip", "none"))
+    assert default.tta == "flip" and (default.confusion == flip.confusion).all()
+    assert (default.confusion != none.confusion).any()  # flip changes some predictions of these images
 # --- EMA -------------------------------------------------------------------------------------------
 def test_ema_follows_timms_rule():
     from nin.engine import Ema
