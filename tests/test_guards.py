@@ -527,3 +527,62 @@ def test_augment_erases_to_zero_before_cropping_and_flipping():
         want[k] = crop.flip(-1) if flips[k] else crop
     assert mask.any() and torch.equal(got, want)
     assert torch.equal(augment(x, torch.Generator().manual_seed(7), erase=0.0), x)  # nothing asked, nothing done
+
+
+def test_epoch_lines_print_the_rows_numbers(data, tmp_path, capsys):
+    """What a user reads each epoch is the metrics row: every number of the line against metrics.jsonl,
+    the val column with a validation split, the closing examples/sec from the epochs' own seconds."""
+    import re
+
+    from nin.trainer import train
+
+    lines = []
+    final = train(tiny(data, val_split=64), tmp_path / "run", quiet=False, log=lines.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch_lines = [x for x in lines if x.startswith("epoch ")]
+    assert len(epoch_lines) == len(rows) == 2
+    for line, r in zip(epoch_lines, rows):
+        m = re.fullmatch(r"epoch +(\d+)/2  loss ([\d.]+)  train acc ([\d.]+)  val acc ([\d.]+)  test acc ([\d.]+)  "
+                         r"lr (\S+)  (\d+) img/s  ([\d.]+) s", line)
+        assert m, line
+        assert int(m[1]) == r["epoch"]
+        for got, key in zip(m.groups()[1:5], ("train_loss", "train_acc", "val_acc", "test_acc")):
+            assert float(got) == pytest.approx(r[key], abs=5e-5), key
+        assert float(m[6]) == pytest.approx(r["lr"], rel=1e-2) and float(m[8]) == pytest.approx(r["seconds"], abs=0.05)
+        assert abs(int(m[7]) - r["images_per_sec"]) <= 0.5
+    images = sum(r["images"] for r in rows)
+    assert final["examples_per_sec"] == pytest.approx(images / sum(r["seconds"] for r in rows), rel=1e-6)
+    assert f"{final['examples_per_sec']:.1f} examples/sec on cpu" in lines  # the book's closing line
+    assert "stayed at ln" not in capsys.readouterr().err  # a run that learns gets no plateau warning
+
+
+def test_evaluate_limit_precision_and_labels(data):
+    """evaluate(): ``limit`` counts images across the batches of a stream, precision "run" is the run's,
+    labels outside the classes are refused, a model without a description evaluates without TTA."""
+    import nin
+    from nin.data import load_dataset
+    from nin.errors import UsageError
+    from nin.evaluation import predict_logits
+
+    model = nin.load("nin_fmnist.fashion_mnist_fast")
+    test = load_dataset("fashion-mnist", data).test
+    x, y = test.images[:100], test.labels[:100]
+    whole = nin.evaluate(model, test, limit=70, tta="none")
+    batches = [(x[i:i + 30], y[i:i + 30]) for i in range(0, 100, 30)]  # 30 + 30 + 30 + 10
+    streamed = nin.evaluate(model, iter(batches), limit=70, tta="none")
+    assert whole.n == streamed.n == 70 and (whole.confusion == streamed.confusion).all()
+    pred = predict_logits(model, x[:70], tta="none").argmax(1)
+    assert whole.confusion.trace() == int((pred == y[:70]).sum())
+    assert nin.evaluate(model, test, limit=1, tta="none").n == 1
+    with pytest.raises(UsageError, match="limit must be at least 1, got 0"):
+        nin.evaluate(model, test, limit=0)
+    run = nin.evaluate(model, test, precision="run")
+    assert model.meta.precision == "bf16" and run.compute == "bf16"
+    bf16 = predict_logits(model, test.images, tta="flip", precision="bf16").argmax(1)
+    assert run.confusion.trace() == int((bf16 == test.labels).sum())
+    assert nin.evaluate(model, test, precision="fp32").compute == "fp32"
+    with pytest.raises(UsageError, match="the labels go up to 10 but the model knows 10 classes"):
+        nin.evaluate(model, iter([(x[:5], torch.tensor([0, 1, 2, 3, 10]))]))
+    plain = nin.create_model("nin_fmnist")  # no .meta: evaluated as it is
+    plain.classes = model.classes
+    assert nin.evaluate(plain, test).tta == "none"
