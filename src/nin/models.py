@@ -107,7 +107,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, *, pretrained: bool = False, **kwargs) -> NiN:
     """Build a registered model.  ``pretrained=True`` loads nin's shipped weights for ``name`` (an
-    architecture's default weights, or a full name like "nin_fmnist.fashion_mnist_w64"); with another
+    architecture's default weights, or a full name like "nin_fmnist.fashion_mnist_best"); with another
     ``num_classes`` the class-map conv keeps its fresh init (a fine-tuning start)."""
     arch = name.split(".")[0] if pretrained else name
     if arch not in _MODELS:
