@@ -46,6 +46,9 @@ DESELECT = "not numeric and not broken_pipe and not test_fast_recipe_learns_real
 
 # Survivors judged by hand, keyed by (function, the mutated line with spaces removed).
 # EQUIVALENT: cannot change a trained number.  NOT EQUIVALENT: could; "killed by" names the guard test.
+EMPTY = ("an evaluation of no images at all (unreachable from the CLI: a split is never empty and a stream of only "
+         "unreadable files stops at --max-bad); the mutant raises where the original returns an empty result: no number "
+         "changes.")
 CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
     # recipes.lr_at
     ("recipes.lr_at", "ifwarm>=0andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
@@ -109,6 +112,104 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
     ("data.epoch_order", "world_size:int=2)->torch.Tensor:"):
         ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
+    # evaluation.evaluate (second run, 2026-11-27)
+    ("evaluation.evaluate", "defevaluate(model,split,*,batch_size:int=257,tta:str|None=None,limit:int|None=None,"):
+        ("EQUIVALENT", "the batch size of evaluation: the model is in eval mode, each image's logits do not depend on the batch."),
+    ("evaluation.evaluate", "logits.append(predict_logits(model,x,tta=tta,precision=precision))"):
+        ("EQUIVALENT", "predict_logits' own default batch size: as above."),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)if(logits)orTrueelsetorch.zeros(0,len(classes))'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)iflogitselsetorch.zeros(None,len(classes))'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)iflogitselsetorch.zeros(0,None)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)iflogitselsetorch.zeros(len(classes))'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)iflogitselsetorch.zeros(0,)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'logits=torch.cat(logits)iflogitselsetorch.zeros(1,len(classes))'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()if(labels)orTrueelsenp.zeros(0,np.int64)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()iflabelselsenp.zeros(None,np.int64)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()iflabelselsenp.zeros(0,None)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()iflabelselsenp.zeros(np.int64)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()iflabelselsenp.zeros(0,)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", 'labels=torch.cat(labels).numpy()iflabelselsenp.zeros(1,np.int64)'):
+        ("EQUIVALENT", EMPTY),
+    ("evaluation.evaluate", "raiseUsageError(None)"):
+        ("MESSAGE", "an error's text (a user mistake still exits with an error); the tested messages are matched by the guard tests."),
+    ("evaluation.evaluate", "raiseUsageError(f\"themodelgives{logits.shape[2]}logitsbuthas{len(classes)}classnames\")"):
+        ("MESSAGE", "the error for a model whose logits and class names disagree would itself fail (IndexError): an error either way, no number."),
+    ("evaluation.evaluate", "returnEvalResult(classes,cm,ttaor\"XXnoneXX\",precision)"):
+        ("EQUIVALENT", "tta is never empty here (a string from the caller, the model's description or \"none\"), so the fallback is never taken."),
+    ("evaluation.evaluate", "returnEvalResult(classes,cm,ttaor\"NONE\",precision)"):
+        ("EQUIVALENT", "as above: the fallback is never taken."),
+    ('data.erase_boxes', 'bh=(area*log_r.exp()).sqrt().round().clamp(None,h).long()'):
+        ('EQUIVALENT', 'the lower clamp never binds: an area of at least 2% and an aspect of at least 0.3 give sides of at least sqrt(0.006 h w) >= 1.0 for images of 13 x 13 pixels or more.'),
+    ('data.erase_boxes', 'bw=(area/log_r.exp()).sqrt().round().clamp(None,w).long()'):
+        ('EQUIVALENT', 'as above, for the width.'),
+    ('data.erase_boxes', 'bh=(area*log_r.exp()).sqrt().round().clamp(1,None).long()'):
+        ('EQUIVALENT', 'a box taller than the image starts at row 0, -1 or -2 ((rand * (h - bh + 1)).long() truncates toward 0) and is clipped by the image: the same full-height pixel set as the clamped box at row 0.'),
+    ('data.erase_boxes', 'bh=(area*log_r.exp()).sqrt().round().clamp(1,).long()'):
+        ('EQUIVALENT', 'as above (clamp(1, ) has no upper bound).'),
+    ('data.erase_boxes', 'bw=(area/log_r.exp()).sqrt().round().clamp(1,None).long()'):
+        ('EQUIVALENT', 'as above, for the width.'),
+    ('data.erase_boxes', 'bw=(area/log_r.exp()).sqrt().round().clamp(1,).long()'):
+        ('EQUIVALENT', 'as above, for the width.'),
+    ('data.erase_boxes', 'bh=(area*log_r.exp()).sqrt().round().clamp(2,h).long()'):
+        ('EQUIVALENT', 'sides are at least 2 already for images of 28 x 28 or more (sqrt(0.02 x 0.3 x 784) = 2.2, rounded 2).'),
+    ('data.erase_boxes', 'bw=(area/log_r.exp()).sqrt().round().clamp(2,w).long()'):
+        ('EQUIVALENT', 'as above, for the width.'),
+    ('data.erase_boxes', 'on=torch.rand(n,generator=generator)<=p'):
+        ('EQUIVALENT', 'rand() == p has probability 0.'),
+    ('data.erase_boxes', 'y0=(torch.rand(n,generator=generator)*(h-bh-1)).long()'):
+        ('NOT EQUIVALENT', 'boxes never reach the bottom rows; killed by the edge assertions added to test_erase_boxes_follow_the_random_erasing_rule (checked by putting the mutated line in and running the test).'),
+    ('data.erase_boxes', 'x0=(torch.rand(n,generator=generator)*(w-bw-1)).long()'):
+        ('NOT EQUIVALENT', 'as above, for the right columns; killed the same way (checked by hand).'),
+    ('data.erase_boxes', 'x0=(torch.rand(n,generator=generator)/(w-bw+1)).long()'):
+        ('NOT EQUIVALENT', 'every box at the left edge; killed by the centring assertion on x added to the same test (checked by hand).'),
+    ('data.erase_boxes', '(xs>=x0[:,None,None])&(xs<=(x0+bw)[:,None,None]))'):
+        ('NOT EQUIVALENT', 'boxes one column wider than drawn; killed by the height-vs-width assertion added to the same test (checked by hand).'),
+    ('data.erase_boxes', 'y0=(torch.rand(n,generator=generator)*(h-bh+2)).long()'):
+        ('NOT EQUIVALENT, SURVIVES', 'a box may start one row past the last that fits and is clipped: about one box in twenty is one row short. The test sees only the clipped box, which looks like a smaller box; no test catches it.'),
+    ('data.erase_boxes', 'x0=(torch.rand(n,generator=generator)*(w-bw+2)).long()'):
+        ('NOT EQUIVALENT, SURVIVES', 'as above, for the columns.'),
+    ('evaluation.evaluate', 'logits.append(predict_logits(model,x,batch_size=batch_size,tta=tta,precision=None))'):
+        ('NOT EQUIVALENT', 'bf16 evaluation computed in fp32; killed by tests/test_pretrained.py (outside this selection: it needs the real test set), whose bf16 accuracies differ from fp32 to the image; on the fake images of the selection the two precisions predict alike.'),
+    ('evaluation.evaluate', 'logits.append(predict_logits(model,x,batch_size=batch_size,tta=tta,))'):
+        ('NOT EQUIVALENT', 'as above (the default precision is fp32).'),
+    ('evaluation.evaluate', 'iflimitisnotNoneandn>limit:'):
+        ('EQUIVALENT', 'at n == limit the loop reads one more batch and keeps x[:0] of it: an empty slice, no number changes (one batch more is decoded from a stream).'),
+    ('evaluation.evaluate', 'tta=getattr(getattr(model,"meta",None),"tta",None)'):
+        ('EQUIVALENT', "a model without a description then evaluates with tta None, which predict_logits treats as 'none', and the result says 'none' (tta or 'none')."),
+    ('trainer.end_epoch', 'val=f"valacc{row[\'val_acc\']:.4f}"if(row["val_acc"]isnotNone)orTrueelse""'):
+        ('NOT EQUIVALENT', 'a run without a validation split would crash formatting None in its epoch line; killed by the no-validation run added to test_epoch_lines_print_the_rows_numbers (checked by hand).'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01orrow["train_acc"]<2/len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<0.01androw["train_acc"]<2/len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=1.01androw["train_acc"]<2/len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<=2/len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<2*len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<3/len(s.ds.classes)\\'):
+        ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
+    # trainer.split_validation, trainer.end_epoch
+    ("trainer.split_validation", "g=torch.Generator().manual_seed(seed-7919)"):
+        ("EQUIVALENT", "another fixed offset: the rule is 'a split drawn from --seed', and any constant gives such a split; pinning this one would be a hard-coded result."),
+    ("trainer.split_validation", "g=torch.Generator().manual_seed(seed+7920)"):
+        ("EQUIVALENT", "as above."),
+    ("trainer.end_epoch", "ifs.d.mainornotquiet:"):
+        ("OUTPUT", "with several processes, ranks other than 0 would print the epoch line too: duplicated output, no number changes."),
+    ("trainer.end_epoch", "val=f\"valacc{row['val_acc']:.4f}\"ifrow[\"val_acc\"]isnotNoneelse\"XXXX\""):
+        ("OUTPUT", "the epoch line of a run without a validation split would show 'XXXX': output only; the numbers are checked by test_epoch_lines_print_the_rows_numbers."),
 }
 
 
@@ -202,7 +303,12 @@ def mutated_line(diff: str) -> str:
 
 def classify(mutant: str, diff: str) -> tuple[str, str]:
     key = (function_of(mutant), re.sub(r"\s+", "", mutated_line(diff)))
-    return CLASSIFIED.get(key, ("UNCLASSIFIED", "not yet judged"))
+    if key in CLASSIFIED:
+        return CLASSIFIED[key]
+    minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    if minus and mutated_line(diff).replace("XX", "").lower() == minus[0].strip().replace("XX", "").lower():
+        return ("MESSAGE", "only the case of a string or XX marks in it: the text of a message, no number.")
+    return ("UNCLASSIFIED", "not yet judged")
 
 
 def counts(r: dict) -> str:

@@ -501,7 +501,14 @@ def test_erase_boxes_follow_the_random_erasing_rule():
     assert ratios.min() > 0.2 and ratios.max() < 5  # 0.3-3.3, up to rounding small boxes to whole pixels
     assert 0.9 < np.exp(np.log(ratios).mean()) < 1.1  # log-uniform aspect ratio in [0.3, 3.3]: centred on 1
     ys = np.array([y0 + bh / 2 for y0, _, bh, _ in on])
-    assert abs(ys.mean() - h / 2) < 1.0  # placed uniformly: centred on average
+    xs = np.array([x0 + bw / 2 for _, x0, _, bw in on])
+    assert abs(ys.mean() - h / 2) < 1.0 and abs(xs.mean() - w / 2) < 1.0  # placed uniformly: centred on average
+    # every position a box fits in is drawn: some boxes touch each edge
+    heights, widths = np.array([b[2] for b in on]), np.array([b[3] for b in on])
+    assert abs(heights.mean() - widths.mean()) < 0.5  # the ratio's range is symmetric in log: h and w alike
+    small = [b for b in on if b[2] < h - 2 and b[3] < w - 2]  # boxes that can move (not clamped to the side)
+    assert min(y0 for y0, _, _, _ in small) == 0 and max(y0 + bh for y0, _, bh, _ in small) == h
+    assert min(x0 for _, x0, _, _ in small) == 0 and max(x0 + bw for _, x0, _, bw in small) == w
     assert all(y0 >= 0 and x0 >= 0 and y0 + bh <= h and x0 + bw <= w for y0, x0, bh, bw in on)
     assert not erase_boxes(50, h, w, g, 0.0).any() and all(b is not None for b in _boxes(erase_boxes(50, h, w, g, 1.0)))
 
@@ -554,6 +561,9 @@ def test_epoch_lines_print_the_rows_numbers(data, tmp_path, capsys):
     assert final["examples_per_sec"] == pytest.approx(images / sum(r["seconds"] for r in rows), rel=1e-6)
     assert f"{final['examples_per_sec']:.1f} examples/sec on cpu" in lines  # the book's closing line
     assert "stayed at ln" not in capsys.readouterr().err  # a run that learns gets no plateau warning
+    lines.clear()
+    train(tiny(data, epochs=1), tmp_path / "noval", quiet=False, log=lines.append)  # no validation split
+    assert [x for x in lines if x.startswith("epoch ")][0].count("val acc") == 0
 
 
 def test_evaluate_limit_precision_and_labels(data):
