@@ -207,7 +207,7 @@ def _image_tensor(model, image):
     if isinstance(image, (str, os.PathLike, bytes)):
         from .images import read_input
 
-        return torch.from_numpy(np.array(read_input(model.meta, image)))  # a writable copy
+        return torch.from_numpy(read_input(model.meta, image))  # a fresh, writable array
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.dtype != torch.uint8:
         raise UsageError(f"show_cam takes uint8 images (as the datasets hold them), got {t.dtype}")

@@ -178,6 +178,7 @@ def open_shards(spec: str) -> StreamDataset:
 
 def _select(split: ShardSplit, pattern: str, index_path: Path, spec: str) -> ShardSplit:
     """The training shards a brace pattern names, in the index's order (each named shard must be one)."""
+    _wds()  # the clean error when the extra is missing
     import braceexpand  # webdataset's own dependency
 
     names = list(braceexpand.braceexpand(pattern))
