@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-dir", help="passed to nin train")
+    ap.add_argument("--by-variant", action="store_true",
+                    help="every seed of the first variant first, then the next variant (default: seed by seed)")
     ap.add_argument("--workers", type=int, default=1, help="runs at once")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per run (OMP_NUM_THREADS)")
     ap.add_argument("--deadline", type=float, default=0, help="stop starting/kill runs after this many s (0: none)")
@@ -115,7 +117,8 @@ def main() -> None:
         return
 
     t_start = time.monotonic()
-    jobs = [(v, s) for s in args.seeds for v in args.variants]
+    jobs = ([(v, s) for v in args.variants for s in args.seeds] if args.by_variant
+            else [(v, s) for s in args.seeds for v in args.variants])
     lock = threading.Lock()
     procs: dict[tuple, subprocess.Popen] = {}
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="d2l-stability-"))

@@ -1,38 +1,53 @@
 #!/usr/bin/env bash
-# Everything this project measures on a lent GPU, in one command that fits one device call:
-#   1. benchmarks/gpu.py: nin's d2l step vs the book's pipeline (200 steps each) and the whole 10-epoch
-#      `nin train --recipe d2l` run, wall time and accuracy (capped at GPU_S seconds);
-#   2. benchmarks/d2l_stability.py: `d2l` and the d2l-stable candidates, full 224 x 224, 10 epochs,
-#      60,000 images, seeds 0.. in priority order, WORKERS at once, until TOTAL_S from the start.
-# Results land in $OUT (gpu.json, stability.jsonl and the logs).  Usage, from the repository root:
+# Everything this project measures on a lent GPU, in one command that fits one device call (10 minutes):
+#   1. benchmarks/gpu.py (SPEED_S seconds at most): the eager step's kernel profile; nin's d2l step eager and
+#      torch.compile'd; the book's pipeline; the whole 10-epoch `nin train --recipe d2l`, compiled and eager;
+#   2. benchmarks/d2l_stability.py until TOTAL_S from the start: `d2l-stable` (the variant
+#      linear-class-block-cosine-batch64) on seeds 0-9 first, then the book's `d2l` on the same seeds,
+#      224 x 224, 10 epochs, 60,000 images, WORKERS runs sharing the GPU.
+# Results land in $OUT: env.txt, gpu.json, gpu.log, profile.txt, stability.jsonl, stability.log.
 #   OUT=gpu-out DATA=/path/to/fashion-mnist bash benchmarks/gpu_all.sh
+# Packages the GPU machine lacks (d2l, matplotlib) install from wheels in WHEELS (default .whl/) if present.
 # SMOKE=1 runs the same on CPU with tiny settings (a check of the script, not a measurement).
 set -u
-OUT=${OUT:-gpu-out}; DATA=${DATA:-/usr/share/datasets/fashion-mnist}
-GPU_S=${GPU_S:-170}; TOTAL_S=${TOTAL_S:-540}; WORKERS=${WORKERS:-4}
-PY=${PY:-python3}
+OUT=${OUT:-gpu-out}; PY=${PY:-python3}; WHEELS=${WHEELS:-.whl}
+DATA=${DATA:-/usr/share/datasets/fashion-mnist}
+[ -e "$DATA/train-images-idx3-ubyte.gz" ] || DATA=$PWD/.gpudata  # carried beside the tree
+SPEED_S=${SPEED_S:-185}; TOTAL_S=${TOTAL_S:-570}; WORKERS=${WORKERS:-5}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-# d2l imports IPython and matplotlib_inline for notebook plots only; where they are missing, stand-ins
+# the book's code (d2l) and what it imports, from wheels, each only where the machine lacks it
+if [ -d "$WHEELS" ]; then
+  need=()
+  "$PY" -c "import d2l" 2>/dev/null || need+=("$WHEELS"/d2l-*.whl)
+  "$PY" -c "import matplotlib" 2>/dev/null || need+=("$WHEELS"/{matplotlib,contourpy,cycler,fonttools,kiwisolver,pyparsing,python_dateutil}-*.whl)
+  if [ ${#need[@]} -gt 0 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${need[@]}" \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+fi
+# d2l imports IPython, matplotlib_inline (notebook plots), pandas and requests (other chapters): stand-ins where missing
 if ! "$PY" -c "import IPython, matplotlib_inline" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/gpu_stubs"
 fi
+"$PY" -c "import pandas" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/gpu_stubs/no_pandas"
+"$PY" -c "import requests" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD/benchmarks/gpu_stubs/no_requests"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import sys, torch, nin; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
-torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"; } 2>&1 | tee "$OUT/env.txt"
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  "$PY" -c "from d2l import torch as d2l; print('d2l imports')" 2>&1 | tail -1; echo "DATA=$DATA"; } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   gpu_args=(--device cpu --steps 2 --batch-size 8)
-  stab_args=(--device cpu --resize 67 --limit-train 256 --epochs 1 --seeds 0 1 --variants warmup kaiming)
+  stab_args=(--device cpu --resize 67 --limit-train 256 --epochs 1 --seeds 0 1
+             --variants linear-class-block-cosine-batch64 d2l)
 else
-  gpu_args=(--no-compile)
-  # the 2026-11-27 H200 session ran warmup kaiming warmup-cosine no-class-relu d2l kaiming-cosine
-  # (results/); next: d2l-stable as it is now (verified on CPU only), against the book's recipe, seed by seed
-  stab_args=(--device cuda --seeds 0 1 2 3 4 5 6 7
+  gpu_args=(--modes eager default --full-modes compiled eager)
+  stab_args=(--device cuda --seeds 0 1 2 3 4 5 6 7 8 9 --by-variant
              --variants linear-class-block-cosine-batch64 d2l)
 fi
-timeout "$GPU_S" "$PY" benchmarks/gpu.py "${gpu_args[@]}" --raw-dir "$DATA" --data-dir "$DATA" \
-  --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
+timeout "$SPEED_S" "$PY" benchmarks/gpu.py "${gpu_args[@]}" --raw-dir "$DATA" --data-dir "$DATA" \
+  --profile "$OUT/profile.txt" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.log"
 left=$(( TOTAL_S - SECONDS ))
 echo "# d2l_stability: $left s left" | tee "$OUT/stability.log"
 "$PY" benchmarks/d2l_stability.py "${stab_args[@]}" --data-dir "$DATA" --workers "$WORKERS" \
