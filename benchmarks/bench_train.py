@@ -181,7 +181,8 @@ class NinPipeline:
         torch.manual_seed(step_seed(self.cfg.seed, st.epoch, st.batch, 0))
         lr = lr_at(self.cfg, st.step, s.steps_per_epoch, s.base_lr)
         loss, _ = train_step(self.net, s.opt, s.scaler, x, y, lr=lr, amp_dtype=self.amp_dtype,
-                             label_smoothing=self.cfg.label_smoothing, sums=st.sums)
+                             label_smoothing=self.cfg.label_smoothing, sums=st.sums,
+                             clip_grad_norm=self.cfg.clip_grad_norm)
         if self.device.type == "cpu":  # train() checks the loss every step on CPU (a host sync)
             assert bool(torch.isfinite(loss.detach()))
         st.step, st.batch = st.step + 1, st.batch + 1

@@ -2,7 +2,8 @@
 
 GPU machines are lent to a few sessions only, so what `benchmarks/gpu_all.sh` measured there is kept in
 benchmarks/results/ (gpu-*.json from gpu.py, d2l-stability-*.jsonl from d2l_stability.py) and
-`run_all.py` renders it on every run, on any machine.  `python benchmarks/gpu_results.py` prints it.
+`run_all.py` renders it on every run, on any machine.  `python benchmarks/gpu_results.py` prints it;
+`python benchmarks/gpu_results.py --write` puts it into BENCHMARKS.md in place of the old GPU part.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _speed(path: Path) -> list[str]:
     r = json.loads(path.read_text())
     stamp = path.stem.split("-", 2)[-1]
+    if "nin_steps" in r:  # gpu.py since 2026-11-27 (H100): several modes, whole runs split up
+        from gpu import markdown
+        return [f"**{r['device']}**, torch {r['torch']}, CUDA {r.get('cuda')} "
+                f"(`{path.relative_to(RESULTS.parent.parent)}`, {stamp}):", ""] + markdown(r).splitlines()[2:]
     lines = [f"**{r['device']}**, torch {r['torch']}, batch {r['batch_size']}, "
              f"torch.compile {'on' if r['compile'] else 'off'} (`{path.relative_to(RESULTS.parent.parent)}`, {stamp}):",
              "", "| measurement | images/s |", "|---|---:|"]
@@ -46,7 +51,8 @@ def stuck(history: list[dict]) -> bool:
 
 # the machine named in a results file (d2l-stability-MACHINE-DATE.jsonl)
 MACHINES = {"h200": "one NVIDIA H200, bf16, several runs sharing the GPU",
-            "cpu": "this project's 2-core CPU (AMD EPYC), bf16, two runs at once with one thread each or one "
+            "h100": "one NVIDIA H100 80GB HBM3, bf16, five runs sharing the GPU (four in the lr 0.05 check)",
+            "cpu": "this project's 2-core CPU, bf16, two runs at once with one thread each or one "
                    "run with two"}
 
 
@@ -69,7 +75,9 @@ def _stability(path: Path) -> list[str]:
             rs.sort(key=lambda r: r["seed"])
             cells, ok = [], 0
             for r in rs:
-                if not r["history"]:
+                if not r["history"]:  # stopped inside epoch 1 (NaN, say): no accuracy, but it counts
+                    if r["status"] not in ("cut off", "ok") and not r["status"].startswith("stopped"):
+                        cells.append(f"s{r['seed']}: {r['status']}")
                     continue
                 acc = r["history"][-1]["test_acc"]
                 done = r["epochs_done"] == r["epochs"]
@@ -110,5 +118,20 @@ def render() -> str:
     return "\n".join(parts)
 
 
+def write(path: Path) -> None:
+    """Replace the GPU part of an existing BENCHMARKS.md (as run_all.py writes it) with render()."""
+    text = path.read_text()
+    start, end = "<!-- part:gpu -->\n", "\n<!-- /part:gpu -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no GPU part (<!-- part:gpu --> ... <!-- /part:gpu -->); run run_all.py first")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + render() + end + rest.split(end, 1)[1])
+
+
 if __name__ == "__main__":
-    print(render())
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:  # after a GPU session: update BENCHMARKS.md without rerunning the CPU parts
+        write(Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS.parent.parent / "BENCHMARKS.md")
+    else:
+        print(render())

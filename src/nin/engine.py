@@ -99,9 +99,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, base_lr: float, device: t
 
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor, *, lr: float,
-               amp_dtype: torch.dtype | None, label_smoothing: float, sums: torch.Tensor):
+               amp_dtype: torch.dtype | None, label_smoothing: float, sums: torch.Tensor,
+               clip_grad_norm: float = 0.0):
     """One optimizer step, exactly as ``train`` runs it (benchmarks/bench_train.py times this function).
-    Adds (loss sum, correct, seen) to ``sums``; returns (loss, logits)."""
+    Adds (loss sum, correct, seen) to ``sums``; returns (loss, logits).  ``clip_grad_norm`` > 0 rescales
+    the gradients to at most that global L2 norm (after unscaling fp16's loss scale) before the step."""
     for g in opt.param_groups:
         g["lr"] = lr
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -109,6 +111,10 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tens
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(opt)  # a no-op without fp16's scaler; clip the true gradients, not scaled ones
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)  # stays on the device: no host sync
     scaler.step(opt)
     scaler.update()
     with torch.no_grad():

@@ -310,7 +310,8 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
         torch.manual_seed(step_seed(cfg.seed, st.epoch, st.batch, d.rank))
         lr = lr_at(cfg, st.step, s.steps_per_epoch, s.base_lr)
         loss, _ = train_step(s.net, s.opt, s.scaler, x, y, lr=lr, amp_dtype=s.amp_dtype,
-                             label_smoothing=cfg.label_smoothing, sums=st.sums)
+                             label_smoothing=cfg.label_smoothing, sums=st.sums,
+                             clip_grad_norm=cfg.clip_grad_norm)
         if s.ema is not None:
             s.ema.update(s.model, st.step)
         st.step += 1
