@@ -158,11 +158,15 @@ def test_d2l_stability_runs_variants_and_records_each(fake_root, tmp_path):
 
 
 def test_d2l_stable_recipe_is_the_variant_verified_on_cpu():
-    """The table's variant names must say what the recipe is: d2l-stable = d2l + the batch-64 variant."""
+    """The table's variant names must say what the recipe is: d2l-stable = d2l + the clipped batch-64 variant;
+    run folders written before --clip-grad-norm existed still name their variant."""
     import d2l_stability
 
     from nin.recipes import get_recipe
-    assert d2l_stability.variant_of(get_recipe("d2l-stable").to_dict()) == "linear-class-block-cosine-batch64"
+    stable = get_recipe("d2l-stable").to_dict()
+    assert d2l_stability.variant_of(stable) == "linear-class-block-cosine-batch64-clip1"
+    older = {k: v for k, v in stable.items() if k != "clip_grad_norm"}
+    assert d2l_stability.variant_of(older) == "linear-class-block-cosine-batch64"
     assert d2l_stability.variant_of(get_recipe("d2l", seed=5, resize=96).to_dict()) == "d2l"
     assert d2l_stability.variant_of(get_recipe("d2l", lr=0.3).to_dict()) is None
 
@@ -177,7 +181,8 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
         return {"variant": variant, "flags": ["--x"], "seed": seed, "epochs_done": len(hist), "epochs": epochs,
                 "resize": resize, "limit_train": 0, "status": "ok", "history": hist}
     rows = [row("v", 0, [(1.0, 0.5), (0.3, 0.885)]), row("v", 1, [(2.3026, 0.1), (2.3026, 0.1)]),
-            {**row("v", 2, [(1.0, 0.7)]), "status": "cut off"}]
+            {**row("v", 2, [(1.0, 0.7)]), "status": "cut off"},
+            {**row("v", 4, []), "status": "NaN (epoch 1, step 9)"}, {**row("v", 5, []), "status": "cut off"}]
     cpu = [row("w", 3, [(1.0, 0.9), (0.2, 0.91)], resize=96), row("w", 0, [(1.0, 0.5), (0.3, 0.87)]),
            {**row("w", 1, [(1.0, 0.6)]), "status": "NaN"}]
     (tmp_path / "d2l-stability-h200-x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -190,13 +195,29 @@ def test_gpu_results_table_counts_runs(tmp_path, monkeypatch):
     for f in tmp_path.glob("*.json*"):
         f.rename(gpu_results.RESULTS / f.name)
     text = gpu_results.render()
-    assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1) | 1/2 |" in text
+    # a run stopped inside epoch 1 by a NaN is named and counts as failed; one cut off there is left out
+    assert "| v | `--x` | s0: 0.885, s1: STUCK, s2: 0.700 (1), s4: NaN (epoch 1, step 9) | 1/3 |" in text
     assert "GPU-NAME" in text and "| **nin / the book** | **3.00x** |" in text
     old = gpu_results.RESULTS / "gpu-old.json"  # results files written before the rename say seed_step
     old.write_text(json.dumps({"device": "OLD", "torch": "t", "batch_size": 128, "compile": False,
                                "nin_step": {"images": 10, "images_per_sec": 2000.0},
                                "seed_step": {"images": 10, "images_per_sec": 1000.0}}))
     assert "| **nin / the book** | **2.00x** |" in "\n".join(gpu_results._speed(old))
+    new = gpu_results.RESULTS / "gpu-new.json"  # gpu.py since the H100 session: modes, whole runs, errors
+    full = {"mode": "compiled", "seconds": 30.0, "startup_seconds": 2.0, "seconds_without_startup": 28.0,
+            "test_acc": 0.8, "train_seconds": 25.0, "eval_seconds_median": 0.3, "epoch_seconds": [16.0, 9.0],
+            "first_epoch_extra_seconds": 7.0}
+    new.write_text(json.dumps({"device": "NEW", "torch": "t", "cuda": "c", "batch_size": 128, "smoke": False,
+                               "nin_steps": {"eager": {"images": 10, "images_per_sec": 4000.0, "peak_fraction": 0.05},
+                                             "default": {"images": 10, "images_per_sec": 5000.0,
+                                                         "warmup_seconds": 20.0}},
+                               "book_step": {"images": 10, "images_per_sec": 1000.0},
+                               "nin_fulls": {"compiled": full}, "errors": {"full": "TimeoutError: x"}}))
+    lines = "\n".join(gpu_results._speed(new))
+    assert "| nin eager / the book | 4.00x |" in lines and "| nin default / the book | 5.00x |" in lines
+    assert "4,000 images/s, 5.0% of the bf16 peak" in lines and "(warm-up 20.0 s)" in lines
+    assert "**28.0 s** (start-up 2.0 s; test acc 0.8000" in lines and "epoch 1 +7.0 s" in lines
+    assert "| full | failed: TimeoutError: x |" in lines
     gpu_part, cpu_part = text.split("### d2l-stable candidates on CPU")
     assert "NVIDIA H200" in gpu_part and "| w |" not in gpu_part
     big, small = cpu_part.split("**96 x 96**")

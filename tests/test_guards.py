@@ -54,6 +54,42 @@ def test_train_step_loss_is_label_smoothed_cross_entropy(eps):
     assert sums[2].item() == 7 and sums[0].item() == pytest.approx(want.item() * 7, rel=1e-6)
 
 
+# --- the step: gradient clipping --------------------------------------------------------------
+@pytest.mark.parametrize("clip", [0.0, 0.05, 1e6])
+def test_train_step_clips_the_global_gradient_norm(clip):
+    """One plain-SGD step against a step taken by hand: the gradient (all parameters together) is scaled
+    to norm ``clip`` when longer, left alone when shorter or when clipping is off."""
+    from nin.engine import train_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    x, y = torch.randn(7, 3, 2, 2), torch.randint(0, 5, (7,))
+    ref = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    loss = torch.nn.functional.cross_entropy(x.flatten(1) @ ref[0].T + ref[1], y)
+    grads = torch.autograd.grad(loss, ref)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert 0.05 < norm < 1e6  # so the three cases are: off, clipped, not clipped
+    scale = min(1.0, clip / norm.item()) if clip > 0 else 1.0
+    want = [p.detach() - 0.5 * scale * g for p, g in zip(ref, grads)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, lr=0.5, amp_dtype=None,
+               label_smoothing=0.0, sums=torch.zeros(3, dtype=torch.float64), clip_grad_norm=clip)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_recipes_clip_reaches_the_step(data, monkeypatch):
+    import nin.trainer as t
+    from nin.recipes import get_recipe
+
+    assert get_recipe("d2l-stable").clip_grad_norm == 1.0 and get_recipe("d2l").clip_grad_norm == 0.0
+    seen = []
+    real = t.train_step
+    monkeypatch.setattr(t, "train_step", lambda *a, **k: seen.append(k["clip_grad_norm"]) or real(*a, **k))
+    t.train(tiny(data, epochs=1, limit_train=64, clip_grad_norm=2.5), None, dry_run=True, **QUIET)
+    assert seen and set(seen) == {2.5}
+
+
 def test_recipes_smoothing_reaches_the_step(data, monkeypatch):
     import nin.trainer as t
 

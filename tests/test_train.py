@@ -59,11 +59,11 @@ def test_kaiming_init_scales_for_relu():
         dataclasses.replace(get_recipe("d2l"), init="he").validate()
 
 
-def test_d2l_stable_is_the_seed_with_a_linear_class_block_cosine_lr_and_batch_64():
-    seed, stable = get_recipe("d2l").to_dict(), get_recipe("d2l-stable").to_dict()
-    changed = {k: (seed[k], stable[k]) for k in seed if seed[k] != stable[k]}
+def test_d2l_stable_is_the_books_with_a_linear_class_block_cosine_lr_batch_64_and_clipping():
+    book, stable = get_recipe("d2l").to_dict(), get_recipe("d2l-stable").to_dict()
+    changed = {k: (book[k], stable[k]) for k in book if book[k] != stable[k]}
     assert changed == {"recipe": ("d2l", "d2l-stable"), "model_kwargs": ({}, {"class_block_relus": "none"}),
-                       "schedule": ("constant", "cosine"), "batch_size": (128, 64)}
+                       "schedule": ("constant", "cosine"), "batch_size": (128, 64), "clip_grad_norm": (0.0, 1.0)}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -86,7 +86,8 @@ def test_lr_schedules():
 
 @pytest.mark.parametrize("field,value,flag", [("lr", 0.0, "--lr"), ("lr", -1.0, "--lr"),
                                               ("batch_size", 0, "--batch-size"), ("epochs", 0, "--epochs"),
-                                              ("schedule", "linear", "--schedule")])
+                                              ("schedule", "linear", "--schedule"),
+                                              ("clip_grad_norm", -1.0, "--clip-grad-norm")])
 def test_bad_options_are_usage_errors(field, value, flag):
     cfg = dataclasses.replace(get_recipe("fast"), **{field: value})
     with pytest.raises(UsageError, match=flag):
