@@ -549,6 +549,31 @@ def test_erase_boxes_follow_the_random_erasing_rule():
     assert not erase_boxes(50, h, w, g, 0.0).any() and all(b is not None for b in _boxes(erase_boxes(50, h, w, g, 1.0)))
 
 
+def test_erase_boxes_match_a_per_image_reference_of_the_same_draws():
+    """Box by box against a loop over the images with the same generator's draws (erased or not, area,
+    log aspect ratio, then the top-left corner drawn uniformly over the places the box fits): a box that
+    could start past the last fitting row or column, and is then clipped, shows here."""
+    from nin.data import erase_boxes
+
+    n, h, w, p = 600, 12, 9, 0.8
+    got = erase_boxes(n, h, w, torch.Generator().manual_seed(3), p)
+    g = torch.Generator().manual_seed(3)
+    on, u_area, u_ratio, u_y, u_x = (torch.rand(n, generator=g) for _ in range(5))
+    want = torch.zeros(n, h, w, dtype=torch.bool)
+    for k in range(n):
+        if not on[k] < p:
+            continue
+        area = (0.02 + 0.38 * u_area[k]) * h * w
+        r = (math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * u_ratio[k]).exp()
+        bh = min(max(int((area * r).sqrt().round()), 1), h)
+        bw = min(max(int((area / r).sqrt().round()), 1), w)
+        y0 = int(u_y[k] * (h - bh + 1))  # one of the h - bh + 1 rows where the box fits
+        x0 = int(u_x[k] * (w - bw + 1))
+        assert 0 <= y0 <= h - bh and 0 <= x0 <= w - bw
+        want[k, y0:y0 + bh, x0:x0 + bw] = True
+    assert torch.equal(got, want)
+
+
 def test_augment_erases_to_zero_before_cropping_and_flipping():
     """augment() against a reference written with loops: the same draws from the same generator
     (crop rows, crop columns, flips, then the erasing boxes), erased pixels 0, then pad, crop, flip."""
