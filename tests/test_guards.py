@@ -5,8 +5,10 @@ Fast (seconds each), on made-up data, independent references only: no number her
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -657,3 +659,38 @@ def test_evaluate_limit_precision_and_labels(data):
     plain = nin.create_model("nin_fmnist")  # no .meta: evaluated as it is
     plain.classes = model.classes
     assert nin.evaluate(plain, test).tta == "none"
+
+
+# --- the progress bar -------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_counts_the_epochs_batches_and_shows_the_running_numbers(data, monkeypatch):
+    """On a terminal each epoch draws a tqdm bar: 'epoch E/N', batches done of the epoch's total, and the
+    running loss, accuracy, images/s and lr; on anything else (a log file, CI) no bar at all."""
+    import re
+
+    import nin.trainer as t
+
+    import time
+
+    real = t.train_step
+    # tqdm redraws at most every 0.1 s: slow the steps down so that each one is drawn
+    monkeypatch.setattr(t, "train_step", lambda *a, **k: time.sleep(0.12) or real(*a, **k))
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    final = t.train(tiny(data, epochs=2, limit_train=128, batch_size=32), None, log=lambda *a, **k: None)
+    text = term.getvalue()
+    for epoch in (1, 2):
+        assert f"epoch {epoch}/2" in text
+    assert "4/4" in text and "batch" in text  # 128 images in batches of 32, the epoch's total known up front
+    last = re.findall(r"loss (\d+\.\d+) acc (\d+\.\d+) (\d+) img/s lr ([\d.e-]+)", text)
+    assert last, text[-500:]
+    assert float(last[-1][0]) == pytest.approx(final["train_loss"], abs=1e-3)  # the epoch's mean, as reported
+    assert float(last[-1][1]) == pytest.approx(final["train_acc"], abs=1e-3)
+    assert int(last[-1][2]) > 0
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: nothing drawn
+    t.train(tiny(data, epochs=1, limit_train=64, batch_size=32), None, log=lambda *a, **k: None)
+    assert "epoch 1/1" not in sys.stderr.getvalue()
