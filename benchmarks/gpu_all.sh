@@ -41,7 +41,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 if [ "${SMOKE:-0}" = 1 ]; then
   gpu_args=(--device cpu --steps 2 --batch-size 8)
   stab_args=(--device cpu --resize 67 --limit-train 256 --epochs 1 --seeds 0 1
-             --variants linear-class-block-cosine-batch64 d2l)
+             --variants linear-class-block-cosine-batch64-clip1 d2l)
 else
   # 2026-11-27 (H100): eager, default and the compiled whole run are measured; next: CUDA graphs and the
   # eager whole run (the profile says the step waits on the host)

@@ -261,3 +261,28 @@ def test_stream_benchmark_smoke_writes_its_tables(tmp_path):
     assert rows[("stream", 200)]["images"] == 160  # one epoch: the 80% of 200 not held out
     text = md.read_text()
     assert "| nin folder stream |" in text and "| 200 | `nin train --stream` (fixed steps) | 128 |" in text
+
+
+@needs_d2l
+def test_gpu_all_script_smoke_mode_writes_every_result(tmp_path):
+    """benchmarks/gpu_all.sh is what a lent GPU runs, once, with no second chance: its CPU smoke mode must
+    run both parts end to end and leave every results file gpu_results.py renders."""
+    import os
+    import subprocess
+
+    raw = fake_fashion_dir(tmp_path / "fm", n_train=300, n_test=64) / "FashionMNIST" / "raw"
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "DATA": str(raw), "PY": sys.executable, "WORKERS": "2",
+           "WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "gpu_all.sh")], cwd=BENCH.parent, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["smoke"] and res["nin_step"]["images"] == 16 and not res["errors"], res["errors"]
+    assert "the book" in res["markdown"] and (out / "profile.txt").read_text().strip()
+    rows = [json.loads(x) for x in (out / "stability.jsonl").read_text().splitlines()]
+    assert sorted((r_["variant"], r_["seed"]) for r_ in rows) == [
+        ("d2l", 0), ("d2l", 1), ("linear-class-block-cosine-batch64-clip1", 0),
+        ("linear-class-block-cosine-batch64-clip1", 1)]
+    assert all(r_["status"] in ("ok", "STUCK") and r_["epochs_done"] == 1 for r_ in rows), rows
+    assert "d2l imports" in (out / "env.txt").read_text()
