@@ -80,7 +80,8 @@ class TrainConfig:
     step_epochs: tuple[int, ...] = opt((), "epochs at which schedule=step multiplies the lr by 0.1")
     label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy", lo=0, hi=1, interval=True)
     clip_grad_norm: float = opt(0.0, "before each step, scale the gradients down to this global L2 norm when "
-                                "they exceed it (0: off); against a loss that blows up at a high --lr", lo=0)
+                                "they exceed it (0: off); against a loss that blows up at a high --lr", lo=0,
+                                hi=1e6)
     lr_scale: Literal["none", "linear"] = opt(
         "none", "with several processes: none (use --lr as given) or linear (--lr x world size, the usual "
         "rule when the global batch grows with the world size)")

@@ -236,7 +236,8 @@ def _numeric_cases():
                    if str(f.type).split(" ")[0] in ("int", "float") and f.name != "recipe"]
     subs["train"] = (["train", "--data-dir", "{data}", "--out", "{tmp}/newrun", *TINY_ARGS], train_flags)
     zero_ok = {"--crop-padding", "--val-split", "--seed", "--save-every", "--weight-decay", "--momentum",
-               "--label-smoothing", "--ema", "--warmup-epochs", "--erase", "--workers", "--max-bad"}
+               "--label-smoothing", "--ema", "--warmup-epochs", "--erase", "--workers", "--max-bad",
+               "--clip-grad-norm"}
     cases = []
     for name, (argv, flags) in subs.items():
         for flag in flags:
