@@ -12,7 +12,7 @@ Measures, on a CUDA machine:
   3. the book's pipeline (d2l's DataLoader + train_ch6's step, fp32) for --book-steps steps, same process;
   4. --profile FILE: the eager step's CUDA kernels, by total time (torch.profiler), for the next optimisation.
 Prints one markdown table (and --json FILE).  Usage on the GPU machine:
-    .venv/bin/python benchmarks/gpu.py                     # everything, about 2 minutes on an H100
+    .venv/bin/python benchmarks/gpu.py                     # everything, about 4 minutes on an H100
     .venv/bin/python benchmarks/gpu.py --device cpu --steps 2 --batch-size 8   # smoke test (tests/test_benchmarks.py)
 --device cpu runs every path with --steps steps each, the full run as a dry run, and no torch.compile unless
 --compile is given: a check that the script works, not a measurement.
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128, the book's)")
     p.add_argument("--modes", nargs="+", help="step timings: eager and/or torch.compile modes (default, "
                    "max-autotune-no-cudagraphs, reduce-overhead, ...); default on CUDA: eager default, cpu: eager")
-    p.add_argument("--full-modes", nargs="+", help="whole runs: eager and/or compiled (the trainer's "
+    p.add_argument("--full-modes", nargs="+", choices=["eager", "compiled"], help="whole runs: eager and/or compiled (the trainer's "
                    "torch.compile); default on CUDA: eager compiled, cpu: eager")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="shorthand: --modes/--full-modes with (or without) compilation only")
