@@ -122,8 +122,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128, the book's)")
     p.add_argument("--modes", nargs="+", help="step timings: eager and/or torch.compile modes (default, "
                    "max-autotune-no-cudagraphs, reduce-overhead, ...); default on CUDA: eager default, cpu: eager")
-    p.add_argument("--full-modes", nargs="+", choices=["eager", "compiled"], help="whole runs: eager and/or compiled (the trainer's "
-                   "torch.compile); default on CUDA: eager compiled, cpu: eager")
+    p.add_argument("--full-modes", nargs="+", choices=["eager", "compiled"],
+                   help="whole runs: eager and/or compiled (the trainer's torch.compile); default on CUDA: eager "
+                   "compiled, cpu: eager")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="shorthand: --modes/--full-modes with (or without) compilation only")
     p.add_argument("--skip", nargs="*", default=[], choices=["step", "full", "book"], help="parts to leave out")
