@@ -694,3 +694,26 @@ def test_progress_bar_on_a_terminal_counts_the_epochs_batches_and_shows_the_runn
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: nothing drawn
     t.train(tiny(data, epochs=1, limit_train=64, batch_size=32), None, log=lambda *a, **k: None)
     assert "epoch 1/1" not in sys.stderr.getvalue()
+
+
+# --- the in-memory loader passes its augmentation settings and per-batch seed through ------------------
+@pytest.mark.parametrize("rank", [0, 1])
+def test_batch_loader_augments_each_batch_with_its_settings_and_its_own_draws(rank):
+    """Every batch is augment() of its images with the loader's crop/flip/erase settings and a generator
+    seeded by (seed, epoch, batch, rank): exactly, batch by batch, over two epochs."""
+    from nin.data import BatchLoader, Split, _mix, augment, to_float_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (40, 1, 12, 12), dtype=torch.uint8, generator=g)
+    split = Split(images, torch.arange(40) % 10)
+    kw = dict(crop_padding=2, flip=True, erase=0.6)
+    loader = BatchLoader(split, 8, shuffle=True, seed=5, rank=rank, world_size=2, **kw)
+    for epoch in (0, 1):
+        idx = loader.epoch_indices(epoch)
+        for b, (x, y) in enumerate(loader.iterate(epoch)):
+            i = idx[b * 8:(b + 1) * 8]
+            want = augment(images[i], torch.Generator().manual_seed(_mix(5, epoch, b, rank)), **kw)
+            assert torch.equal(x, to_float_batch(want)) and torch.equal(y, split.labels[i]), (epoch, b)
+    # and the augmentation is really there: some pixels differ from the images as stored
+    x, _ = next(loader.iterate(0))
+    assert not torch.equal(x, to_float_batch(images[loader.epoch_indices(0)[:8]]))
