@@ -186,6 +186,7 @@ class NinPipeline:
         if self.device.type == "cpu":  # train() checks the loss every step on CPU (a host sync)
             assert bool(torch.isfinite(loss.detach()))
         st.step, st.batch = st.step + 1, st.batch + 1
+        self.last_loss = loss.detach()
         if synchronize:
             sync(self.device)
         return y.numel(), time.perf_counter() - t

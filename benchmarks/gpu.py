@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -102,9 +103,9 @@ def full_run(args, mode: str, smoke: bool) -> dict:
     secs = [r["seconds"] for r in rows]
     # between two epochs' ends: that epoch's steps plus its test pass and writes; epoch 1 also holds start-up
     gaps = [ends[i] - ends[i - 1] - secs[i] for i in range(1, len(ends))]
-    per_eval = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+    per_eval = statistics.median_high(gaps) if gaps else 0.0
     startup = (ends[0] - secs[0] - per_eval) if ends else wall
-    later = sorted(secs[1:])[len(secs[1:]) // 2] if len(secs) > 1 else None
+    later = statistics.median_high(secs[1:]) if len(secs) > 1 else None
     return {"mode": mode, "seconds": wall, "test_acc": final["test_acc"], "epochs": final.get("epoch"),
             "startup_seconds": startup, "seconds_without_startup": wall - startup,
             "train_seconds": sum(secs), "epoch_seconds": secs, "eval_seconds_median": per_eval,
@@ -143,11 +144,11 @@ def main(argv=None) -> dict:
         p.error("no CUDA device here; run with --device cpu --steps N for a smoke test")
     steps = args.steps or 200
     book_steps = args.book_steps or (steps if smoke else 200)
+    # defaults: both ways on CUDA, eager in the smoke mode; --compile / --no-compile picks one
+    both = args.compile is None and not smoke
     compiled = (not smoke) if args.compile is None else args.compile
-    modes = args.modes or (["eager", "default"] if compiled and args.compile is None else
-                           ["default"] if compiled else ["eager"])
-    full_modes = args.full_modes or (["eager", "compiled"] if compiled and args.compile is None else
-                                     ["compiled"] if compiled else ["eager"])
+    modes = args.modes or (["eager", "default"] if both else ["default"] if compiled else ["eager"])
+    full_modes = args.full_modes or (["eager", "compiled"] if both else ["compiled"] if compiled else ["eager"])
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine()

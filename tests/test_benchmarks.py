@@ -286,3 +286,17 @@ def test_gpu_all_script_smoke_mode_writes_every_result(tmp_path):
         ("linear-class-block-cosine-batch64-clip1", 1)]
     assert all(r_["status"] in ("ok", "STUCK") and r_["epochs_done"] == 1 for r_ in rows), rows
     assert "d2l imports" in (out / "env.txt").read_text()
+
+
+def test_grad_norms_reports_the_norm_each_step_applied(fake_root, tmp_path):
+    """benchmarks/grad_norms.py (what d2l-stable's clipping was chosen from): one line per step with the
+    step's loss and the norm of the gradient it applied -- capped at the clip when clipping is on."""
+    import grad_norms
+
+    common = ["--recipe", "d2l-stable", "--steps", "3", "--data-dir", str(fake_root), "--limit-train", "64"]
+    out = tmp_path / "g.jsonl"
+    rows = grad_norms.main([*common, "--clip-grad-norm", "0", "--jsonl", str(out)])
+    assert [r["step"] for r in rows] == [0, 1, 2] and [json.loads(x) for x in out.read_text().splitlines()] == rows
+    assert all(r["grad_norm"] > 0.01 and 0 < r["loss"] < 10 for r in rows)
+    clipped = grad_norms.main([*common, "--clip-grad-norm", "0.01"])
+    assert clipped[0]["grad_norm"] <= 0.01 + 1e-4 and clipped[0]["loss"] == rows[0]["loss"]  # same first step

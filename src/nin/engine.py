@@ -113,8 +113,8 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tens
     scaler.scale(loss).backward()
     if clip_grad_norm > 0:
         scaler.unscale_(opt)  # a no-op without fp16's scaler; clip the true gradients, not scaled ones
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)  # stays on the device: no host sync
+        # over every parameter (those without a gradient are skipped); stays on the device: no host sync
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad_norm)
     scaler.step(opt)
     scaler.update()
     with torch.no_grad():

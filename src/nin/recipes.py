@@ -196,9 +196,10 @@ RECIPES: dict[str, dict] = {
     # underfit after 10 epochs (train acc = test acc = 0.87-0.89 on CPU), so batch 64 takes twice the steps
     # in the same 10 epochs at the same lr.  He init started faster but blew up at lr 0.1 on 224 inputs
     # (NaN in epoch 2; the linear class maps have nothing to clamp them).  On an H100 that recipe still went
-    # NaN in 4 of 10 seeds (epochs 1-2), and at lr 0.05 in 1 of 4; on CPU the gradient's norm sat at 0.3-1.5
-    # in the first 250 steps with single-step spikes to 29 and 37.  So the gradient is clipped to norm 1:
-    # ordinary steps pass, a spike cannot throw the weights lr x 37 far.
+    # NaN in 4 of 10 seeds (epochs 1-2), and at lr 0.05 in 1 of 4; on CPU the gradient's norm had medians of
+    # 0.3-1.5 in the first 290 steps with single steps at 23, 29 and 37 (benchmarks/grad_norms.py).  So the
+    # gradient is clipped to norm 1: ordinary steps shrink at most 1.5-fold, a spike cannot throw the
+    # weights lr x 37 far.
     "d2l-stable": dict(model="nin_d2l", model_kwargs={"class_block_relus": "none"}, init="xavier", resize=224,
                        normalize=False, epochs=10, batch_size=64, lr=0.1, schedule="cosine", clip_grad_norm=1.0,
                        eval_batch_size=256),
