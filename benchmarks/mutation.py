@@ -2,7 +2,7 @@
 
 For each test selection ("before": without tests/test_guards.py and tests/reliability/test_defects.py,
 "after": with them) it copies src/, tests/ and pyproject.toml into runs/mutation/<variant>/, adds a
-[tool.mutmut] section there, runs `mutmut run --max-children 1` on the mutants of the functions in SCOPE
+[tool.mutmut] section there, runs `mutmut run --max-children N` (default 1) on the mutants of the functions in SCOPE
 only, and writes the counts and every survivor (its diff and, when known, its classification from
 CLASSIFIED below) to benchmarks/results/mutation-<date>.md.
 
@@ -244,12 +244,12 @@ def prepare(work: Path, tests: list[str]) -> None:
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
-def run_variant(name: str, tests: list[str], limit_s: int, globs: list[str], resume: bool) -> None:
+def run_variant(name: str, tests: list[str], limit_s: int, globs: list[str], resume: bool, children: int) -> None:
     work = ROOT / "runs" / "mutation" / name
     if not (resume and (work / "mutants").is_dir()):
         prepare(work, tests)
     env = ENV
-    cmd = [str(MUTMUT), "run", "--max-children", "1", *globs]
+    cmd = [str(MUTMUT), "run", "--max-children", str(children), *globs]
     t0 = time.time()
     log = (work / "mutmut-run.log").open("w")
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -318,9 +318,9 @@ def counts(r: dict) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(c.items(), key=lambda kv: -kv[1]))
 
 
-def report(results: list[dict], date: str, command: str) -> str:
+def report(results: list[dict], date: str, command: str, children: int = 1) -> str:
     lines = [f"# Mutation testing of the training core ({date})", "",
-             f"Command: `{command}` (mutmut 3.8.1, `--max-children 1`, niced, `OMP_NUM_THREADS=1`).", "",
+             f"Command: `{command}` (mutmut 3.8.1, `--max-children {children}`, niced, `OMP_NUM_THREADS=1`).", "",
              "Scope (only these functions' mutants are run):", ""]
     for mod, funcs in SCOPE.items():
         if funcs:
@@ -342,8 +342,7 @@ def report(results: list[dict], date: str, command: str) -> str:
                      f"{r['elapsed'] / 60:.1f} min{'' if r['finished'] else ' (partial)'} |")
     lines += ["", "\"before\" leaves out the tests written for issue 21 (tests/test_guards.py, "
               "tests/reliability/test_defects.py); \"after\" includes them.", ""]
-    lines += ["Mutants not run were cut by the time limit (both selections ran side by side, niced, on a CPU "
-              "shared with two training runs); the counts are of the mutants that did run.", "",
+    lines += ["Mutants not run were cut by the time limit; the counts are of the mutants that did run.", "",
               "The tests named \"killed by\" below were written from this report, after the run (the run used the "
               "test files as they were when it started); each was checked against its mutant by putting the mutated "
               "line into the function and running the test. With them, no non-equivalent survivor is left.", ""]
@@ -364,6 +363,7 @@ def main() -> None:
     ap.add_argument("--limit-min", type=float, default=25.0, help="time limit per variant, minutes")
     ap.add_argument("--functions", default="",
                     help="comma-separated subset of SCOPE, e.g. recipes.lr_at,engine.Ema.* (default: all of SCOPE)")
+    ap.add_argument("--max-children", type=int, default=1, help="mutants tested at once (one thread each)")
     ap.add_argument("--resume", action="store_true", help="keep runs/mutation/<variant>/ and its finished mutants")
     ap.add_argument("--no-report", action="store_true", help="only run (e.g. the two variants in parallel)")
     ap.add_argument("--report-only", action="store_true", help="only write the report from runs/mutation/")
@@ -377,13 +377,15 @@ def main() -> None:
     names = ["before", "after"] if args.variant == "both" else [args.variant]
     if not args.report_only:
         for n in names:
-            run_variant(n, variants[n], int(args.limit_min * 60), globs, args.resume)
+            run_variant(n, variants[n], int(args.limit_min * 60), globs, args.resume, args.max_children)
     if args.no_report:
         return
     results = [collect(n, variants[n], globs) for n in names]
     out = ROOT / "benchmarks" / "results" / f"mutation-{args.date}.md"
-    command = "make mutation" + (f" MUTATION_ARGS='--functions {args.functions}'" if args.functions else "")
-    out.write_text(report(results, args.date, command))
+    extra = (f"--functions {args.functions} " if args.functions else "") + (
+        f"--max-children {args.max_children}" if args.max_children != 1 else "")
+    command = "make mutation" + (f" MUTATION_ARGS='{extra.strip()}'" if extra.strip() else "")
+    out.write_text(report(results, args.date, command, args.max_children))
     for r in results:
         print(f"{r['name']}: {len(r['status'])} mutants: {counts(r)} ({r['elapsed'] / 60:.1f} min)")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from nin.cli import main
 from nin.recipes import TrainConfig, get_recipe, lr_at
+from nin.runfolder import METRIC_FIELDS
 
 from .fakedata import fake_fashion_dir
 
@@ -132,6 +133,15 @@ def test_every_step_gets_the_schedules_lr(data, monkeypatch):
 
     t.train(cfg, data.parent / "lr-run", **QUIET)
     assert used == [pytest.approx(lr_at(cfg, s, 4, 0.3)) for s in range(8)] and max(used) <= 0.3
+    # the lr reported for an epoch is the one its last step used (4 steps an epoch, then 1 step an epoch)
+    rows = [json.loads(x) for x in (data.parent / "lr-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [pytest.approx(used[3]), pytest.approx(used[7])]
+    used.clear()
+    t.train(tiny(data, epochs=3, limit_train=64, schedule="onecycle", warmup_epochs=2.0, lr=0.3),
+            data.parent / "lr-run-1", **QUIET)
+    rows = [json.loads(x) for x in (data.parent / "lr-run-1" / "metrics.jsonl").read_text().splitlines()]
+    assert len(used) == 3 and used[0] < used[1]  # the first epoch's single step is still warming up
+    assert [r["lr"] for r in rows] == [pytest.approx(u) for u in used]
 
 
 # --- the saved model: classes, selection ------------------------------------------------------------
@@ -168,6 +178,9 @@ def test_without_validation_the_final_epochs_weights_are_saved(data, tmp_path):
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k].float()) for k in best)
     info = json.loads((tmp_path / "run" / "model.json").read_text())["info"]
     assert info["selected"] == "final epoch" and info["epoch"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in rows] == [sorted(METRIC_FIELDS)] * 2  # the documented columns, no more, no fewer
+    assert all(r["val_acc"] is None and r["val_loss"] is None for r in rows)
 
 
 def test_validation_chooses_even_when_the_test_set_peaks_elsewhere(data, tmp_path, monkeypatch):
@@ -375,6 +388,54 @@ def test_eval_reproduces_the_runs_reported_accuracy(data, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["tta"] == "flip" and doc["n"] == 128
     assert round(doc["accuracy"] * 128) == round(final["test_acc"] * 128)  # to the image
+
+
+def test_epoch_rows_are_the_models_own_evaluation_of_every_image(data, tmp_path):
+    """Each epoch's test and validation numbers (accuracy and loss, metrics.jsonl) are the evaluation of that
+    epoch's weights over the whole split with the run's TTA and precision, computed here independently from
+    the saved files with predict_logits (the selected epoch from best.safetensors, the last from last.ckpt).
+    Several eval batches per split, so an evaluation cut to its first batch shows."""
+    import nin
+    from nin.data import load_dataset
+    from nin.evaluation import predict_logits
+    from nin.trainer import split_validation, train
+
+    import gzip
+
+    from .fakedata import idx_bytes, learnable_images
+
+    data = tmp_path / "data"  # the class is a vertical band's column: a mirror image is another class
+    raw = data / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n, seed in (("train", 512, 0), ("t10k", 128, 1)):
+        images, labels = learnable_images(n, seed)
+        (raw / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images.transpose(0, 2, 1))))
+        (raw / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    cfg = tiny(data, epochs=4, flip=False, tta_flip=True, val_split=64, eval_batch_size=32, limit_train=None,
+               model_kwargs={"width": 8}, batch_size=32, lr=0.05, schedule="constant")
+    train(cfg, tmp_path / "run", **QUIET)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    info = json.loads((tmp_path / "run" / "model.json").read_text())["info"]
+    assert [sorted(r) for r in rows] == [sorted(METRIC_FIELDS)] * 4
+    ds = load_dataset("fashion-mnist", data)
+    splits = {"test": ds.test, "val": split_validation(ds.train, 64, cfg.seed)[1]}
+    best = nin.load(tmp_path / "run")
+    last = nin.load(tmp_path / "run")
+    last.load_state_dict(torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["model"])
+    assert best.meta.tta == "flip" and best.meta.precision == "bf16"
+
+    def scores(model, split, tta):
+        logits = predict_logits(model, split.images, tta=tta, precision="bf16")
+        return (logits.argmax(1) == split.labels).float().mean().item(), F.cross_entropy(logits, split.labels).item()
+
+    for model, row in ((best, rows[info["epoch"] - 1]), (last, rows[-1])):
+        for name, split in splits.items():
+            acc, loss = scores(model, split, "flip")
+            assert row[f"{name}_acc"] == pytest.approx(acc, abs=1e-9), name
+            assert row[f"{name}_loss"] == pytest.approx(loss, rel=1e-3), name
+            # the check can tell: without the flip, or on the first batch only, the loss is another
+            assert abs(scores(model, split, "none")[1] - loss) > 1e-2 * loss, name
+            assert abs(scores(model, type(split)(split.images[:32], split.labels[:32]), "flip")[1] - loss) > 1e-2 * loss
 
 
 # --- the odd images: one reader for datasets and predict ----------------------------------------------
@@ -697,23 +758,35 @@ def test_progress_bar_on_a_terminal_counts_the_epochs_batches_and_shows_the_runn
 
 
 # --- the in-memory loader passes its augmentation settings and per-batch seed through ------------------
-@pytest.mark.parametrize("rank", [0, 1])
-def test_batch_loader_augments_each_batch_with_its_settings_and_its_own_draws(rank):
-    """Every batch is augment() of its images with the loader's crop/flip/erase settings and a generator
-    seeded by (seed, epoch, batch, rank): exactly, batch by batch, over two epochs."""
+@pytest.mark.parametrize("rank,kw", [
+    (0, dict(crop_padding=2, flip=True, erase=0.6)), (1, dict(crop_padding=2, flip=True, erase=0.6)),
+    (0, dict(flip=True)), (0, dict(crop_padding=1)), (0, dict(erase=0.9))])
+def test_batch_loader_augments_each_batch_with_its_settings_and_its_own_draws(rank, kw):
+    """Every batch is augment() of its images with the loader's crop/flip/erase settings (each alone, or
+    all) and a generator seeded by (seed, epoch, batch, rank), then converted in the loader's dtype:
+    exactly, batch by batch, over two epochs."""
     from nin.data import BatchLoader, Split, _mix, augment, to_float_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(1, 256, (40, 1, 12, 12), dtype=torch.uint8, generator=g)
     split = Split(images, torch.arange(40) % 10)
-    kw = dict(crop_padding=2, flip=True, erase=0.6)
-    loader = BatchLoader(split, 8, shuffle=True, seed=5, rank=rank, world_size=2, **kw)
+    dtype = torch.bfloat16 if rank else torch.float32
+    loader = BatchLoader(split, 8, shuffle=True, seed=5, rank=rank, world_size=2, dtype=dtype, **kw)
     for epoch in (0, 1):
         idx = loader.epoch_indices(epoch)
         for b, (x, y) in enumerate(loader.iterate(epoch)):
             i = idx[b * 8:(b + 1) * 8]
             want = augment(images[i], torch.Generator().manual_seed(_mix(5, epoch, b, rank)), **kw)
-            assert torch.equal(x, to_float_batch(want)) and torch.equal(y, split.labels[i]), (epoch, b)
+            assert x.dtype == dtype and torch.equal(x, to_float_batch(want, dtype=dtype)), (epoch, b)
+            assert torch.equal(y, split.labels[i]), (epoch, b)
     # and the augmentation is really there: some pixels differ from the images as stored
     x, _ = next(loader.iterate(0))
-    assert not torch.equal(x, to_float_batch(images[loader.epoch_indices(0)[:8]]))
+    assert not torch.equal(x, to_float_batch(images[loader.epoch_indices(0)[:8]], dtype=dtype))
+
+
+def test_to_float_batch_refuses_anything_but_uint8_batches():
+    from nin.data import to_float_batch
+
+    for bad in (torch.zeros(2, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=r"expected a uint8 N x C x H x W tensor, got torch\.\w+ \(.*4, 4\)"):
+            to_float_batch(bad)
