@@ -850,3 +850,61 @@ def test_options_that_depend_on_each_other_are_checked_together():
     _refused(dataclasses.replace(base, transform="imagenet", resize=64),
              "--transform imagenet crops to --crop-size; drop --resize")
     dataclasses.replace(base, transform="fit", resize=64).validate()
+
+
+# --- several processes: every rank evaluates rank 0's model ------------------------------------------------
+def test_under_ddp_every_rank_takes_rank_0s_bn_statistics_before_evaluating(data, monkeypatch):
+    """epoch_metrics with several processes broadcasts every buffer of the evaluated model from rank 0, before
+    any evaluation reads it (the ranks' own BN running statistics differ: their batches differ).  Here the
+    broadcast is a stand-in that writes "rank 0's" values into the buffer, so the evaluation must see them."""
+    import torch.distributed as dist
+
+    import nin.trainer as t
+    from nin.engine import Dist
+
+    s = t.set_up(tiny(data, epochs=1))
+    s = dataclasses.replace(s, d=Dist(rank=1, world_size=2))
+    buffers = {id(b): b for b in s.eval_model.buffers()}
+    got, evaluated = [], []
+
+    def broadcast(tensor, src, *a, **k):
+        assert id(tensor) in buffers and src == 0, (type(tensor), src)
+        assert not evaluated  # before the evaluation reads the model
+        got.append(id(tensor))
+        tensor.copy_(torch.full_like(tensor, 7))  # rank 0's values arrive
+
+    real = t.loader_eval
+
+    def spy(model, *a, **k):
+        evaluated.append(all(bool((b == 7).all()) for b in model.buffers()))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    monkeypatch.setattr(t, "all_reduce_sum", lambda x, d: x)
+    monkeypatch.setattr(t, "loader_eval", spy)
+    st = t.TrainState(sums=torch.tensor([2.0, 1.0, 4.0], dtype=torch.float64))
+    row = t.epoch_metrics(s, st)
+    assert sorted(got) == sorted(buffers) and len(got) == len(buffers) > 0
+    assert evaluated == [True] and row["train_loss"] == 0.5 and row["train_acc"] == 0.25
+
+
+def test_dry_run_takes_one_step_and_evaluates_one_batch_of_each_split(data, tmp_path, monkeypatch):
+    """--dry-run is a smoke check, so its line says "1 train batch ... 1 test batch": one optimizer step, and the
+    test and validation evaluations each cut to their first batch; a real run evaluates every batch."""
+    import nin.trainer as t
+
+    real, limits = t.loader_eval, []
+
+    def spy(model, loader, amp_dtype, tta, max_batches=None):
+        limits.append(max_batches)
+        return real(model, loader, amp_dtype, tta, max_batches)
+
+    monkeypatch.setattr(t, "loader_eval", spy)
+    lines = []
+    row = t.train(tiny(data, epochs=1, val_split=64, eval_batch_size=32), None, dry_run=True, quiet=True,
+                  log=lines.append)
+    assert limits == [1, 1] and row["images"] == 64
+    assert len(lines) == 1 and lines[0].startswith("dry run: 1 train batch") and "nothing written" in lines[0]
+    limits.clear()
+    t.train(tiny(data, epochs=1, val_split=64, eval_batch_size=32), tmp_path / "run", **QUIET)
+    assert limits == [None, None]
