@@ -306,7 +306,10 @@ def classify(mutant: str, diff: str) -> tuple[str, str]:
     if key in CLASSIFIED:
         return CLASSIFIED[key]
     minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
-    if minus and mutated_line(diff).replace("XX", "").lower() == minus[0].strip().replace("XX", "").lower():
+    plus = mutated_line(diff)
+    # a changed dict key or subscript ("XXtest_lossXX": ..., row["VAL_ACC"]) renames data, not a message
+    renames_a_key = re.search(r'"(XX[^"]*XX|[A-Z_]+)"\s*:|\["(XX[^"]*XX|[A-Z_]+)"\]', plus)
+    if minus and not renames_a_key and plus.replace("XX", "").lower() == minus[0].strip().replace("XX", "").lower():
         return ("MESSAGE", "only the case of a string or XX marks in it: the text of a message, no number.")
     return ("UNCLASSIFIED", "not yet judged")
 

@@ -272,20 +272,30 @@ def test_evaluate_defaults_to_the_runs_own_tta(data):
     assert (default.confusion != none.confusion).any()  # flip changes some predictions of these images
 # --- EMA -------------------------------------------------------------------------------------------
 def test_ema_follows_timms_rule():
+    """Parameters and float buffers (BN running statistics) move towards the model's by 1 - d, with
+    d = min(decay, (1 + t) / (10 + t)); integer buffers (batches seen) are copied; the model is untouched."""
     from nin.engine import Ema
 
-    model = torch.nn.Linear(3, 2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
     ema = Ema(model, 0.9)
-    ref = [p.detach().clone() for p in model.parameters()]
+    ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
     for step in range(5):
+        model.train()(torch.randn(4, 1, 3, 3, generator=g))  # moves the running statistics
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ema.update(model, step)
         d = min(0.9, (1 + step) / (10 + step))
-        ref = [d * r + (1 - d) * p.detach() for r, p in zip(ref, model.parameters())]
-    for r, p in zip(ref, ema.module.parameters()):
-        torch.testing.assert_close(p, r)
+        ref = {k: d * ref[k] + (1 - d) * live[k] if live[k].is_floating_point() else live[k] for k in ref}
+        assert all(torch.equal(model.state_dict()[k], live[k]) for k in live)
+    got = ema.module.state_dict()
+    assert set(got) == set(ref) and "1.num_batches_tracked" in got
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], msg=k)
+    assert int(got["1.num_batches_tracked"]) == 5
+    assert not torch.allclose(got["1.running_mean"], model.state_dict()["1.running_mean"])  # averaged, not copied
 
 
 def test_ema_run_saves_and_resumes_the_average(data, tmp_path):

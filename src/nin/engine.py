@@ -190,10 +190,13 @@ def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dis
 
 
 class Ema:
-    """An exponential moving average of a model's weights (timm's ModelEmaV3 behaviour): after step t the
-    average moves towards the weights by 1 - d with d = min(decay, (1 + t) / (10 + t)), so it tracks the
+    """An exponential moving average of a model (timm's ModelEmaV3): parameters and floating-point buffers
+    (batch-norm running statistics) are averaged, integer buffers (batches seen) copied.  The averaged
+    weights are evaluated with averaged statistics: the live model's statistics belong to the live
+    weights.  After step t the average moves towards the model by 1 - d with d = min(decay, (1 + t) /
+    (10 + t)) (the warm-up of TensorFlow's ExponentialMovingAverage with num_updates), so it tracks the
     model closely early on (a few thousand steps with decay 0.999 would otherwise still hold the random
-    init).  Buffers (batch-norm statistics) are copied, not averaged."""
+    init)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -202,10 +205,14 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        mine = [p for p in self.module.parameters()]
-        torch._foreach_lerp_(mine, [p.detach() for p in model.parameters()], 1 - d)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        mine, theirs = [], []
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                mine.append(e)
+                theirs.append(m.detach())
+            else:
+                e.copy_(m)
+        torch._foreach_lerp_(mine, theirs, 1 - d)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

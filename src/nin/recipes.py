@@ -86,7 +86,7 @@ class TrainConfig:
         "none", "with several processes: none (use --lr as given) or linear (--lr x world size, the usual "
         "rule when the global batch grows with the world size)")
     ema: float = opt(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
-                     "warmed up as timm's ModelEmaV3) and evaluate and save it instead (0: off)", lo=0, hi=1,
+                     "BN statistics included, as timm's ModelEmaV3) and evaluate and save it instead (0: off)", lo=0, hi=1,
                      interval=True)
     # evaluation
     tta_flip: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror")
