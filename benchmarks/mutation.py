@@ -210,6 +210,10 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ("OUTPUT", "with several processes, ranks other than 0 would print the epoch line too: duplicated output, no number changes."),
     ("trainer.end_epoch", "val=f\"valacc{row['val_acc']:.4f}\"ifrow[\"val_acc\"]isnotNoneelse\"XXXX\""):
         ("OUTPUT", "the epoch line of a run without a validation split would show 'XXXX': output only; the numbers are checked by test_epoch_lines_print_the_rows_numbers."),
+    # data.BatchLoader.iterate
+    ("data.BatchLoader.iterate", "idx=self.epoch_indices(epoch).to(None)"):
+        ("EQUIVALENT", "the shuffled indices stay on the CPU: indexing the images and labels (on the CPU, or on a GPU, "
+                       "where torch moves the index) selects the same images; no number changes."),
 }
 
 

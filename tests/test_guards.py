@@ -918,3 +918,39 @@ def test_dry_run_takes_one_step_and_evaluates_one_batch_of_each_split(data, tmp_
     limits.clear()
     t.train(tiny(data, epochs=1, val_split=64, eval_batch_size=32), tmp_path / "run", **QUIET)
     assert limits == [None, None]
+
+
+# --- one epoch: the step's random seed, the NaN check -------------------------------------------------
+def test_each_step_seeds_the_random_draws_from_the_seed_epoch_and_batch(data, monkeypatch):
+    """Dropout and other draws in step (epoch e, batch b) come from torch.manual_seed(step_seed(seed, e, b,
+    rank)) -- so a resumed run draws what the uninterrupted one did -- after the run's own seed."""
+    import nin.trainer as t
+    from nin.engine import step_seed
+
+    calls, real = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (calls.append(s), real(s))[1])
+    t.train(tiny(data, epochs=2, seed=3), data.parent / "seeded-run", **QUIET)
+    assert calls == [3] + [step_seed(3, e, b, 0) for e in range(2) for b in range(4)]
+    assert len(set(calls)) == len(calls)
+
+
+@pytest.mark.parametrize("bad", [3, 4])
+def test_a_nan_loss_on_cpu_stops_the_run_at_that_very_step(data, tmp_path, monkeypatch, bad):
+    """On the CPU the loss is checked after every step: a loss that turns NaN at step k (mid-epoch, or the
+    epoch's last) stops the run naming epoch 1, step k, and status.json records the same."""
+    import nin.trainer as t
+    from nin.errors import TrainingDiverged
+
+    real, n = t.train_step, []
+
+    def poisoned(*a, **k):
+        loss, out = real(*a, **k)
+        n.append(1)
+        return (loss * float("nan") if len(n) == bad else loss), out
+
+    monkeypatch.setattr(t, "train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at epoch 1, step {bad};"):
+        t.train(tiny(data, epochs=2), tmp_path / "run", **QUIET)
+    assert len(n) == bad
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "diverged" and status["reason"] == f"loss became nan at epoch 1, step {bad}"
