@@ -296,15 +296,27 @@ def diverged(what: str, st: TrainState, run) -> TrainingDiverged:
                             "Try a lower --lr or --warmup-epochs")
 
 
-def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = False) -> bool:
-    """Train from (st.epoch, st.batch) to the epoch's end; True if --max-steps (or the dry run) stopped it."""
+def epoch_bar(s: Setup, st: TrainState, quiet: bool):
+    """The epoch's progress bar (tqdm, with ETA), drawn only on a terminal."""
     from tqdm import tqdm
 
+    return tqdm(total=s.steps_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{s.cfg.epochs}", unit="batch",
+                disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def show_progress(bar, st: TrainState, world_size: int, seconds: float, lr: float) -> None:
+    """The bar's running numbers: the epoch's mean loss and accuracy so far, images/s, the step's lr."""
+    seen = st.sums[2].item()
+    bar.set_postfix_str(f"loss {st.sums[0].item() / seen:.3f} acc {st.sums[1].item() / seen:.3f} "
+                        f"{seen * world_size / max(seconds, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
+
+
+def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = False) -> bool:
+    """Train from (st.epoch, st.batch) to the epoch's end; True if --max-steps (or the dry run) stopped it."""
     cfg, d = s.cfg, s.d
     s.net.train()
     check_every = 1 if s.device.type == "cpu" else 25  # a host sync; cheap on CPU, batched on GPU
-    bar = tqdm(total=s.steps_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", unit="batch",
-               disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = epoch_bar(s, st, quiet)
     t0, last_save, stop = time.perf_counter(), time.monotonic(), False
     for x, y in s.train_loader.iterate(st.epoch, start_batch=st.batch):
         torch.manual_seed(step_seed(cfg.seed, st.epoch, st.batch, d.rank))
@@ -321,11 +333,8 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
             if all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), d).item() > 0:
                 bar.close()
                 raise diverged(f"loss became {loss.item()}", st, run)
-        if not bar.disable and (st.batch % check_every == 0 or last):
-            seen = st.sums[2].item()  # host syncs for the bar only when a bar is shown
-            el = st.epoch_seconds + time.perf_counter() - t0
-            bar.set_postfix_str(f"loss {st.sums[0].item() / seen:.3f} acc {st.sums[1].item() / seen:.3f} "
-                                f"{seen * d.world_size / max(el, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
+        if not bar.disable and (st.batch % check_every == 0 or last):  # host syncs only when a bar is shown
+            show_progress(bar, st, d.world_size, st.epoch_seconds + time.perf_counter() - t0, lr)
         bar.update(1)
         if dry_run or (cfg.max_steps is not None and st.step >= cfg.max_steps):
             stop = True
