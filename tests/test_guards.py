@@ -184,12 +184,12 @@ def test_without_validation_the_final_epochs_weights_are_saved(data, tmp_path):
 
 
 def test_validation_chooses_even_when_the_test_set_peaks_elsewhere(data, tmp_path, monkeypatch):
-    """Test accuracy made to peak at epoch 1, validation at epoch 2: the epoch-2 weights are saved, and
+    """Test accuracy made to peak at epoch 1, validation at epoch 2 (and tied at 3): the epoch-2 weights are saved, and
     they are exactly the weights a run that stopped after epoch 2 ends with (constant lr: same steps)."""
     import nin.trainer as t
 
     real = t.loader_eval
-    fake = {"test": iter([0.9, 0.1, 0.1]), "val": iter([0.2, 0.8, 0.3])}
+    fake = {"test": iter([0.9, 0.1, 0.1]), "val": iter([0.2, 0.8, 0.8])}  # a tie: the first epoch to reach it
 
     def rigged(model, loader, *a, **k):
         acc, loss = real(model, loader, *a, **k)
@@ -214,7 +214,7 @@ def test_validation_chooses_even_when_the_test_set_peaks_elsewhere(data, tmp_pat
     info = json.loads((tmp_path / "three" / "model.json").read_text())["info"]
     assert info["selected"] == "best validation accuracy" and info["epoch"] == 2
     rows = [json.loads(x) for x in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_acc"] for r in rows] == [0.2, 0.8, 0.3] and all(r["val_loss"] is not None for r in rows)
+    assert [r["val_acc"] for r in rows] == [0.2, 0.8, 0.8] and all(r["val_loss"] is not None for r in rows)
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded():
@@ -577,6 +577,23 @@ def test_optimizer_decays_weights_but_not_biases_or_norm_affines():
     for p, p0 in zip(net.parameters(), before):
         want = p0 * (1 - 0.1 * 0.5) if p0.ndim > 1 else p0
         assert torch.allclose(p.detach(), want), p0.shape
+
+
+@pytest.mark.parametrize("nesterov,momentum,want", [(True, 0.9, True), (False, 0.9, False), (True, 0.0, False)])
+def test_optimizer_uses_nesterov_only_when_asked_and_with_momentum(nesterov, momentum, want):
+    """--nesterov with momentum: one step from a zero velocity is p - lr * (1 + m) * g (Nesterov), plain
+    momentum's first step is p - lr * g; --nesterov with momentum 0 is plain SGD (torch refuses Nesterov there)."""
+    from nin.engine import make_optimizer
+
+    net = torch.nn.Conv2d(1, 2, 3)
+    p0 = [p.detach().clone() for p in net.parameters()]
+    opt = make_optimizer(net, TrainConfig(nesterov=nesterov, momentum=momentum), 0.1, torch.device("cpu"))
+    assert all(g["nesterov"] is want for g in opt.param_groups)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p, q in zip(net.parameters(), p0):
+        torch.testing.assert_close(p.detach(), q - 0.1 * ((1 + momentum) if want else 1.0))
 
 
 # --- random erasing (--erase): boxes by the paper's rule, applied before crop and flip --------------
@@ -954,3 +971,40 @@ def test_a_nan_loss_on_cpu_stops_the_run_at_that_very_step(data, tmp_path, monke
     assert len(n) == bad
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "diverged" and status["reason"] == f"loss became nan at epoch 1, step {bad}"
+
+
+def test_augment_without_a_crop_draws_the_flips_or_boxes_first():
+    """The documented draw order (crop rows, crop columns, flips, erasing boxes) skips what is off: without a
+    crop the flips are the generator's first draws, without crop and flip the boxes are."""
+    from nin.data import augment, erase_boxes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (16, 1, 6, 6), dtype=torch.uint8, generator=g)
+    flips = torch.rand(16, generator=torch.Generator().manual_seed(9)) < 0.5
+    want = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    assert 0 < int(flips.sum()) < 16
+    assert torch.equal(augment(x, torch.Generator().manual_seed(9), flip=True), want)
+    mask = erase_boxes(16, 6, 6, torch.Generator().manual_seed(9), 0.7)
+    assert mask.any()
+    assert torch.equal(augment(x, torch.Generator().manual_seed(9), erase=0.7), x.masked_fill(mask[:, None], 0))
+
+
+def test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own(data, tmp_path):
+    """train(on_epoch=f) (the notebook's live plot) calls f after every epoch with the history so far, the rows
+    metrics.jsonl holds; each row's seconds are that epoch's own (they add up to less than the whole call)."""
+    import time
+
+    from nin.trainer import train
+
+    seen = []
+    t0 = time.perf_counter()
+    train(tiny(data, epochs=3), tmp_path / "run", on_epoch=lambda rows: seen.append([dict(r) for r in rows]),
+          **QUIET)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(h) for h in seen] == [1, 2, 3]
+    for h in seen:
+        assert [r["epoch"] for r in h] == [r["epoch"] for r in rows[:len(h)]]
+        assert all(a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"] for a, b in zip(h, rows))
+    assert 0 < sum(r["seconds"] for r in rows) < wall
+    assert all(r["images_per_sec"] == pytest.approx(r["images"] / r["seconds"]) for r in rows)
