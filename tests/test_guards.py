@@ -1008,3 +1008,34 @@ def test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own(data
         assert all(a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"] for a, b in zip(h, rows))
     assert 0 < sum(r["seconds"] for r in rows) < wall
     assert all(r["images_per_sec"] == pytest.approx(r["images"] / r["seconds"]) for r in rows)
+
+
+def test_tensorboard_gets_each_epochs_numbers(data, tmp_path, monkeypatch):
+    """--tensorboard writes every epoch's train/test numbers, lr and speed as scalars at that epoch (a stand-in
+    SummaryWriter records them: the tensorboard package is an optional extra)."""
+    import types
+
+    from nin.trainer import train
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("logdir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(tiny(data, epochs=2), tmp_path / "run", tensorboard=True, **QUIET)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert calls[0] == ("logdir", str(tmp_path / "run" / "tensorboard"))
+    want = [(k, r[k], r["epoch"]) for r in rows
+            for k in ("train_loss", "train_acc", "test_acc", "lr", "images_per_sec")]
+    assert calls[1:] == want
