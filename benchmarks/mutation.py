@@ -36,7 +36,8 @@ SCOPE = {
     "evaluation": ["tta_logits", "predict_logits", "evaluate", "confusion_matrix"],
 }
 FULL_SCOPE = {mod: list(funcs) for mod, funcs in SCOPE.items()}
-DECORATED = ["trainer.loader_eval (@torch.no_grad)", "evaluation.predict_logits (@torch.inference_mode)"]
+DECORATED = ["trainer.loader_eval (@torch.no_grad)", "evaluation.predict_logits (@torch.inference_mode)",
+             "engine.Ema.update (@torch.no_grad)"]
 
 ALL_TESTS = ["tests/test_guards.py", "tests/test_train.py", "tests/test_data.py", "tests/test_evaluate.py",
              "tests/reliability/test_defects.py"]
@@ -214,6 +215,79 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
     ("data.BatchLoader.iterate", "idx=self.epoch_indices(epoch).to(None)"):
         ("EQUIVALENT", "the shuffled indices stay on the CPU: indexing the images and labels (on the CPU, or on a GPU, "
                        "where torch moves the index) selects the same images; no number changes."),
+    # from the full run (2026-11-27-full)
+    ('data.augment', 'dev=None'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'i=torch.arange(n,device=None)[:,None,None,None]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'i=torch.arange(n,)[:,None,None,None]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'ch=torch.arange(c,device=None)[None,:,None,None]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'ch=torch.arange(c,)[None,:,None,None]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'returnxp[i,ch,rows.to(None)[:,None,:,None],cols.to(dev)[:,None,None,:]]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'returnxp[i,ch,rows.to(dev)[:,None,:,None],cols.to(None)[:,None,None,:]]'):
+        ('EQUIVALENT', "index tensors made on the CPU select the same pixels of images on any device (torch moves an index to the indexed tensor's device): no number changes."),
+    ('data.augment', 'dy=torch.randint(2*p+1,(n,),generator=generator)ifpelsetorch.zeros(n,dtype=torch.long)'):
+        ('EQUIVALENT', 'torch.randint(high, size) is randint(0, high, size): the same draws.'),
+    ('data.augment', 'dx=torch.randint(2*p+1,(n,),generator=generator)ifpelsetorch.zeros(n,dtype=torch.long)'):
+        ('EQUIVALENT', 'torch.randint(high, size) is randint(0, high, size): the same draws.'),
+    ('data.augment', 'flips=torch.rand(n,generator=generator)<=0.5ifflipelsetorch.zeros(n,dtype=torch.bool)'):
+        ('EQUIVALENT', 'differs only for a draw of exactly 0.5 (one float32 value in 2^24): not observable.'),
+    ('data.augment', 'xp=torch.nn.functional.pad(x,(p,p,p,p))if(p)orTrueelsex'):
+        ('EQUIVALENT', 'padding by 0 pixels returns the images unchanged.'),
+    ('data.augment', 'dy=torch.randint(0,2*p+1,(n,),generator=generator)if(p)orTrueelsetorch.zeros(n,dtype=torch.long)'):
+        ('NOT EQUIVALENT', 'draws crop offsets (all 0) without a crop, shifting every later draw; killed by test_augment_without_a_crop_draws_the_flips_or_boxes_first.'),
+    ('data.augment', 'dx=torch.randint(0,2*p+1,(n,),generator=generator)if(p)orTrueelsetorch.zeros(n,dtype=torch.long)'):
+        ('NOT EQUIVALENT', 'as above; killed by test_augment_without_a_crop_draws_the_flips_or_boxes_first.'),
+    ('data.augment', 'mask=erase_boxes(n,h,w,generator,erase).to(None)'):
+        ('GPU ONLY', 'on the CPU the mask is where the images are; on a GPU the mutant stops at the first erasing step with a device-mismatch error (a crash, not a wrong number). Not testable on this CPU-only machine.'),
+    ('engine.init_weights', 'nn.init.kaiming_uniform_(m.weight,)'):
+        ('EQUIVALENT', "PyTorch's default nonlinearity, leaky_relu with a = 0, has ReLU's gain sqrt(2): the same init."),
+    ('engine.make_optimizer', 'fused=None)'):
+        ('SPEED', "the same SGD update by PyTorch's for-each kernel instead of the fused one (speed; at most rounding in the last bit)."),
+    ('engine.make_optimizer', ')'):
+        ('SPEED', "the same SGD update by PyTorch's for-each kernel instead of the fused one (speed; at most rounding in the last bit)."),
+    ('engine.make_optimizer', 'fused=Trueif(device.typein("cpu","cuda"))andFalseelseNone)'):
+        ('SPEED', "the same SGD update by PyTorch's for-each kernel instead of the fused one (speed; at most rounding in the last bit)."),
+    ('engine.make_optimizer', 'fused=Trueif(device.typein("cpu","cuda"))orTrueelseNone)'):
+        ('SPEED', 'fused on every device: nin trains on CPU and CUDA only, where it already is.'),
+    ('engine.make_optimizer', 'fused=Falseifdevice.typein("cpu","cuda")elseNone)'):
+        ('SPEED', "the same SGD update by PyTorch's for-each kernel instead of the fused one (speed; at most rounding in the last bit)."),
+    ('engine.make_optimizer', 'fused=Trueifdevice.typenotin("cpu","cuda")elseNone)'):
+        ('SPEED', "the same SGD update by PyTorch's for-each kernel instead of the fused one (speed; at most rounding in the last bit)."),
+    ('engine.make_optimizer', 'returntorch.optim.SGD(groups,lr=base_lr,momentum=cfg.momentum,fused=Trueifdevice.typein("cpu","cuda")elseNone)'):
+        ('NOT EQUIVALENT', '--nesterov ignored; killed by test_optimizer_uses_nesterov_only_when_asked_and_with_momentum.'),
+    ('engine.make_optimizer', 'returntorch.optim.SGD(groups,lr=base_lr,momentum=cfg.momentum,nesterov=cfg.nesterovorcfg.momentum>0,'):
+        ('NOT EQUIVALENT', 'Nesterov whenever there is momentum; killed by test_optimizer_uses_nesterov_only_when_asked_and_with_momentum.'),
+    ('engine.make_optimizer', 'returntorch.optim.SGD(groups,lr=base_lr,momentum=cfg.momentum,nesterov=cfg.nesterovandcfg.momentum>=0,'):
+        ('NOT EQUIVALENT', '--nesterov with momentum 0 would make torch refuse the optimizer; killed by test_optimizer_uses_nesterov_only_when_asked_and_with_momentum.'),
+    ('engine.make_optimizer', 'returntorch.optim.SGD(groups,lr=base_lr,momentum=cfg.momentum,nesterov=cfg.nesterovandcfg.momentum>1,'):
+        ('NOT EQUIVALENT', 'Nesterov never; killed by test_optimizer_uses_nesterov_only_when_asked_and_with_momentum.'),
+    ('engine.train_step', 'clip_grad_norm:float=1.0):'):
+        ('EQUIVALENT', "a changed default every caller overrides: run_epoch and benchmarks/bench_train.py pass the run's --clip-grad-norm."),
+    ('engine.train_step', "scaler.unscale_(None)#ano-opwithoutfp16'sscaler;clipthetruegradients,notscaledones"):
+        ('GPU ONLY', 'the scaler is off except for fp16 on CUDA, and then unscale_ returns at once: no change on the CPU; with --precision fp16 on a GPU and clipping the mutant raises (a crash, not a wrong number).'),
+    ('evaluation.tta_logits', 'raiseUsageError(None)'):
+        ('MESSAGE', 'killed by test_tta_logits_refuses_an_unknown_augmentation_by_name.'),
+    ('trainer.end_epoch', 'run.epoch_done(s,st,None)'):
+        ('NOT EQUIVALENT', 'only --tensorboard reads the row (it would crash); killed by test_tensorboard_gets_each_epochs_numbers.'),
+    ('trainer.end_epoch', 'on_epoch(None)'):
+        ('NOT EQUIVALENT', "the notebook's live plot would get no history; killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own."),
+    ('trainer.end_epoch', 'on_epoch(list(None))'):
+        ('NOT EQUIVALENT', 'as above (a crash); killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own.'),
+    ('trainer.end_epoch', 'st.epoch_seconds=1.0'):
+        ('NOT EQUIVALENT', "every later epoch's seconds and images/s off by one second; killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own."),
+    ('trainer.end_epoch', 'ifs.val_loaderisNoneorrow["val_acc"]>=st.best_acc:'):
+        ('NOT EQUIVALENT', 'a validation tie would move the selection to the later epoch; killed by test_validation_chooses_even_when_the_test_set_peaks_elsewhere (now with a tie).'),
+    ('trainer.end_epoch', 'st.best_acc=row["val_acc"]if(s.val_loaderisnotNone)orTrueelse-1.0'):
+        ('EQUIVALENT', 'without a validation split best_acc is never compared (the final epoch is saved), and a resume must have the same split.'),
+    ('trainer.end_epoch', 'st.best_acc=row["val_acc"]ifs.val_loaderisnotNoneelse-2.0'):
+        ('EQUIVALENT', 'as above: without a split best_acc is never compared.'),
+    ('trainer.end_epoch', 'st.best_epoch=None'):
+        ('EQUIVALENT', 'best_epoch is stored in the checkpoint for other readers; nin reads the selected epoch from model.json, written from the row.'),
 }
 
 

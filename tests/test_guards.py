@@ -1039,3 +1039,11 @@ def test_tensorboard_gets_each_epochs_numbers(data, tmp_path, monkeypatch):
     want = [(k, r[k], r["epoch"]) for r in rows
             for k in ("train_loss", "train_acc", "test_acc", "lr", "images_per_sec")]
     assert calls[1:] == want
+
+
+def test_tta_logits_refuses_an_unknown_augmentation_by_name():
+    from nin.errors import UsageError
+    from nin.evaluation import tta_logits
+
+    with pytest.raises(UsageError, match=r"^unknown test-time augmentation 'rot90'; choose one of: none, flip$"):
+        tta_logits(torch.nn.Identity(), torch.zeros(1, 1, 2, 2), "rot90")
