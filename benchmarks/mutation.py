@@ -288,6 +288,12 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('EQUIVALENT', 'as above: without a split best_acc is never compared.'),
     ('trainer.end_epoch', 'st.best_epoch=None'):
         ('EQUIVALENT', 'best_epoch is stored in the checkpoint for other readers; nin reads the selected epoch from model.json, written from the row.'),
+    ('evaluation.tta_logits', 'raiseUsageError(f"unknowntest-timeaugmentation{tta!r};chooseoneof:{\',\'.join(None)}")'):
+        ('MESSAGE', 'killed by test_tta_logits_refuses_an_unknown_augmentation_by_name.'),
+    ('data.to_float_batch', 'raiseValueError(None)'):
+        ('MESSAGE', 'killed by test_to_float_batch_refuses_anything_but_uint8_batches (the mean-without-std message).'),
+    ('recipes.check_option', 'ifvalueisNoneorisinstance(value,(bool,str,dict,tuple))or(loisNoneandhiisnotNone):'):
+        ('EQUIVALENT', 'every option without limits holds a str, bool, dict, tuple or None, which return before this test; no option has an upper limit without a lower one.'),
 }
 
 

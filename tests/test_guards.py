@@ -817,6 +817,8 @@ def test_to_float_batch_refuses_anything_but_uint8_batches():
     for bad in (torch.zeros(2, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8)):
         with pytest.raises(ValueError, match=r"expected a uint8 N x C x H x W tensor, got torch\.\w+ \(.*4, 4\)"):
             to_float_batch(bad)
+    with pytest.raises(ValueError, match=r"^give both mean and std, or neither$"):
+        to_float_batch(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), mean=(0.5,))
 
 
 # --- the options' limits: TrainConfig.validate and check_option -----------------------------------------
