@@ -1049,3 +1049,32 @@ def test_tta_logits_refuses_an_unknown_augmentation_by_name():
 
     with pytest.raises(UsageError, match=r"^unknown test-time augmentation 'rot90'; choose one of: none, flip$"):
         tta_logits(torch.nn.Identity(), torch.zeros(1, 1, 2, 2), "rot90")
+
+
+def test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images():
+    """Per-channel (x / 255 - mean) / std on 3 channels at the input's size, with the arithmetic in the given
+    dtype (x * scale + bias, each rounded to it, as documented) and within that dtype's rounding of float64's
+    exact answer; a non-square image is resized to the square side asked for; a mean or std of the wrong
+    length is refused by name."""
+    import torch.nn.functional as F
+
+    from nin.data import to_float_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=g)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    m64, s64 = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    exact = (x.double() / 255 - m64.view(1, 3, 1, 1)) / s64.view(1, 3, 1, 1)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 0.05)):
+        got = to_float_batch(x, mean=mean, std=std, dtype=dtype)
+        scale, bias = (1 / (255 * s64)).to(dtype), (-m64 / s64).to(dtype)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, x.to(dtype) * scale.view(1, 3, 1, 1) + bias.view(1, 3, 1, 1))
+        torch.testing.assert_close(got.double(), exact, atol=tol, rtol=0)
+    wide = torch.randint(0, 256, (2, 3, 6, 9), dtype=torch.uint8, generator=g)
+    for side in (6, 9):  # equal to one side only: still resized to side x side
+        ref = F.interpolate(wide.double() / 255, size=(side, side), mode="bilinear", antialias=True)
+        torch.testing.assert_close(to_float_batch(wide, resize=side, dtype=torch.float64), ref, atol=1e-12, rtol=0)
+    for kw, name in ((dict(mean=(0.1, 0.2), std=std), "mean"), (dict(mean=mean, std=(1.0, 2.0)), "std")):
+        with pytest.raises(ValueError, match=rf"^{name} has 2 values for 3 channels$"):
+            to_float_batch(x, **kw)
