@@ -294,6 +294,56 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('MESSAGE', 'killed by test_to_float_batch_refuses_anything_but_uint8_batches (the mean-without-std message).'),
     ('recipes.check_option', 'ifvalueisNoneorisinstance(value,(bool,str,dict,tuple))or(loisNoneandhiisnotNone):'):
         ('EQUIVALENT', 'every option without limits holds a str, bool, dict, tuple or None, which return before this test; no option has an upper limit without a lower one.'),
+    ('data.to_float_batch', 'scale64=1/(255*_channel_params(std,c,None))'):
+        ('NOT EQUIVALENT', 'the error would not name std; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'bias64=-_channel_params(mean,c,None)/_channel_params(std,c,"std")'):
+        ('NOT EQUIVALENT', 'the error would not name mean; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'bias64=-_channel_params(mean,c,"mean")/_channel_params(std,c,None)'):
+        ('EQUIVALENT', "a std of the wrong length is refused a line earlier, by the scale's check, which names std."),
+    ('data.to_float_batch', 'ifresizeisNoneor(resize==horresize==w):'):
+        ('NOT EQUIVALENT', 'a non-square image with one side equal to --resize would not be resized; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'ifresizeisNoneor(resize!=handresize==w):'):
+        ('NOT EQUIVALENT', 'as above for the other side; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'ifresizeisNoneor(resize==handresize!=w):'):
+        ('NOT EQUIVALENT', 'as above; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('EQUIVALENT', 'a c x 1 x 1 view broadcasts against N x C x H x W exactly as 1 x c x 1 x 1.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(c,1,1))'):
+        ('EQUIVALENT', 'a c x 1 x 1 view broadcasts against N x C x H x W exactly as 1 x c x 1 x 1.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,1,1))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,))'):
+        ('NOT EQUIVALENT', 'wrong broadcast with several channels; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images.'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(None,dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('GPU ONLY', 'on the CPU the same tensor; on a GPU the scale/bias stay on the CPU and the in-place product with the batch on the GPU raises (a crash, not a wrong number).'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(dtype).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('GPU ONLY', 'on the CPU the same tensor; on a GPU the scale/bias stay on the CPU and the in-place product with the batch on the GPU raises (a crash, not a wrong number).'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(None,dtype).view(1,c,1,1))'):
+        ('GPU ONLY', 'on the CPU the same tensor; on a GPU the scale/bias stay on the CPU and the in-place product with the batch on the GPU raises (a crash, not a wrong number).'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(dtype).view(1,c,1,1))'):
+        ('GPU ONLY', 'on the CPU the same tensor; on a GPU the scale/bias stay on the CPU and the in-place product with the batch on the GPU raises (a crash, not a wrong number).'),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,None).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', "the scale kept in float64, not rounded to the batch's dtype as documented; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images."),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,).view(1,c,1,1)).add_(bias64.to(x.device,dtype).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', "the scale kept in float64, not rounded to the batch's dtype as documented; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images."),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,None).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', "the bias kept in float64, not rounded to the batch's dtype as documented; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images."),
+    ('data.to_float_batch', 'returny.mul_(scale64.to(x.device,dtype).view(1,c,1,1)).add_(bias64.to(x.device,).view(1,c,1,1))'):
+        ('NOT EQUIVALENT', "the bias kept in float64, not rounded to the batch's dtype as documented; killed by test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images."),
+    ('data.to_float_batch', 'g,b,k=index.shape[0],blocks.shape[+2],index.shape[1]'):
+        ('EQUIVALENT', 'b (the rows per block) is not used after this line in to_float_batch: a dead value.'),
+    ('data.to_float_batch', 'g,b,k=index.shape[0],blocks.shape[-3],index.shape[1]'):
+        ('EQUIVALENT', 'as above: b is not used.'),
+    ('data.to_float_batch', 'rows=tif(g==1)andFalseelset[:,:,index]#NxCxGxkxresize'):
+        ('SPEED', 'with one block the index holds every input row in order (k = H), so indexing copies t unchanged: the same numbers, one copy more.'),
 }
 
 
