@@ -1078,3 +1078,28 @@ def test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non
     for kw, name in ((dict(mean=(0.1, 0.2), std=std), "mean"), (dict(mean=mean, std=(1.0, 2.0)), "std")):
         with pytest.raises(ValueError, match=rf"^{name} has 2 values for 3 channels$"):
             to_float_batch(x, **kw)
+
+
+def test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints(data, tmp_path, monkeypatch):
+    """With a checkpoint after every step (--save-every), each epoch's reported seconds still add up all its
+    steps: at least the time spent inside them, at most the whole call's wall time."""
+    import time
+
+    import nin.trainer as t
+
+    real, inside = t.train_step, []
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = real(*a, **k)
+        inside.append(time.perf_counter() - t0)
+        return out
+
+    monkeypatch.setattr(t, "train_step", timed)
+    w0 = time.perf_counter()
+    t.train(tiny(data, epochs=2, save_every=1e-9), tmp_path / "run", **QUIET)
+    wall = time.perf_counter() - w0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(inside) == 8
+    for e, r in enumerate(rows):
+        assert sum(inside[4 * e:4 * e + 4]) <= r["seconds"] <= wall, (e, r["seconds"])
