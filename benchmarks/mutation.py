@@ -344,6 +344,48 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('EQUIVALENT', 'as above: b is not used.'),
     ('data.to_float_batch', 'rows=tif(g==1)andFalseelset[:,:,index]#NxCxGxkxresize'):
         ('SPEED', 'with one block the index holds every input row in order (k = H), so indexing copies t unchanged: the same numbers, one copy more.'),
+    ('trainer.run_epoch', 'check_every=1ifs.device.type=="cpu"else26#ahostsync;cheaponCPU,batchedonGPU'):
+        ('GPU ONLY', 'how often a GPU run syncs to check its loss (every 25 or 26 steps; the weights are checked before every checkpoint anyway); the CPU checks every step. No number of a finished run changes.'),
+    ('trainer.run_epoch', 'check_every=1if(s.device.type=="cpu")orTrueelse25#ahostsync;cheaponCPU,batchedonGPU'):
+        ('SPEED', 'a GPU run would also check its loss after every step: one host sync a step more, the same numbers.'),
+    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch/check_every==0orlast):#hostsyncsonlywhenabarisshown'):
+        ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
+    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every!=0orlast):#hostsyncsonlywhenabarisshown'):
+        ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
+    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every==1orlast):#hostsyncsonlywhenabarisshown'):
+        ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
+    ('trainer.run_epoch', 'ifnotbar.disableor(st.batch%check_every==0orlast):#hostsyncsonlywhenabarisshown'):
+        ('OUTPUT', "the bar's numbers computed when no bar is shown too (a disabled tqdm ignores them): host syncs, no number changes."),
+    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every==0andlast):#hostsyncsonlywhenabarisshown'):
+        ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
+    ('trainer.run_epoch', 'show_progress(bar,st,d.world_size,st.epoch_seconds-time.perf_counter()-t0,lr)'):
+        ('OUTPUT', "the bar's images/s: output only (the metrics' seconds are kept apart and tested)."),
+    ('trainer.run_epoch', 'bar.update(2)'):
+        ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneortime.monotonic()-last_save>cfg.save_every*60:'):
+        ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyorrunisnotNoneandtime.monotonic()-last_save>cfg.save_every*60:'):
+        ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneandtime.monotonic()+last_save>cfg.save_every*60:'):
+        ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneandtime.monotonic()-last_save>=cfg.save_every*60:'):
+        ('EQUIVALENT', 'differs only when the clock reads exactly the interval: not observable.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneandtime.monotonic()-last_save>cfg.save_every/60:'):
+        ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
+    ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneandtime.monotonic()-last_save>cfg.save_every*61:'):
+        ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
+    ('trainer.run_epoch', 'st.epoch_seconds=time.perf_counter()-t0'):
+        ('NOT EQUIVALENT', "an epoch's seconds (and images/s) would leave out the steps before a mid-epoch checkpoint; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints."),
+    ('trainer.run_epoch', 'st.epoch_seconds-=time.perf_counter()-t0'):
+        ('NOT EQUIVALENT', 'negative seconds; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints.'),
+    ('trainer.run_epoch', 'st.epoch_seconds+=time.perf_counter()+t0'):
+        ('NOT EQUIVALENT', 'seconds far beyond the wall time; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints.'),
+    ('trainer.run_epoch', 'last=None'):
+        ('OUTPUT', "the epoch's last step then updates the bar and checks the loss only on the usual interval; on the CPU (interval 1) nothing changes, on a GPU a NaN in the last steps is still caught by the weights check before the checkpoint (test_nan_weights_are_never_checkpointed)."),
+    ('trainer.run_epoch', 'last=st.batch!=s.steps_per_epoch'):
+        ('SPEED', 'on the CPU the loss is checked every step anyway; on a GPU it would be checked every step but the last: host syncs, no number changes.'),
+    ('trainer.run_epoch', 'ifst.batch%check_every==0orlastanddry_run:'):
+        ('EQUIVALENT', "on the CPU (interval 1) every step is checked either way; on a GPU the last step's check falls to the weights check before the checkpoint."),
 }
 
 
