@@ -86,8 +86,8 @@ class TrainConfig:
         "none", "with several processes: none (use --lr as given) or linear (--lr x world size, the usual "
         "rule when the global batch grows with the world size)")
     ema: float = opt(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999; "
-                     "BN statistics included, as timm's ModelEmaV3) and evaluate and save it instead (0: off)", lo=0, hi=1,
-                     interval=True)
+                     "BN statistics included, as timm's ModelEmaV3) and evaluate and save it instead (0: off)",
+                     lo=0, hi=1, interval=True)
     # evaluation
     tta_flip: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror")
     eval_batch_size: int = opt(1000, "batch size for the evaluations", lo=1, hi=1 << 20)
