@@ -7,7 +7,8 @@ only, and writes the counts and every survivor (its diff and, when known, its cl
 CLASSIFIED below) to benchmarks/results/mutation-<date>.md.
 
 Usage:  .venv/bin/python benchmarks/mutation.py [--variant before|after|both] [--date YYYY-MM-DD]
-Runs niced, one thread, one test process at a time: about 10-25 minutes per variant on a busy 2-core CPU.
+Runs niced, one thread per test process, --max-children of them at a time (default 1): the whole scope
+took about two hours with two at a time on this 2-core CPU (benchmarks/results/mutation-2026-11-27-full.md).
 """
 from __future__ import annotations
 
@@ -527,8 +528,11 @@ def report(results: list[dict], date: str, command: str, children: int = 1) -> s
     lines += ["Mutants not run were cut by the time limit; the counts are of the mutants that did run.", "",
               "The tests named \"killed by\" below were written from this report, after the run (the run used the "
               "test files as they were when it started); each was checked against its mutant by putting the mutated "
-              "line into the function and running the test. With them, no non-equivalent survivor is left.", ""]
+              "line into the function and running the test."]
     last = results[-1]
+    unjudged = sum(classify(k, d)[0] == "UNCLASSIFIED" for k, d in last["survivors"].items())
+    lines += [f"{unjudged} survivors are not judged yet (UNCLASSIFIED below)." if unjudged else
+              "Every survivor is judged; with those tests no non-equivalent survivor is left.", ""]
     lines += [f"## Survivors of \"{last['name']}\" ({len(last['survivors'])})", ""]
     for k, diff in last["survivors"].items():
         cls, why = classify(k, diff)

@@ -41,12 +41,16 @@ def learnable_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.
     return images, labels
 
 
-def fake_fashion_dir(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
-    """Fashion-MNIST's four .gz files in torchvision's layout under ``root`` (root/FashionMNIST/raw)."""
+def fake_fashion_dir(root: Path, n_train: int = 600, n_test: int = 200, columns: bool = False) -> Path:
+    """Fashion-MNIST's four .gz files in torchvision's layout under ``root`` (root/FashionMNIST/raw).
+    ``columns``: the class is a vertical band's column instead of a row's, so a mirror image shows
+    another class (the row bands are mirror-symmetric: flip TTA would change nothing)."""
     raw = Path(root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = learnable_images(n, seed)
+        if columns:
+            images = images.transpose(0, 2, 1)
         (raw / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
         (raw / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     return Path(root)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from nin.cli import main
 from nin.recipes import TrainConfig, get_recipe, lr_at
-from nin.runfolder import METRIC_FIELDS
+from nin.runfolder import METRIC_FIELDS, read_metrics
 
 from .fakedata import fake_fashion_dir
 
@@ -134,12 +134,12 @@ def test_every_step_gets_the_schedules_lr(data, monkeypatch):
     t.train(cfg, data.parent / "lr-run", **QUIET)
     assert used == [pytest.approx(lr_at(cfg, s, 4, 0.3)) for s in range(8)] and max(used) <= 0.3
     # the lr reported for an epoch is the one its last step used (4 steps an epoch, then 1 step an epoch)
-    rows = [json.loads(x) for x in (data.parent / "lr-run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(data.parent / "lr-run")
     assert [r["lr"] for r in rows] == [pytest.approx(used[3]), pytest.approx(used[7])]
     used.clear()
     t.train(tiny(data, epochs=3, limit_train=64, schedule="onecycle", warmup_epochs=2.0, lr=0.3),
             data.parent / "lr-run-1", **QUIET)
-    rows = [json.loads(x) for x in (data.parent / "lr-run-1" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(data.parent / "lr-run-1")
     assert len(used) == 3 and used[0] < used[1]  # the first epoch's single step is still warming up
     assert [r["lr"] for r in rows] == [pytest.approx(u) for u in used]
 
@@ -178,7 +178,7 @@ def test_without_validation_the_final_epochs_weights_are_saved(data, tmp_path):
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k].float()) for k in best)
     info = json.loads((tmp_path / "run" / "model.json").read_text())["info"]
     assert info["selected"] == "final epoch" and info["epoch"] == 2
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert [sorted(r) for r in rows] == [sorted(METRIC_FIELDS)] * 2  # the documented columns, no more, no fewer
     assert all(r["val_acc"] is None and r["val_loss"] is None for r in rows)
 
@@ -213,7 +213,7 @@ def test_validation_chooses_even_when_the_test_set_peaks_elsewhere(data, tmp_pat
     assert all(torch.equal(saved[k], two[k].float()) for k in saved)
     info = json.loads((tmp_path / "three" / "model.json").read_text())["info"]
     assert info["selected"] == "best validation accuracy" and info["epoch"] == 2
-    rows = [json.loads(x) for x in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "three")
     assert [r["val_acc"] for r in rows] == [0.2, 0.8, 0.8] and all(r["val_loss"] is not None for r in rows)
 
 
@@ -410,21 +410,11 @@ def test_epoch_rows_are_the_models_own_evaluation_of_every_image(data, tmp_path)
     from nin.evaluation import predict_logits
     from nin.trainer import split_validation, train
 
-    import gzip
-
-    from .fakedata import idx_bytes, learnable_images
-
-    data = tmp_path / "data"  # the class is a vertical band's column: a mirror image is another class
-    raw = data / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n, seed in (("train", 512, 0), ("t10k", 128, 1)):
-        images, labels = learnable_images(n, seed)
-        (raw / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images.transpose(0, 2, 1))))
-        (raw / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    data = fake_fashion_dir(tmp_path / "data", n_train=512, n_test=128, columns=True)  # a mirror is another class
     cfg = tiny(data, epochs=4, flip=False, tta_flip=True, val_split=64, eval_batch_size=32, limit_train=None,
                model_kwargs={"width": 8}, batch_size=32, lr=0.05, schedule="constant")
     train(cfg, tmp_path / "run", **QUIET)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     info = json.loads((tmp_path / "run" / "model.json").read_text())["info"]
     assert [sorted(r) for r in rows] == [sorted(METRIC_FIELDS)] * 4
     ds = load_dataset("fashion-mnist", data)
@@ -696,7 +686,7 @@ def test_epoch_lines_print_the_rows_numbers(data, tmp_path, capsys):
 
     lines = []
     final = train(tiny(data, val_split=64), tmp_path / "run", quiet=False, log=lines.append)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     epoch_lines = [x for x in lines if x.startswith("epoch ")]
     assert len(epoch_lines) == len(rows) == 2
     for line, r in zip(epoch_lines, rows):
@@ -1003,7 +993,7 @@ def test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own(data
     train(tiny(data, epochs=3), tmp_path / "run", on_epoch=lambda rows: seen.append([dict(r) for r in rows]),
           **QUIET)
     wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert [len(h) for h in seen] == [1, 2, 3]
     for h in seen:
         assert [r["epoch"] for r in h] == [r["epoch"] for r in rows[:len(h)]]
@@ -1036,7 +1026,7 @@ def test_tensorboard_gets_each_epochs_numbers(data, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     train(tiny(data, epochs=2), tmp_path / "run", tensorboard=True, **QUIET)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert calls[0] == ("logdir", str(tmp_path / "run" / "tensorboard"))
     want = [(k, r[k], r["epoch"]) for r in rows
             for k in ("train_loss", "train_acc", "test_acc", "lr", "images_per_sec")]
@@ -1099,7 +1089,7 @@ def test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints(data, 
     w0 = time.perf_counter()
     t.train(tiny(data, epochs=2, save_every=1e-9), tmp_path / "run", **QUIET)
     wall = time.perf_counter() - w0
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert len(inside) == 8
     for e, r in enumerate(rows):
         assert sum(inside[4 * e:4 * e + 4]) <= r["seconds"] <= wall, (e, r["seconds"])

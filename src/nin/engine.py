@@ -205,11 +205,11 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        mine, theirs = [], []
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+        mine, theirs = list(self.module.parameters()), list(model.parameters())
+        for e, m in zip(self.module.buffers(), model.buffers()):
             if e.is_floating_point():
                 mine.append(e)
-                theirs.append(m.detach())
+                theirs.append(m)
             else:
                 e.copy_(m)
         torch._foreach_lerp_(mine, theirs, 1 - d)
