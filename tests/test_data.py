@@ -256,6 +256,41 @@ def test_loader_augmentation_keeps_labels_aligned():
     assert seen == n
 
 
+def _orientations(loader, epoch: int) -> dict[int, bool]:
+    """label (= sample id) -> mirrored?, read off images whose columns are numbered 1..W."""
+    out = {}
+    for x, y in loader.iterate(epoch):
+        first, last = x[:, 0, 0, 0], x[:, 0, 0, -1]
+        assert bool(((first - last).abs() > 0).all())  # every image is one of the two orientations
+        out.update({int(i): bool(f) for i, f in zip(y, first > last)})
+    return out
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    n, w = 97, 7
+    images = torch.arange(1, w + 1, dtype=torch.uint8).repeat(n, 1, 3, 1) * 30  # columns 30, 60, ..., 210
+    split = Split(images, torch.arange(n))
+    loader = BatchLoader(split, 16, shuffle=True, seed=11, flip=True, alt_flip=True)
+    e0, e1, e2, e3 = (_orientations(loader, e) for e in range(4))
+    assert sorted(e0) == list(range(n))
+    assert all(e1[i] != e0[i] and e2[i] == e0[i] and e3[i] != e0[i] for i in range(n))
+    assert 25 < sum(e0.values()) < 72  # which epoch comes first is a coin per image, not all alike
+    again = BatchLoader(split, 16, shuffle=True, seed=11, flip=True, alt_flip=True)
+    assert _orientations(again, 0) == e0  # fixed by the seed
+    other = BatchLoader(split, 16, shuffle=True, seed=12, flip=True, alt_flip=True)
+    assert _orientations(other, 0) != e0
+    # the coin per epoch, for contrast: about half the images keep their orientation from one epoch to the next
+    coin = BatchLoader(split, 16, shuffle=True, seed=11, flip=True)
+    c0, c1 = _orientations(coin, 0), _orientations(coin, 1)
+    assert 25 < sum(c0[i] == c1[i] for i in range(n)) < 72
+
+
+def test_alternating_flip_needs_flip_and_images_in_memory(tmp_path, capsys):
+    assert main(["train", "--alt-flip", "--no-flip", "--dry-run", "--out", str(tmp_path / "r")]) == 2
+    assert "--alt-flip alternates the flips of --flip; give both" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 # --- loader order, determinism, sharding -------------------------------------------------------
 def _split(n=50):
     return Split(torch.from_numpy(RNG.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8)), torch.arange(n) % 10)

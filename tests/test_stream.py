@@ -369,3 +369,13 @@ def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys
         assert main(["eval", str(target), "--precision", "fp32", "--json"]) == 0
         accs.append(json.loads(capsys.readouterr().out)["accuracy"])
     assert accs[0] == accs[1]
+
+
+def test_alternating_flip_is_refused_for_a_streamed_collection(tmp_path, capsys):
+    root = id_folder(tmp_path / "ids", n=12)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}", "--stream", "--flip", "--alt-flip", "--epochs", "1",
+                 "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--alt-flip needs the images in memory" in err and "Traceback" not in err
+    assert not (run / "best.safetensors").exists()

@@ -21,8 +21,8 @@ import torch
 
 from .datasets import DATASETS, Dataset, Split, find_dataset, load_dataset, search_dirs
 
-__all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs",
-           "to_float_batch", "resize_matrix", "augment", "BatchLoader", "epoch_order", "num_batches", "make_loader"]
+__all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs", "to_float_batch",
+           "resize_matrix", "augment", "alternating_flips", "BatchLoader", "epoch_order", "num_batches", "make_loader"]
 
 
 @lru_cache(maxsize=64)
@@ -134,18 +134,22 @@ def erase_boxes(n: int, h: int, w: int, generator: torch.Generator, p: float) ->
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 0, flip: bool = False,
-            erase: float = 0.0) -> torch.Tensor:
+            erase: float = 0.0, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Random crop with zero padding, horizontal flip and random erasing (to 0, the background) on a
     uint8 batch, each image its own draw.
 
     Draws come from ``generator`` (a CPU generator) in a fixed order -- crop rows, crop columns,
     flips, then the erasing boxes -- so a batch's augmentation depends only on the generator's seed,
-    never on the device."""
+    never on the device.  ``flips`` (N bools, CPU) mirrors exactly those images instead of drawing
+    coins (alternating flip, see ``alternating_flips``)."""
     n, c, h, w = x.shape
     p = crop_padding
     dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
     dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p else torch.zeros(n, dtype=torch.long)
-    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    if flips is not None:
+        flip = bool(flips.any())
+    else:
+        flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     if erase:
         mask = erase_boxes(n, h, w, generator, erase).to(x.device)
         x = x.masked_fill(mask[:, None], 0)  # erased before the crop: the box moves with the image
@@ -159,6 +163,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, crop_padding: int = 
     i = torch.arange(n, device=dev)[:, None, None, None]
     ch = torch.arange(c, device=dev)[None, :, None, None]
     return xp[i, ch, rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+
+
+def alternating_flips(ids: torch.Tensor, epoch: int, seed: int, n: int) -> torch.Tensor:
+    """airbench's alternating flip: sample ``i`` of ``n`` is mirrored in epoch ``e`` iff its own coin (fixed
+    by ``seed``) XOR ``e`` is odd, so every image is seen both ways round in any two consecutive epochs
+    instead of by chance.  ``ids``: int64 sample indices (CPU); returns one bool per id."""
+    coins = torch.rand(n, generator=torch.Generator().manual_seed(_mix(seed, 0x464C4950))) < 0.5  # "FLIP"
+    return coins[ids] ^ bool(epoch % 2)
 
 
 def _mix(*values: int) -> int:
@@ -207,8 +219,8 @@ class BatchLoader:
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, erase: float = 0.0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 crop_padding: int = 0, flip: bool = False, erase: float = 0.0, alt_flip: bool = False, rank: int = 0,
+                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -219,7 +231,7 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.resize, self.mean, self.std, self.dtype = resize, mean, std, dtype
         self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
-        self.erase = erase
+        self.erase, self.alt_flip = erase, alt_flip and flip
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -237,14 +249,17 @@ class BatchLoader:
 
     def iterate(self, epoch: int, start_batch: int = 0):
         """Yields (x float on device, y int64 on device) for batches ``start_batch..len(self)-1``."""
-        idx = self.epoch_indices(epoch).to(self.device)
+        order = self.epoch_indices(epoch)
+        idx = order.to(self.device)
+        flips = alternating_flips(order, epoch, self.seed, len(self.labels)) if self.alt_flip else None
         b_size = self.batch_size
         for b in range(start_batch, len(self)):
             i = idx[b * b_size:(b + 1) * b_size]
             x = self.images[i]
             if self.crop_padding or self.flip or self.erase:
                 g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, self.rank))
-                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase)
+                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase,
+                            flips=None if flips is None else flips[b * b_size:(b + 1) * b_size])
             x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -288,6 +303,10 @@ def make_loader(split, batch_size: int, **kw):
             from .errors import UsageError
             raise UsageError(f"the {kw['transform']} transform needs the streaming path (--stream)")
         return BatchLoader(split, batch_size, **{k: v for k, v in kw.items() if k not in _STREAM_ONLY})
+    if kw.pop("alt_flip", False):
+        from .errors import UsageError
+        raise UsageError("--alt-flip needs the images in memory; a streamed collection draws a flip per image "
+                         "(drop --alt-flip, or --no-stream for a folder that fits --memory-budget)")
     if isinstance(split, FileSplit):
         return StreamLoader(split, batch_size, **kw)
     from .shards import ShardLoader

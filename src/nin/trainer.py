@@ -247,6 +247,7 @@ def set_up(cfg: TrainConfig) -> Setup:
     # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
     train_loader = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
                                crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, erase=cfg.erase,
+                               alt_flip=cfg.alt_flip,
                                rank=d.rank, world_size=d.world_size,
                                transform="random-resized-crop" if imagenet else "fit", **common)
     test_loader = make_loader(ds.test, cfg.eval_batch_size, shuffle=False,
