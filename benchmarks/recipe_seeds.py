@@ -62,7 +62,7 @@ def summary(rows: list[dict]) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     base = None
     for v in variants:
-        rs = [r for r in rows if r["variant"] == v and r["test_acc"] is not None]
+        rs = sorted((r for r in rows if r["variant"] == v and r["test_acc"] is not None), key=lambda r: r["seed"])
         if not rs:
             continue
         accs = [r["test_acc"] for r in rs]

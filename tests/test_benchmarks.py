@@ -300,3 +300,45 @@ def test_grad_norms_reports_the_norm_each_step_applied(fake_root, tmp_path):
     assert all(r["grad_norm"] > 0.01 and 0 < r["loss"] < 10 for r in rows)
     clipped = grad_norms.main([*common, "--clip-grad-norm", "0.01"])
     assert clipped[0]["grad_norm"] <= 0.01 + 1e-4 and clipped[0]["loss"] == rows[0]["loss"]  # same first step
+
+
+def test_recipe_seeds_runs_variants_seed_by_seed_and_summarises(fake_root, tmp_path):
+    """benchmarks/recipe_seeds.py: variants alternate within each seed, one JSON line per run with the CLI's final
+    row, and the summary's mean, sample sd, median seconds and ratio are those of the lines."""
+    import statistics
+    import subprocess
+
+    from nin.runfolder import read_metrics
+
+    out = tmp_path / "rows.jsonl"
+    common = f"--data-dir {fake_root} --limit-train 32 --epochs 1 --warmup-epochs 0"
+    cmd = [sys.executable, str(BENCH / "recipe_seeds.py"), "--recipe", "fast", "--variant", f"a={common}",
+           "--variant", f"b={common} --lr 0.05", "--seeds", "0", "1", "--threads", "1", "--jsonl", str(out),
+           "--keep", str(tmp_path / "runs")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["variant"], x["seed"]) for x in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    for row in rows:
+        run = Path(row["run"])
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        assert (cfg["recipe"], cfg["seed"], cfg["lr"]) == ("fast", row["seed"], 0.05 if row["variant"] == "b" else 0.2)
+        last = read_metrics(run)[-1]
+        assert row["test_acc"] == last["test_acc"] and row["train_acc"] == last["train_acc"]
+        assert row["status"] == "finished" and row["rc"] == 0 and row["seconds"] > row["train_seconds"] > 0
+    for v in ("a", "b"):
+        accs = [x["test_acc"] for x in rows if x["variant"] == v]
+        med = statistics.median(x["seconds"] for x in rows if x["variant"] == v)
+        base = statistics.median(x["seconds"] for x in rows if x["variant"] == "a")
+        line = (f"| {v} | 0,1 | {sum(accs) / 2:.4f} | {abs(accs[0] - accs[1]) / 2 ** 0.5:.4f} | "
+                f"{min(accs):.4f}-{max(accs):.4f} | {med:.0f} | {med / base:.3f} |")
+        assert line in r.stdout
+    again = subprocess.run([sys.executable, str(BENCH / "recipe_seeds.py"), "--from-jsonl", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == r.stdout.split("\n\n")[-1].strip()
+    added = subprocess.run([sys.executable, str(BENCH / "recipe_seeds.py"), "--add-runs",
+                            *[x["run"] for x in rows if x["variant"] == "b"]], capture_output=True, text=True, timeout=120)
+    accs = [x["test_acc"] for x in rows if x["variant"] == "b"]
+    assert added.returncode == 0 and f"| runs | 0,1 | {sum(accs) / 2:.4f} |" in added.stdout
+    bad = subprocess.run([*cmd[:2], "--variant", "noequals"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--variant wants NAME=FLAGS" in bad.stderr and "Traceback" not in bad.stderr
