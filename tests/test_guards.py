@@ -1093,3 +1093,23 @@ def test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints(data, 
     assert len(inside) == 8
     for e, r in enumerate(rows):
         assert sum(inside[4 * e:4 * e + 4]) <= r["seconds"] <= wall, (e, r["seconds"])
+
+
+def test_sigterm_stops_a_training_as_ctrl_c_does(data, tmp_path):
+    """`kill PID` (SIGTERM) mid-run: exit 130, status.json "interrupted" naming it, last.ckpt resumable."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "nin", "train", "--data-dir", str(data), "--epochs", "50",
+                          "--warmup-epochs", "0", "--quiet", "--out", str(run)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # one epoch done: mid-run
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "nin train: interrupted" in err and "Traceback" not in err, err
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
+    assert torch.load(run / "last.ckpt", weights_only=True)["config"]["epochs"] == 50  # intact: resumable

@@ -112,12 +112,26 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends a training as Ctrl-C does: status.json says
+    "interrupted" and the last checkpoint is kept.  Python's default for SIGTERM is to die on the spot."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from .recipes import flag, get_recipe
     from .trainer import train
 
+    _sigterm_interrupts()
     overrides = _train_overrides(args)
     if args.resume:
         other = [k for k in overrides if k not in RESUMABLE]
