@@ -11,8 +11,8 @@ with its sample standard deviation and range, and the median seconds with their 
 variant's.
 
 The `fast` recipe against its flags of before 2026-11-28 (BENCHMARKS.md, "Seeds of the fast recipe"):
-    python benchmarks/recipe_seeds.py --recipe fast --variant old="--epochs 8 --batch-size 256 --lr 0.2" \\
-        --variant new= --seeds 0 1 2 3 4 --threads 2 --jsonl fast-seeds.jsonl
+    python benchmarks/recipe_seeds.py --recipe fast --variant old="--epochs 8 --crop-padding 2" \\
+        --variant new= --seeds 0 1 2 --threads 1 --jsonl fast-seeds.jsonl
 Finished run folders (long runs made by hand) join a table with --add-runs RUN ... (variant: "runs").
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nin.runfolder import read_metrics
+from nin.runfolder import read_metrics, read_status
 
 
 def cpu_name() -> str:
@@ -45,15 +45,16 @@ def cpu_name() -> str:
 def row_of(run: Path, *, variant: str, flags: list[str], seconds: float | None, rc: int | None,
            threads: int | None) -> dict:
     """One run's line: what it was, how long it took, and its final metrics row."""
-    config = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").exists() else {}
+    written = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    config = written.get("config", {})
     rows = read_metrics(run) if (run / "metrics.jsonl").exists() else []
     last = rows[-1] if rows else {}
-    status = json.loads((run / "status.json").read_text()).get("state") if (run / "status.json").exists() else None
+    status = (read_status(run) or {}).get("state")
     return {"variant": variant, "flags": flags, "recipe": config.get("recipe"), "seed": config.get("seed"),
             "epochs": len(rows), "seconds": seconds, "train_seconds": sum(r["seconds"] for r in rows),
             "test_acc": last.get("test_acc"), "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
             "rc": rc, "status": status, "run": str(run), "threads": threads, "cpu": cpu_name(),
-            "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
+            "torch": written.get("versions", {}).get("torch"), "date": time.strftime("%Y-%m-%d")}
 
 
 def summary(rows: list[dict]) -> str:
