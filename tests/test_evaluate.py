@@ -81,6 +81,23 @@ def test_cli_eval_json(run, tmp_path, capsys):
     assert (tmp_path / "confusion.png").exists() and (tmp_path / "confusion.csv").exists()
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cli_eval_says_when_a_bf16_run_is_evaluated_in_fp32(fmnist, tmp_path, capsys, monkeypatch, native_bf16):
+    """The shipped fast run evaluated in bf16. Where the CPU has native bf16, `nin eval` matches it silently;
+    where it has not (AVX2 only), it evaluates in fp32 and one note on stderr says so, since the number may
+    then differ from the reported one by a few images."""
+    import nin.engine
+
+    monkeypatch.setattr(nin.engine, "cpu_supports_bf16", lambda: native_bf16)
+    assert main(["eval", "nin_fmnist.fashion_mnist_fast", "--limit", "300", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"precision: {'bf16' if native_bf16 else 'fp32'};" in out.splitlines()[0]
+    assert ("this CPU has no native bf16" in err) is not native_bf16
+    assert main(["eval", "nin_fmnist.fashion_mnist_fast", "--limit", "300", "--precision", "fp32",
+                 "--out", str(tmp_path)]) == 0
+    assert "native bf16" not in capsys.readouterr().err  # asked for fp32: nothing to explain
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_cam_spatial_mean_is_the_logits(name):
     torch.manual_seed(0)

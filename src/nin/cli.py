@@ -267,6 +267,21 @@ def _out_dir(path, default):
     return out
 
 
+def _warn_precision_fallback(args, model, result) -> None:
+    """A run that evaluated in bf16, evaluated here in fp32 because this CPU has no native bf16: its
+    reported accuracy is then not reproduced to the image, and the user should know why."""
+    import torch
+
+    from .engine import cpu_supports_bf16
+
+    run_precision = getattr(getattr(model, "meta", None), "precision", "fp32")
+    if (args.precision == "run" and run_precision == "bf16" and result.compute == "fp32"
+            and isinstance(model, torch.nn.Module) and not cpu_supports_bf16()):
+        print("note: the run evaluated in bf16; this CPU has no native bf16 (AVX512-BF16 or AMX), so this "
+              "evaluation is fp32 and may differ from the run's reported accuracy by a few images "
+              "(--precision bf16 emulates it, slowly)", file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -281,6 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data, loader = _test_data(model, ds, args.batch_size)
     result = evaluate(model, data, batch_size=args.batch_size, tta=tta, limit=args.limit, precision=args.precision)
     _warn_bad_files(loader)
+    _warn_precision_fallback(args, model, result)
     split = ds.split["rule"] if ds.split else f"the dataset's test split ({ds.source})"
     png, csv_path, written = out / "confusion.png", out / "confusion.csv", True
     try:
@@ -443,7 +459,8 @@ def _add_use(sub) -> None:
     p.add_argument("--limit", type=number(int, 1, BIG), metavar="N", help="evaluate only the first N test images")
     p.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
                    help="'run' (default): as the run evaluated (bf16 autocast where it trained so and this "
-                        "machine supports it), which reproduces its reported accuracy to the image")
+                        "machine supports it), which reproduces its reported accuracy to the image; on a CPU "
+                        "without native bf16 a bf16 run is evaluated in fp32, with a note saying so")
     p.add_argument("--out", metavar="DIR", help="where confusion.png/.csv go (default: RUN/eval)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_eval)
