@@ -12,6 +12,7 @@ from PIL import Image
 from nin.cli import main
 from nin.evaluation import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
                           save_cam_figure, save_cam_grid, save_confusion_csv, save_confusion_png)
+from nin.errors import UsageError
 from nin.export import load
 from nin.models import create_model, list_models
 
@@ -61,6 +62,27 @@ def test_flip_tta_averages_mirrored_logits(run):
     torch.testing.assert_close(predict_logits(model, x, tta="flip"), (plain + mirrored) / 2)
 
 
+def test_shift_tta_averages_18_moved_views_padded_with_background(run):
+    """tta="shift" against views made on the raw images: each moved by (dy, dx) in {-1, 0, 1}^2 with a
+    border of zero pixels (the background, as training's crops pad), and mirrored; 18 logits averaged.
+    The model normalises (a zero pixel is not 0.0 once preprocessed), so a wrong fill would show."""
+    _, model, ds = run
+    assert model.meta.preprocess["mean"][0] > 0.1
+    x = ds.test.images[:40]
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    views = [torch.from_numpy(padded[..., 1 + dy:29 + dy, 1 + dx:29 + dx].copy())
+             for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert sum(bool((v != x).any()) for v in views) == 8  # each of the 8 moves changes the images
+    expected = sum(predict_logits(model, v) + predict_logits(model, v.flip(-1)) for v in views) / 18
+    shifted = predict_logits(model, x, tta="shift", batch_size=16)
+    torch.testing.assert_close(shifted, expected, rtol=1e-4, atol=1e-4)
+    assert (shifted - predict_logits(model, x, tta="flip")).abs().max() > 1e-3  # another number than flip's
+    assert evaluate(model, ds.test, limit=40, tta="shift").confusion.trace() == int((shifted.argmax(1) ==
+                                                                                    ds.test.labels[:40]).sum())
+    with pytest.raises(UsageError, match="unknown test-time augmentation 'crop'; choose one of: none, flip, shift"):
+        predict_logits(model, x, tta="crop")
+
+
 def test_confusion_files(run, tmp_path):
     _, model, ds = run
     result = evaluate(model, ds.test, limit=300)
@@ -79,6 +101,9 @@ def test_cli_eval_json(run, tmp_path, capsys):
     assert out["accuracy"] == pytest.approx(evaluate(model, ds.test, limit=500).accuracy)
     assert out["n"] == 500 and len(out["per_class"]) == 10
     assert (tmp_path / "confusion.png").exists() and (tmp_path / "confusion.csv").exists()
+    assert main(["eval", str(path), "--limit", "100", "--tta", "shift", "--json", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tta"] == "shift" and out["accuracy"] == evaluate(model, ds.test, limit=100, tta="shift").accuracy
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])

@@ -1042,7 +1042,7 @@ def test_tta_logits_refuses_an_unknown_augmentation_by_name():
     from nin.errors import UsageError
     from nin.evaluation import tta_logits
 
-    with pytest.raises(UsageError, match=r"^unknown test-time augmentation 'rot90'; choose one of: none, flip$"):
+    with pytest.raises(UsageError, match=r"^unknown test-time augmentation 'rot90'; choose one of: none, flip, shift$"):
         tta_logits(torch.nn.Identity(), torch.zeros(1, 1, 2, 2), "rot90")
 
 

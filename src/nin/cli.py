@@ -445,9 +445,10 @@ def _add_use(sub) -> None:
         p.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (default: search)")
 
     def tta_arg(p) -> None:
-        p.add_argument("--tta", choices=["run", "none", "flip"], default="run",
+        p.add_argument("--tta", choices=["run", "none", "flip", "shift"], default="run",
                        help="test-time augmentation: 'flip' averages the logits with the mirrored image; "
-                            "'run' (default) does what the run did for its reported accuracy")
+                            "'shift' over 18 views (the image and its mirror, each moved by up to one pixel, "
+                            "18x the compute); 'run' (default) does what the run did for its reported accuracy")
 
     model_help = "a run folder, a .safetensors, an exported .onnx or a pretrained name (see `nin models`)"
     p = sub.add_parser("eval", help="test accuracy, per-class precision/recall, confusion matrix (PNG, CSV)")

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 
-TTA_CHOICES = ("none", "flip")
+TTA_CHOICES = ("none", "flip", "shift")
+# "shift": the image and its mirror, each at the 9 positions of a 1-pixel translation (3 x 3), 18 views
+SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 
 def preprocess(model, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -50,24 +52,37 @@ def resolve_eval_precision(model, precision: str | None) -> str:
 
 
 def tta_logits(model, x: torch.Tensor, tta: str | None = "none") -> torch.Tensor:
-    """float32 logits of a preprocessed batch; ``tta="flip"`` averages them with the horizontal mirror's.
+    """float32 logits of a preprocessed batch; ``tta="flip"`` averages them with the horizontal mirror's,
+    ``tta="shift"`` over the image and its mirror each moved by up to one pixel (SHIFTS), the border
+    filled with the background (what a zero pixel preprocesses to), as training's crops pad.
     The one test-time augmentation of nin: training's evaluation, ``nin eval``, predict and serve."""
-    if tta not in (None, "none", "flip"):
-        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+    check_tta(tta)
+    if tta == "shift":
+        n, c, h, w = x.shape
+        background = preprocess(model, torch.zeros(1, c, 1, 1, dtype=torch.uint8), x.dtype)[..., :1, :1]
+        padded = background.to(x.device).expand(n, c, h + 2, w + 2).clone()
+        padded[..., 1:-1, 1:-1] = x
+        views = [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in SHIFTS]
+        return sum(model(v).float() + model(v.flip(-1)).float() for v in views) / (2 * len(views))
     logits = model(x).float()
     if tta == "flip":
         logits = (logits + model(x.flip(-1)).float()) / 2
     return logits
 
 
+def check_tta(tta: str | None) -> None:
+    if tta not in (None, *TTA_CHOICES):
+        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+
+
 @torch.inference_mode()
 def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None,
                    precision: str = "fp32") -> torch.Tensor:
     """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
-    logits of the image and its horizontal mirror.  ``precision="bf16"``: as the training loop
-    evaluates (bf16 input and autocast, channels_last), see resolve_eval_precision."""
-    if tta not in (None, "none", "flip"):
-        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
+    logits of the image and its horizontal mirror, ``"shift"`` 18 views (see tta_logits).
+    ``precision="bf16"``: as the training loop evaluates (bf16 input and autocast, channels_last),
+    see resolve_eval_precision."""
+    check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     bf16 = precision == "bf16" and isinstance(model, torch.nn.Module)
