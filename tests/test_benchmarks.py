@@ -342,3 +342,22 @@ def test_recipe_seeds_runs_variants_seed_by_seed_and_summarises(fake_root, tmp_p
     assert added.returncode == 0 and f"| runs | 0,1 | {sum(accs) / 2:.4f} |" in added.stdout
     bad = subprocess.run([*cmd[:2], "--variant", "noequals"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--variant wants NAME=FLAGS" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tta_views_columns_are_nins_own_evaluations(small_run, tmp_path, capsys):
+    """benchmarks/tta_views.py moves the raw images itself; its none/flip/shift columns must be what
+    nin.evaluate gives with tta none/flip/shift (the shift column checks `nin eval --tta shift`)."""
+    import tta_views
+
+    import nin
+
+    path = small_run[0]
+    out = tmp_path / "tta.jsonl"
+    assert tta_views.main([str(path), "--limit", "300", "--jsonl", str(out)]) == 0
+    row = json.loads(out.read_text())
+    model = nin.load(path)
+    test = nin.data.load_dataset("fashion-mnist").test
+    for tta in ("none", "flip", "shift"):
+        assert row["accuracy"][tta] == nin.evaluate(model, test, limit=300, tta=tta).accuracy, tta
+    assert row["images"] == 300 and len(set(row["accuracy"].values())) > 2  # the view sets differ
+    assert str(path) in capsys.readouterr().out
