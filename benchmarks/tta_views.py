@@ -31,6 +31,8 @@ import nin
 from nin.data import load_dataset
 from nin.evaluation import SHIFTS, predict_logits
 
+from recipe_seeds import cpu_name  # a sibling script: benchmarks/ is the script's folder on sys.path
+
 VIEW_SETS = {
     "none": [((0, 0), False, 1.0)],
     "flip": [((0, 0), f, 1.0) for f in (False, True)],
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({"model": name, "images": len(labels), "precision": args.precision,
                                     "accuracy": acc, "seconds": round(time.perf_counter() - t0, 1),
+                                    "cpu": cpu_name(), "threads": torch.get_num_threads(),
                                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}) + "\n")
     return 0
 
