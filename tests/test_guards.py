@@ -437,9 +437,10 @@ def test_epoch_rows_are_the_models_own_evaluation_of_every_image(data, tmp_path)
             acc, loss = scores(model, split, "flip")
             assert row[f"{name}_acc"] == pytest.approx(acc, abs=1e-9), name
             assert row[f"{name}_loss"] == pytest.approx(loss, rel=1e-3), name
-            # the check can tell: without the flip, or on the first batch only, the loss is another
-            assert abs(scores(model, split, "none")[1] - loss) > 1e-2 * loss, name
-            assert abs(scores(model, type(split)(split.images[:32], split.labels[:32]), "flip")[1] - loss) > 1e-2 * loss
+            # the check can tell: without the flip, or on the first batch only, the loss is another by more
+            # than the match's tolerance (how much more depends on the thread count's arithmetic: 0.4% at one)
+            assert abs(scores(model, split, "none")[1] - loss) > 2e-3 * loss, name
+            assert abs(scores(model, type(split)(split.images[:32], split.labels[:32]), "flip")[1] - loss) > 2e-3 * loss
 
 
 # --- the odd images: one reader for datasets and predict ----------------------------------------------
