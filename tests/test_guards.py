@@ -443,6 +443,67 @@ def test_epoch_rows_are_the_models_own_evaluation_of_every_image(data, tmp_path)
             assert abs(scores(model, type(split)(split.images[:32], split.labels[:32]), "flip")[1] - loss) > 2e-3 * loss
 
 
+def test_closing_evaluation_scores_the_chosen_model_once_with_the_final_tta(data, tmp_path, capsys, monkeypatch):
+    """--final-tta shift: the per-epoch rows keep flip TTA, the saved model (the validation-best epoch, here
+    made to be epoch 2 of 3) is evaluated once with shift TTA, its model.json says so, and nin eval reproduces
+    that number by default.  Checked against shift TTA computed here from the saved weights and from the last
+    epoch's; a run stopped during that evaluation does it when resumed, and only it."""
+    import nin
+    import nin.trainer as t
+    from nin.data import load_dataset
+    from nin.evaluation import predict_logits
+    from nin.export import save_model
+    from nin.trainer import train
+
+    real, orig_set_up, fake_val = t.loader_eval, t.set_up, iter([0.2, 0.8, 0.1])
+
+    def rigged(model, loader, *a, **k):  # only the validation accuracy is made up: it chooses epoch 2
+        acc, loss = real(model, loader, *a, **k)
+        return (next(fake_val), loss) if loader is t._current.val_loader else (acc, loss)
+
+    def remember(cfg):
+        t._current = orig_set_up(cfg)
+        return t._current
+
+    monkeypatch.setattr(t, "loader_eval", rigged)
+    monkeypatch.setattr(t, "set_up", remember)
+    data = fake_fashion_dir(tmp_path / "data", n_train=512, n_test=128, columns=True)
+    cfg = tiny(data, epochs=3, flip=False, tta_flip=True, final_tta="shift", val_split=64, limit_train=None,
+               model_kwargs={"width": 8}, batch_size=32, lr=0.05, schedule="constant")
+    final = train(cfg, tmp_path / "run", **QUIET)
+    monkeypatch.setattr(t, "loader_eval", real)
+    best = nin.load(tmp_path / "run")
+    last = nin.load(tmp_path / "run")
+    last.load_state_dict(torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["model"])
+    assert best.meta.info["epoch"] == 2
+    ds = load_dataset("fashion-mnist", data)
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    shift = predict_logits(best, ds.test.images, tta="shift", precision=expected).argmax(1)
+    flip = predict_logits(best, ds.test.images, tta="flip", precision=expected).argmax(1)
+    want = (shift == ds.test.labels).float().mean().item()
+    # so the check can tell the two TTAs apart, and the chosen epoch from the last
+    assert want != (flip == ds.test.labels).float().mean().item()
+    assert want != (predict_logits(last, ds.test.images, tta="shift", precision=expected).argmax(1)
+                    == ds.test.labels).float().mean().item()
+    assert best.meta.tta == "shift" and final["tta"] == "shift"
+    assert best.meta.info["tta_test_acc"] == pytest.approx(want, abs=1e-9) == final["tta_test_acc"]
+    rows = read_metrics(tmp_path / "run")
+    chosen = rows[best.meta.info["epoch"] - 1]
+    assert best.meta.info["test_acc"] == chosen["test_acc"]  # the epoch's own (flip) number is kept beside it
+    assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--json", "--precision", expected]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tta"] == "shift" and round(doc["accuracy"] * 128) == round(want * 128)
+    # killed during the closing evaluation: model.json still says flip; the resume evaluates and stops
+    save_model(tmp_path / "run", best, dataclasses.replace(best.meta, tta="flip"))
+    lines = []
+    again = train(None, resume=tmp_path / "run", log=lines.append)
+    assert again["tta_test_acc"] == pytest.approx(want, abs=1e-9) and nin.load(tmp_path / "run").meta.tta == "shift"
+    assert len(read_metrics(tmp_path / "run")) == 3 and "closing evaluation" in " ".join(lines)
+    lines.clear()
+    train(None, resume=tmp_path / "run", log=lines.append)
+    assert "nothing to do" in " ".join(lines)
+
+
 # --- the odd images: one reader for datasets and predict ----------------------------------------------
 def test_folder_dataset_and_predict_see_the_same_pixels(tmp_path):
     """16-bit, palette, RGBA, CMYK, EXIF-rotated and non-square images in a folder dataset: its tensors are

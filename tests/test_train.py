@@ -31,7 +31,15 @@ def test_d2l_recipe_is_the_seed():
     assert (cfg.model, cfg.dataset, cfg.resize, cfg.normalize) == ("nin_d2l", "fashion-mnist", 224, False)
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay) == (0.1, 10, 128, 0.0, 0.0)
     assert (cfg.schedule, cfg.warmup_epochs, cfg.label_smoothing, cfg.init) == ("constant", 0.0, 0.0, "xavier")
-    assert (cfg.crop_padding, cfg.flip, cfg.tta_flip) == (0, False, False)
+    assert (cfg.crop_padding, cfg.flip, cfg.tta_flip, cfg.final_tta) == (0, False, False, "same")
+
+
+def test_final_tta_is_an_option_and_only_best_uses_shift():
+    assert {name: get_recipe(name).final_tta for name in RECIPES if get_recipe(name).final_tta != "same"} == \
+        {"best": "shift"}
+    assert get_recipe("best", final_tta="flip").final_tta == "flip"
+    with pytest.raises(UsageError, match="--final-tta"):
+        get_recipe("fast", final_tta="shfit").validate()
 
 
 def test_kaiming_init_scales_for_relu():

@@ -64,14 +64,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     names = list_pretrained()
     if names:
         print(f"\nshipped weights (nin predict/eval/cam/export/serve NAME; create_model(..., pretrained=True)):")
-        print(f"{'name':<32} {'params':>9} {'size':>8} {'test acc':>9} {'(flip TTA)':>10}  made by")
+        print(f"{'name':<32} {'params':>9} {'size':>8} {'test acc':>9} {'with its TTA':>16}  made by")
         for n in names:
             e = pretrained_info(n)
             acc = e["accuracy"]["fp32"]
             mark = " *" if e.get("default") else ""
+            own = f"{acc[e['tta']]:.4f} ({e['tta']})" if e["tta"] != "none" else "-"
             print(f"{n + mark:<32} {e['params']:>9,} {e['bytes'] / 1e6:>6.2f}MB {acc['none']:>9.4f} "
-                  f"{acc['flip']:>10.4f}  {e['command']}")
-        print("* the architecture's default weights; accuracy on the 10,000 Fashion-MNIST test images, fp32")
+                  f"{own:>16}  {e['command']}")
+        print("* the architecture's default weights; accuracy on the 10,000 Fashion-MNIST test images, fp32; "
+              "its TTA is what nin eval/predict/serve use unless --tta says otherwise")
     return 0
 
 

@@ -111,8 +111,8 @@ def validate_meta(data, where: str) -> ModelMeta:
     transform = pre.get("transform", "fit")
     if transform not in ("fit", "imagenet"):
         raise CheckpointError(f"{where}: field 'preprocess.transform' must be 'fit' or 'imagenet', got {transform!r}")
-    if data.get("tta", "none") not in ("none", "flip"):
-        bad("tta", "'none' or 'flip'")
+    if data.get("tta", "none") not in ("none", "flip", "shift"):
+        bad("tta", "'none', 'flip' or 'shift'")
     if data.get("precision", "fp32") not in ("fp32", "bf16"):
         bad("precision", "'fp32' or 'bf16'")
     if not isinstance(data.get("dataset", ""), str):

@@ -14,6 +14,7 @@ images held out from the training set.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -130,6 +131,11 @@ class Setup:
     @property
     def tta(self) -> str:
         return "flip" if self.cfg.tta_flip else "none"
+
+    @property
+    def final_tta(self) -> str:
+        """The TTA of the saved model's closing evaluation (model.json's ``tta``)."""
+        return self.tta if self.cfg.final_tta == "same" else self.cfg.final_tta
 
 
 def split_validation(split, n: int, seed: int):
@@ -457,6 +463,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resu
 def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed: bool) -> dict:
     cfg, d = s.cfg, s.d
     if st.epoch >= cfg.epochs or (cfg.max_steps is not None and st.step >= cfg.max_steps):
+        if run is not None and st.epoch >= cfg.epochs and closing_eval_pending(s, run):
+            # stopped during its closing evaluation: do that, the one thing left
+            return {**st.history[-1], **closing_eval(s, run, log=log), "run_dir": str(run.path)}
         if d.main:
             log(f"{run.path}: the run already finished ({len(st.history)} epochs, {st.step} steps); nothing to do"
                 + (" (give a higher --max-steps to continue)" if cfg.max_steps is not None else ""))
@@ -501,11 +510,47 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
     final["run_dir"] = str(run.path) if run else None
     if run is not None:
         done = st.epoch >= cfg.epochs
+        if done and closing_eval_pending(s, run):
+            final.update(closing_eval(s, run, log=log if not quiet else None))
         run.status("finished" if done else "stopped", "" if done else f"--max-steps {cfg.max_steps}")
         # the book's own two closing lines
         log(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}")
         log(f"{final['examples_per_sec']:.1f} examples/sec on {s.device}")
         if not quiet:
             log(f"saved model: {run.path / 'best.safetensors'} ({run.selected})")
+            if "tta_test_acc" in final:
+                log(f"saved model's test acc with {final['tta']} TTA: {final['tta_test_acc']:.4f} (what nin eval "
+                    "reports for it; evaluated once, after the model was chosen)")
             log(f"run folder: {run.path}")
     return final
+
+
+# --- the closing evaluation -----------------------------------------------------------------
+def closing_eval_pending(s: Setup, run) -> bool:
+    """Whether the saved model still awaits its closing evaluation with ``--final-tta`` (model.json's
+    ``tta`` says which TTA its reported accuracy used)."""
+    if s.final_tta == s.tta:
+        return False
+    try:
+        return json.loads((run.path / "model.json").read_text()).get("tta") != s.final_tta
+    except (OSError, ValueError):
+        return False
+
+
+def closing_eval(s: Setup, run, *, log=None) -> dict:
+    """Evaluate the saved model (whichever epoch was chosen) once on the test set with ``--final-tta``
+    and record that TTA and accuracy in its model.json, so nin eval/predict/serve use the same TTA.
+    The test set chooses nothing here: the weights were fixed before."""
+    from .export import load, save_model
+
+    model = load(run.path).to(s.device)
+    if s.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    acc, loss = loader_eval(model, s.test_loader, s.amp_dtype, s.final_tta)
+    seconds = time.perf_counter() - t0
+    info = {**model.meta.info, "tta_test_acc": acc, "tta_test_loss": loss}
+    save_model(run.path, model, dataclasses.replace(model.meta, tta=s.final_tta, info=info))
+    if log is not None:
+        log(f"closing evaluation of the saved model with {s.final_tta} TTA: test acc {acc:.4f} ({seconds:.0f} s)")
+    return {"tta": s.final_tta, "tta_test_acc": acc, "tta_test_loss": loss}
