@@ -361,3 +361,20 @@ def test_tta_views_columns_are_nins_own_evaluations(small_run, tmp_path, capsys)
         assert row["accuracy"][tta] == nin.evaluate(model, test, limit=300, tta=tta).accuracy, tta
     assert row["images"] == 300 and row["threads"] >= 1 and len(set(row["accuracy"].values())) > 2  # sets differ
     assert str(path) in capsys.readouterr().out
+
+
+def test_eval_layout_compares_the_two_layouts_on_the_same_images(small_run, tmp_path, capsys):
+    """benchmarks/eval_layout.py: both layouts' logits agree (nin evaluates channels_last), the ratio is
+    of the medians it prints, and a JSON line per batch size records the machine."""
+    import eval_layout
+
+    out = tmp_path / "layout.jsonl"
+    assert eval_layout.main([str(small_run[0]), "--images", "256", "--batch-sizes", "64", "100", "--repeats", "1",
+                             "--jsonl", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [64, 100] and all(r["images"] == 256 for r in rows)
+    printed = capsys.readouterr().out
+    for r in rows:
+        assert r["same_predictions"] and r["max_abs_diff"] < 1e-4 and r["threads"] >= 1 and r["cpu"]
+        assert r["ratio"] == pytest.approx(r["channels_last_s"] / r["contiguous_s"])
+        assert f"| {r['batch_size']} | {r['contiguous_s']:.2f} | {r['channels_last_s']:.2f} | {r['ratio']:.3f} |" in printed

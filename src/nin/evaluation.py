@@ -80,18 +80,20 @@ def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: s
                    precision: str = "fp32") -> torch.Tensor:
     """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
     logits of the image and its horizontal mirror, ``"shift"`` 18 views (see tta_logits).
-    ``precision="bf16"``: as the training loop evaluates (bf16 input and autocast, channels_last),
-    see resolve_eval_precision."""
+    ``precision="bf16"``: as the training loop evaluates (bf16 input and autocast), see
+    resolve_eval_precision.  A PyTorch model runs channels_last, as in training, in both precisions: in
+    fp32 that halved the time of a 2-core AVX2 CPU (benchmarks/eval_layout.py)."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    bf16 = precision == "bf16" and isinstance(model, torch.nn.Module)
-    if bf16:
+    torch_model = isinstance(model, torch.nn.Module)
+    bf16 = precision == "bf16" and torch_model
+    if torch_model:
         model = model.to(memory_format=torch.channels_last)
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = preprocess(model, images[i:i + batch_size], torch.bfloat16 if bf16 else torch.float32)
-        if bf16:
+        if torch_model:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out.append(tta_logits(model, x, tta).cpu())
