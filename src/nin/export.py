@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ExportError, UsageError
+from .evaluation import TTA_CHOICES
 from .fsutil import atomic_write
 
 FORMAT = "nin-model/1"
@@ -111,8 +112,8 @@ def validate_meta(data, where: str) -> ModelMeta:
     transform = pre.get("transform", "fit")
     if transform not in ("fit", "imagenet"):
         raise CheckpointError(f"{where}: field 'preprocess.transform' must be 'fit' or 'imagenet', got {transform!r}")
-    if data.get("tta", "none") not in ("none", "flip", "shift"):
-        bad("tta", "'none', 'flip' or 'shift'")
+    if data.get("tta", "none") not in TTA_CHOICES:
+        bad("tta", f"one of {', '.join(TTA_CHOICES)}")
     if data.get("precision", "fp32") not in ("fp32", "bf16"):
         bad("precision", "'fp32' or 'bf16'")
     if not isinstance(data.get("dataset", ""), str):
