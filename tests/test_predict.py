@@ -11,7 +11,7 @@ from PIL import Image
 from nin.cli import main
 from nin.evaluation import predict_logits
 from nin.export import export_onnx, load
-from nin.predict import ImageError, predict_files, read_image
+from nin.prediction import ImageError, predict_files, read_image
 
 N = 64  # Fashion-MNIST test images written as files
 

@@ -30,11 +30,20 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from nin.cli import main  # noqa: E402
 from nin.export import export_model, load  # noqa: E402
-from nin.predict import predict_files  # noqa: E402
+from nin.prediction import predict_files  # noqa: E402
 from nin.serve import create_app, load_served  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+FAST = "nin_fmnist.fashion_mnist_fast"  # shipped weights whose own TTA is flip
+
+
+def shipped_accuracy(name: str) -> tuple[float, str]:
+    """(fp32 test accuracy with the model's own TTA, that TTA), read from the package's index.json."""
+    import nin
+
+    entry = json.loads((Path(nin.__file__).parent / "weights" / "index.json").read_text())[name]
+    return entry["accuracy"]["fp32"][entry["tta"]], entry["tta"]
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -76,6 +85,13 @@ def torch_model(run):
 def client(run):
     app = create_app(load_served(str(run), backend="torch"), topk=5)
     with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def shipped_client():
+    """The shipped fast weights (own TTA: flip) on PyTorch."""
+    with TestClient(create_app(load_served(FAST, backend="torch"))) as c:
         yield c
 
 
@@ -295,6 +311,63 @@ def test_model_and_health(client, small_run):
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_model_reports_the_test_accuracy_with_its_own_tta_and_health_names_the_weights(client, shipped_client,
+                                                                                      small_run):
+    """Item 9/10 of issue 32: /v1/model gave the shipped weights' whole accuracy table as `accuracy` (the page
+    showed 'NaN%'); /health named only the architecture."""
+    value, tta = shipped_accuracy(FAST)
+    doc = shipped_client.get("/v1/model").json()
+    got = (doc["accuracy"], doc["accuracy_tta"], doc["accuracy_precision"])
+    assert got == (value, tta, "fp32") == (0.9331, "flip", "fp32")
+    assert doc["weights"] == FAST and shipped_client.get("/health").json()["weights"] == FAST
+    run_doc = client.get("/v1/model").json()  # a model.json that records no accuracy: nothing, not a guess
+    assert run_doc["accuracy"] is None and run_doc["accuracy_tta"] is None
+    assert client.get("/health").json() == {"status": "ok", "model": "nin_fmnist", "weights": str(small_run[0]),
+                                            "queued": 0}
+
+
+def test_reported_accuracy_of_each_shipped_model_and_of_a_run():
+    import dataclasses
+
+    from nin.export import ModelMeta, load
+    from nin.pretrained import list_pretrained
+    from nin.serve.model import reported_accuracy
+
+    for name in list_pretrained():
+        value, tta = shipped_accuracy(name)
+        assert reported_accuracy(load(name).meta) == {"value": value, "tta": tta, "precision": "fp32"}
+    meta = ModelMeta("nin_fmnist", {}, [str(i) for i in range(10)], [1, 28, 28], "fashion-mnist", {}, tta="flip",
+                     precision="bf16")
+    run = dataclasses.replace(meta, info={"test_acc": 0.91, "val_acc": 0.5})  # a run folder's model.json
+    assert reported_accuracy(run) == {"value": 0.91, "tta": "flip", "precision": "bf16"}
+    closed = dataclasses.replace(run, tta="shift", info={"test_acc": 0.91, "tta_test_acc": 0.93})  # --final-tta
+    assert reported_accuracy(closed) == {"value": 0.93, "tta": "shift", "precision": "bf16"}
+    assert reported_accuracy(dataclasses.replace(meta, info={"accuracy": 0.8})) == {
+        "value": 0.8, "tta": "flip", "precision": "bf16"}
+    for unknown in ({}, {"accuracy": {"fp32": {"none": 0.9}}}, {"accuracy": "high"}, {"test_acc": None}):
+        assert reported_accuracy(dataclasses.replace(meta, info=unknown)) is None, unknown
+
+
+def test_cam_probabilities_are_predicts_with_the_models_tta(shipped_client, images, tmp_path):
+    """Item 11 of issue 32: /v1/cam showed a probability without the model's TTA beside /v1/predict's with it."""
+    from nin.export import load
+
+    model = load(FAST)
+    files = images[:6] + images[-2:]
+    expected = predict_files(model, files, topk=3)  # nin predict: flip TTA, the model's own
+    for path, want in zip(files, expected):
+        body = path.read_bytes()
+        cam = shipped_client.post("/v1/cam?format=json&topk=3", content=body).json()
+        assert_same_prediction(cam, want, 1e-6)
+        assert [t["class"] for t in cam["top"]] == [c for c, _ in want.top]
+        assert cam["top"] == [{**t, "map": c["map"]} for t, c in zip(
+            shipped_client.post("/v1/predict?topk=3", content=body).json()["top"], cam["top"])]
+    path = images[0]
+    r = shipped_client.post("/v1/cam?topk=3", files={"file": (path.name, path.read_bytes(), "image/png")})
+    assert main(["cam", FAST, str(path), "--out", str(tmp_path / "c.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(Image.open(tmp_path / "c.png")))
+
+
 def test_metrics(client, images):
     client.post("/v1/predict", content=images[0].read_bytes())
     client.post("/v1/predict", content=b"junk")
@@ -325,6 +398,27 @@ def test_cli_refuses_bad_options(run, capsys):
     assert main(["serve", str(run), "--backend", "onnx", "--device", "cpu", "--max-upload-mb", "0"]) == 2
 
 
+def test_cli_port_out_of_range_or_in_use_is_one_line_and_exit_2(run, capsys, monkeypatch):
+    """Item 10 of issue 32: --port 99999 served on a random port; a port in use gave uvicorn's log and exit 3."""
+    import nin.serve
+
+    def never(*a, **k):
+        raise AssertionError("nin serve started serving")
+    monkeypatch.setattr(nin.serve, "run_server", never)
+    for port in ("99999", "65536", "-1"):
+        assert main(["serve", str(run), "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert err == f"nin serve: error: --port must be between 0 and 65535 (0: any free port), got {port}\n"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+    assert err.startswith(f"nin serve: error: port {port} on 127.0.0.1 is in use (")
+    assert err.count("\n") == 1 and "--port" in err and "Traceback" not in err
+
+
 # --- a real server process -------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -351,6 +445,18 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("nin serve did not start")
 
+    def output_until(self, text: str, lines: int = 50) -> list[str]:
+        """The server's output lines (stdout and stderr) up to the first one containing ``text``."""
+        out = []
+        while len(out) < lines:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            out.append(line.rstrip("\n"))
+            if text in line:
+                return out
+        raise AssertionError(f"{text!r} not in the server's output: {out}")
+
     def rss(self) -> int:
         import psutil
 
@@ -371,6 +477,42 @@ def server(run):
     s = ServerProcess(str(run))  # backend auto: onnxruntime, exported at start-up
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    s = ServerProcess(FAST, "--backend", "torch")
+    yield s
+    s.stop()
+
+
+def test_start_up_names_the_weights_and_says_loading(shipped_server):
+    lines = shipped_server.output_until("http://")
+    assert lines[0] == f"nin serve: loading {FAST} ..."
+    assert f"nin serve: {FAST} (nin_fmnist, 10 classes, input 1x28x28) on pytorch (cpu)" in lines[-2]
+    assert lines[-1].startswith(f"nin serve: http://127.0.0.1:{shipped_server.port}/ ")
+    assert httpx.get(shipped_server.url + "/health").json()["weights"] == FAST
+
+
+def test_urllib_client_reads_the_413_of_a_body_over_the_limit(shipped_server, images):
+    """Item 10 of issue 32: urllib sends the whole body before it reads the answer; a 21 MB body got a
+    connection reset.  The server reads and drops the rest (up to a bound), answers 413 and closes."""
+    import urllib.error
+    import urllib.request
+
+    body = os.urandom(21 * 2 ** 20)
+    chunked = (body[i:i + 2 ** 20] for i in range(0, len(body), 2 ** 20))  # no Content-Length: counted
+    for data, words in ((body, f"the body is {len(body):,} bytes, over the limit of {10 * 2 ** 20:,} bytes"),
+                        (chunked, f"the body is over the limit of {10 * 2 ** 20:,} bytes")):
+        req = urllib.request.Request(shipped_server.url + "/v1/predict", data=data,
+                                     headers={"Content-Type": "image/png"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 413 and e.value.headers["connection"] == "close"
+        assert json.loads(e.value.read())["error"].startswith(words)
+    ok = urllib.request.urlopen(urllib.request.Request(shipped_server.url + "/v1/predict",
+                                                       data=images[0].read_bytes()), timeout=60)
+    assert ok.status == 200 and json.loads(ok.read())["top"]
 
 
 async def _load(port: int, jobs: list[tuple[int, bytes]], clients: int) -> list[tuple[int, int, bytes]]:
@@ -488,21 +630,32 @@ def _chrome():
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
-def test_browser_uploads_an_image_and_shows_the_apis_top_class(server, images, tmp_path):
+def test_browser_uploads_an_image_and_shows_the_apis_top_class(shipped_server, images, tmp_path):
+    """The page of the shipped fast weights: its header's accuracy (item 9 of issue 32: it said 'NaN%'),
+    a prediction as the API's, an error said once that clears the previous prediction, a drawing."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    server = shipped_server
     path = images[7]
-    api_top = httpx.post(server.url + "/v1/predict", content=path.read_bytes()).json()["top"][0]["class"]
+    api = httpx.post(server.url + "/v1/predict", content=path.read_bytes()).json()["top"][0]
+    value, tta = shipped_accuracy(FAST)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is no picture")
     browser = _chrome()
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 20)
         wait.until(lambda b: "nin_fmnist" in b.find_element(By.ID, "model-info").text)
+        header = browser.find_element(By.ID, "model-info").text
+        start = f"nin_fmnist · {FAST} · 10 classes · input 1×28×28 · pytorch (cpu) · "
+        assert header == start + f"test accuracy {100 * value:.2f}% ({tta} TTA)"
+        assert header.endswith("test accuracy 93.31% (flip TTA)")
         browser.find_element(By.ID, "file").send_keys(str(path))
         wait.until(lambda b: b.find_element(By.ID, "cam-class").text)  # prediction and class map drawn
-        assert browser.find_element(By.ID, "top-class").text == api_top
+        assert browser.find_element(By.ID, "top-class").text == api["class"]
+        assert browser.find_element(By.ID, "top-prob").text == f"{100 * api['prob']:.1f}%"
         assert path.name in browser.find_element(By.ID, "file-name").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 5
         shot = tmp_path / "serve.png"
@@ -510,12 +663,22 @@ def test_browser_uploads_an_image_and_shows_the_apis_top_class(server, images, t
         assert shot.stat().st_size > 10_000
         if os.environ.get("NIN_SERVE_SCREENSHOT"):  # how docs/serve.png was made
             browser.save_screenshot(os.environ["NIN_SERVE_SCREENSHOT"])
+        # a file that is no image: its error, once, and the previous prediction gone
+        browser.find_element(By.ID, "file").send_keys(str(broken))
+        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+        assert browser.find_element(By.ID, "error").text == "broken.png: not an image file Pillow can read"
+        assert not browser.find_element(By.ID, "result").is_displayed()
+        assert browser.find_element(By.ID, "empty").is_displayed()
+        assert api["class"] not in browser.find_element(By.TAG_NAME, "main").text
         # drawing on the canvas classifies the drawing
         canvas = browser.find_element(By.ID, "draw")
         ActionChains(browser).move_to_element_with_offset(canvas, -60, -80).click_and_hold() \
             .move_by_offset(40, 60).move_by_offset(40, 60).move_by_offset(30, 20).release().perform()
         wait.until(lambda b: "drawing.png" in b.find_element(By.ID, "file-name").text)
-        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not browser.find_element(By.ID, "error").is_displayed()
+        # the failed upload's 415 is the one error the browser logs (a network error, not a script's)
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+                  and not ("/v1/predict" in e["message"] and "415" in e["message"])]
         assert not severe, severe  # no blocked asset, no script error
     finally:
         browser.quit()

@@ -316,7 +316,7 @@ def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys
     from nin.evaluation import evaluate, predict_logits, streamed_test_batches
     from nin.export import load
     from nin.images import read_input
-    from nin.predict import probabilities
+    from nin.prediction import probabilities
 
     root = photo_folder(tmp_path / "p", n=40)
     run = tmp_path / "run"

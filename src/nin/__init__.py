@@ -7,14 +7,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # public name -> the module that defines it.  No public name is also a submodule's name: importing
-# nin.trainer must not replace nin.train (a submodule import sets the package attribute of its name).
+# nin.trainer must not replace nin.train (a submodule import sets the package attribute of its name);
+# so nin.predict (the function) lives in nin.api and the module of predict_files is nin.prediction.
 _LAZY = {
     "create_model": "nin.models", "list_models": "nin.models", "model_info": "nin.models",
     "nin_block": "nin.models", "NiN": "nin.models",
     "load_dataset": "nin.data", "BatchLoader": "nin.data",
     "train": "nin.api", "TrainResult": "nin.api", "summary": "nin.api", "plot_history": "nin.api",
+    "predict": "nin.api", "Prediction": "nin.prediction",
     "show_cam": "nin.api", "TrainConfig": "nin.recipes", "get_recipe": "nin.recipes", "RECIPES": "nin.recipes",
-    "evaluate": "nin.evaluation", "predict_files": "nin.predict", "read_image": "nin.images",
+    "evaluate": "nin.evaluation", "predict_files": "nin.prediction", "read_image": "nin.images",
     "load": "nin.export", "save_model": "nin.export", "export_model": "nin.export",
     "list_pretrained": "nin.pretrained",
     "NinError": "nin.errors", "UsageError": "nin.errors", "DatasetError": "nin.errors",

@@ -1,4 +1,4 @@
-"""The Python API for notebooks and scripts: train, summary, plot_history, show_cam.
+"""The Python API for notebooks and scripts: train, predict, summary, plot_history, show_cam.
 
 Each is a thin layer over the library (``nin.trainer``, ``nin.models``, ``nin.runfolder``,
 ``nin.evaluation``), as the command line is; ``nin summary`` prints ``str(summary(...))``.
@@ -77,7 +77,8 @@ def train(recipe="fast", *, out: str | os.PathLike | None = None, resume: str | 
     """Train a recipe (name or TrainConfig) with keyword overrides of any TrainConfig field.
 
     ``nin.train("fast", epochs=3, out="runs/nb")`` is ``nin train --epochs 3 --out runs/nb``.
-    ``resume=RUN`` continues that run with its saved config.  In Jupyter (``live=None``: detected) one
+    ``resume=RUN`` continues that run with its saved config; only ``max_steps`` and ``epochs`` (at least
+    the run's: a finished run trains on, as ``nin train --resume RUN --epochs N``) may be given.  In Jupyter (``live=None``: detected) one
     figure of the curves is redrawn in place after every epoch, with a progress bar; ``live=False``
     turns that off.  Outside a notebook nothing changes: the same lines as the command line."""
     from . import runfolder
@@ -87,10 +88,16 @@ def train(recipe="fast", *, out: str | os.PathLike | None = None, resume: str | 
     from .trainer import train as run_training
 
     if resume is not None:
-        if overrides or recipe != "fast":
-            given = ", ".join(overrides) or f"recipe={recipe!r}"
-            raise UsageError(f"resume continues a run with its saved config; drop {given}")
+        from .cli import RESUMABLE
+
+        other = [k for k in overrides if k not in RESUMABLE]
+        if other or recipe != "fast":
+            given = ", ".join(other) or f"recipe={recipe!r}"
+            raise UsageError(f"resume continues a run with its saved config; drop {given} "
+                             f"(only {' and '.join(RESUMABLE)} may be given)")
         cfg = TrainConfig.from_dict(runfolder.read_config(resume))
+        if isinstance(overrides.get("epochs"), int) and overrides["epochs"] > cfg.epochs:  # the figure's x axis
+            cfg = dataclasses.replace(cfg, epochs=overrides["epochs"])  # (the trainer checks the value)
         done = runfolder.read_metrics(resume)
     else:
         cfg = make_config(recipe, **overrides)
@@ -103,13 +110,90 @@ def train(recipe="fast", *, out: str | os.PathLike | None = None, resume: str | 
             raise UsageError(f"live=True needs IPython ({e}); pip install 'nin[notebook]'") from None
     try:
         final = run_training(None if resume is not None else cfg, out, resume=resume, quiet=quiet,
-                             on_epoch=display.update if display else None)
+                             on_epoch=display.update if display else None,
+                             **({k: overrides.get(k) for k in RESUMABLE} if resume is not None else {}))
     finally:
         if display is not None:
             display.close()
     run_dir = Path(final.get("run_dir") or resume or out)
     model = load(run_dir) if (run_dir / "best.safetensors").exists() else None
     return TrainResult(runfolder.read_metrics(run_dir), run_dir, model, cfg, dict(final))
+
+
+# --- predicting ----------------------------------------------------------------------------
+def predict(model, images, *, topk: int = 1, tta: str | None = None, invert: bool = False,
+            batch_size: int = 64) -> list:
+    """Classify images: the Python form of ``nin predict``, the same reading and the same numbers.
+
+    ``model``: the name of shipped weights (``"nin_fmnist.fashion_mnist_fast"``; see
+    ``nin.list_pretrained()``), a run folder, a .safetensors, an exported .onnx, or a loaded model
+    (``nin.load(...)``, ``TrainResult.model``).
+
+    ``images``: an image file (PNG, JPEG, BMP, WebP, GIF, TIFF) or a folder of them (searched
+    recursively), or a list of files and folders: each is letterboxed to the model's input as
+    ``nin predict`` does (``invert=True`` first inverts dark-on-light images).  Or uint8 pixels already
+    at the model's input size (``model.meta.input_size``): one C x H x W image (H x W for one channel)
+    or an N x C x H x W batch, as a torch tensor or a numpy array.
+
+    ``topk``: classes per image, best first.  ``tta``: test-time augmentation, "none", "flip" or
+    "shift"; None (default) uses the model's own, the one its reported accuracy used.
+
+    Returns one ``Prediction`` per image, in order: ``.file`` (the path, or ``"image[i]"`` for pixels),
+    ``.top`` (a list of (class name, probability), best first) and ``.error`` (why a file could not be
+    read or classified; ``.top`` is then empty).  A bad file never stops the others.
+
+    Example: ``for p in nin.predict("nin_fmnist.fashion_mnist_fast", ["shoe.png", "photos/"], topk=2):
+    print(p.file, p.error or p.top)``.
+    """
+    import numpy as np
+    import torch
+
+    from .evaluation import check_tta
+    from .export import load_any
+    from .prediction import Prediction, predict_files, probabilities
+
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise UsageError(f"topk must be a whole number >= 1, got {topk!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_tta(tta)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_any(model)
+    elif getattr(model, "meta", None) is None or getattr(model, "classes", None) is None:
+        raise UsageError(f"predict needs a trained model with its class names and preprocessing (nin.load, a "
+                         f"shipped name, a run folder or a file); got a {type(model).__name__} without them")
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        wrong = [x for x in images if not isinstance(x, (str, os.PathLike))]
+        if wrong:
+            raise UsageError(f"predict takes image files and folders, or one array of pixels; the list holds a "
+                             f"{type(wrong[0]).__name__}")
+        return predict_files(model, list(images), topk=topk, invert=invert, batch_size=batch_size, tta=tta)
+    if isinstance(images, bytes):
+        raise UsageError("predict takes image files and folders, or an array of pixels; for an image's bytes "
+                         "use nin.read_image or write them to a file")
+    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    want, shape = tuple(model.meta.input_size), tuple(x.shape)
+    if x.dtype != torch.uint8:
+        raise UsageError(f"predict takes uint8 pixels (0-255), got {x.dtype}")
+    x = x[None, None] if x.ndim == 2 else x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise UsageError(f"predict takes pixels at the model's input size, {' x '.join(map(str, want))} (C x H x W) "
+                         f"or N x {' x '.join(map(str, want))}, got shape {shape}; pass image files "
+                         "to have them letterboxed to it")
+    if invert:
+        x = 255 - x
+    probs = probabilities(model, x.cpu(), batch_size=batch_size, tta=tta)
+    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+    out = []
+    for i, (vs, ix, row) in enumerate(zip(values.tolist(), indices.tolist(), probs)):
+        name = f"image[{i}]"
+        if not bool(row.isfinite().all()):
+            out.append(Prediction(name, error=f"{name}: the model gave non-finite logits"))
+        else:
+            out.append(Prediction(name, [(model.classes[j], v) for j, v in zip(ix, vs)]))
+    return out
 
 
 # --- inspecting -----------------------------------------------------------------------------
@@ -161,20 +245,55 @@ class Summary:
 
 def summary(model_or_name, input_size: tuple[int, int, int] | None = None, *, batch_size: int = 1,
             **model_kwargs) -> Summary:
-    """The layer table of a registered model name (built with ``model_kwargs``) or of a model instance
-    (e.g. ``nin.load(run)`` or ``run.model``, at its own input size unless ``input_size`` is given)."""
-    from .models import describe, model_info
+    """The layer table of a model, at its own input size unless ``input_size`` is given:
+
+    - a registered model name, built with ``model_kwargs`` (``nin.summary("nin_fmnist", width=64)``);
+    - shipped weights (``"nin_fmnist.fashion_mnist_best"``), a run folder or a .safetensors: the
+      architecture they were trained with (``nin.load``);
+    - a model instance (``nin.load(run)``, ``run.model``, ``nin.create_model(...)``).
+    ``model_kwargs`` apply to a registered name only: saved weights fix their architecture."""
+    from .models import describe, list_models, model_info
 
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     size = tuple(input_size) if input_size is not None else None
-    if isinstance(model_or_name, str):
-        return Summary(model_info(model_or_name, size, **model_kwargs), batch_size)
+    if isinstance(model_or_name, (str, os.PathLike)):
+        text = str(model_or_name)
+        if isinstance(model_or_name, str) and text in list_models():
+            try:
+                return Summary(model_info(text, size, **model_kwargs), batch_size)
+            except (TypeError, ValueError) as e:  # an argument the builder does not take, or a bad value
+                raise UsageError(f"model arguments {model_kwargs} do not fit {text}: {e}") from None
+        model = _saved_model(text)
+        if model_kwargs:
+            raise UsageError(f"model arguments apply to a registered model name ({', '.join(list_models())}), "
+                             f"not to {text}: its weights fix the architecture, "
+                             f"{model.meta.model}{_kwargs_text(model.meta.model_kwargs)}")
+        name = f"{model.meta.model}{_kwargs_text(model.meta.model_kwargs)} from {text}"
+        return Summary(describe(model, size, name=name), batch_size)
     if model_kwargs:
         raise UsageError("model keyword arguments apply to a model name, not to a built model")
     if not hasattr(model_or_name, "layers"):
         raise UsageError(f"summary needs a model name or a nin model, got {type(model_or_name).__name__}")
     return Summary(describe(model_or_name, size), batch_size)
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+
+
+def _saved_model(text: str):
+    """The PyTorch model saved as ``text``: shipped weights, a run folder or a .safetensors (not ONNX)."""
+    from .export import load
+    from .models import list_models
+    from .pretrained import is_pretrained_name
+
+    if Path(text).suffix == ".onnx":
+        raise UsageError(f"{text}: an ONNX file; give the run folder or .safetensors it was exported from")
+    if not is_pretrained_name(text) and not os.path.exists(text):
+        raise UsageError(f"{text!r} is not a registered model ({', '.join(list_models())}), shipped weights "
+                         "(see `nin models`), a run folder or a .safetensors file")
+    return load(text)
 
 
 # --- figures --------------------------------------------------------------------------------

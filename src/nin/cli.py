@@ -46,9 +46,24 @@ def number(kind, lo=None, hi=None):
 
 # --- inspecting ---------------------------------------------------------------------------
 def cmd_summary(args: argparse.Namespace) -> int:
+    import json
+
     from .api import summary
 
-    print(summary(args.model, tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size))
+    kwargs = {}
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"--model-kwargs must be a JSON object, e.g. '{{\"width\": 64}}', got {args.model_kwargs!r}")
+    try:
+        table = summary(args.model, tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size,
+                        **kwargs)
+    except UsageError as e:  # the API's wording names keyword arguments; here they are one option
+        raise UsageError(str(e).replace("model arguments", "--model-kwargs")) from None
+    print(table)
     return 0
 
 
@@ -79,7 +94,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("summary", help="per-layer output shapes, parameters and FLOPs of a model")
-    p.add_argument("model", help="a registered model name (see `nin models`)")
+    p.add_argument("model", metavar="MODEL",
+                   help="a registered model name, shipped weights, a run folder or a .safetensors (see `nin models`)")
+    p.add_argument("--model-kwargs", metavar="JSON",
+                   help="arguments of a registered model name as a JSON object, e.g. '{\"width\": 64}' (saved "
+                        "weights fix their own)")
     p.add_argument("--input-size", type=number(int, 1, 1 << 20), nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's own)")
     p.add_argument("--batch-size", type=number(int, 1, 1 << 20), default=1,
@@ -91,7 +110,8 @@ def _add_inspect(sub) -> None:
 
 
 # --- training -----------------------------------------------------------------------------
-RESUMABLE = ("max_steps",)  # options a resumed run may change (it keeps every other one)
+# options a resumed run may change (it keeps every other one); --epochs only upwards (trainer._resumed_config)
+RESUMABLE = ("max_steps", "epochs")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -139,9 +159,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         other = [k for k in overrides if k not in RESUMABLE]
         if other:
             raise UsageError("--resume continues a run with its saved config; drop "
-                             + ", ".join(map(flag, other)) + " (only --max-steps may be given)")
-        train(None, resume=args.resume, max_steps=overrides.get("max_steps"), quiet=args.quiet,
-              tensorboard=args.tensorboard)
+                             + ", ".join(map(flag, other)) + " (only " + " and ".join(map(flag, RESUMABLE))
+                             + " may be given)")
+        train(None, resume=args.resume, max_steps=overrides.get("max_steps"), epochs=overrides.get("epochs"),
+              quiet=args.quiet, tensorboard=args.tensorboard)
         return 0
     cfg = get_recipe(args.recipe, **overrides)
     if args.print_config:
@@ -164,7 +185,10 @@ def _add_train(sub) -> None:
                    help="named recipe (default: fast)")
     p.add_argument("--out", help="run folder (default: runs/RECIPE-DATE-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last.ckpt "
-                   "(to its end, or to a new --max-steps)")
+                   "(to its end, or to a new --max-steps); --epochs N (at least the run's) trains a run on, a "
+                   "finished one too: constant and step schedules are unchanged; onecycle and cosine follow the "
+                   "N-epoch curve from the current step on (a note says the lr it jumps to), so the result is not "
+                   "what a fresh N-epoch run gives")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (recipe + flags) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="one train and one eval batch; write nothing")
@@ -191,6 +215,9 @@ _ADDERS = [_add_inspect, _add_train]
 
 
 # --- using a trained model: eval, predict, cam, export ---------------------------------------
+CLASS_MAP_HELP = ("a JSON object {\"dataset class\": \"model class\", ...} for dataset classes named otherwise "
+                  "than the model's; the others are matched by name, ignoring case, spaces and punctuation "
+                  "(a folder t-shirt_top is the class T-shirt/top), never by position")
 MAX_GRID = 256  # --grid: one figure; more images than this take minutes to draw and nobody can read them
 
 
@@ -201,8 +228,10 @@ def _run_dir(path: str):
     return p if p.is_dir() else p.parent
 
 
-def _dataset_for(model, name: str | None, data_dir: str | None):
-    """The dataset to evaluate on: the model's own (a folder with the very split the run held out)."""
+def _dataset_for(model, name: str | None, data_dir: str | None, class_map: str | None = None):
+    """The dataset to evaluate on: the model's own (a folder with the very split the run held out).
+    Its classes must be the model's, by name (``nin.classes``): checked here, before any work."""
+    from .classes import match_classes
     from .data import load_dataset
 
     split = getattr(model.meta, "split", None) if not name else None
@@ -219,9 +248,7 @@ def _dataset_for(model, name: str | None, data_dir: str | None):
                          f"({split.get('rule')}: {split.get('test_files')} files then, {ds.split.get('test_files')} "
                          "now); files were added, removed or renamed since training, so its test images may "
                          "have been training images")
-    if len(ds.classes) != len(model.classes):
-        raise UsageError(f"the dataset has {len(ds.classes)} classes but the model has {len(model.classes)}; "
-                         f"choose the dataset it was trained on with --data")
+    match_classes(list(ds.classes), list(model.classes), class_map, where=ds.source)
     return ds
 
 
@@ -284,6 +311,14 @@ def _warn_precision_fallback(args, model, result) -> None:
               "(--precision bf16 emulates it, slowly)", file=sys.stderr)
 
 
+def _progress_bar(total: int, desc: str, unit: str):
+    """A tqdm bar (with ETA) on stderr when it is a terminal, as training's; a silent one otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -293,10 +328,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = load_any(args.run)
     out = _out_dir(args.out, _run_dir(args.run) / "eval")
-    ds = _dataset_for(model, args.data, args.data_dir)
+    ds = _dataset_for(model, args.data, args.data_dir, args.class_map)
     tta = _tta(args, model)
     data, loader = _test_data(model, ds, args.batch_size)
-    result = evaluate(model, data, batch_size=args.batch_size, tta=tta, limit=args.limit, precision=args.precision)
+    total = len(ds.test) if args.limit is None else min(args.limit, len(ds.test))
+    with _progress_bar(total, "eval", "img") as bar:
+        result = evaluate(model, data, batch_size=args.batch_size, tta=tta, limit=args.limit,
+                          precision=args.precision, classes=ds.classes, class_map=args.class_map,
+                          progress=bar.update)
     _warn_bad_files(loader)
     _warn_precision_fallback(args, model, result)
     split = ds.split["rule"] if ds.split else f"the dataset's test split ({ds.source})"
@@ -355,22 +394,68 @@ def _looks_like_model(text: str) -> bool:
             or (p.is_dir() and (p / "model.json").exists()))
 
 
+RUN_FILES = ("config.json", "last.ckpt", "status.json")  # a run folder's own files (nin train writes them first)
+
+
+def _meant_as_model(text: str) -> str | None:
+    """Why ``text``, the first of nin predict's paths and not a model, was meant as one: a run folder with
+    no saved model yet, or a name that is no file, folder or image (a mistyped shipped name).  None when
+    it may be what it looks like: an image or a folder of them (a missing image is reported with the rest)."""
+    import difflib
+    from pathlib import Path
+
+    from .images import IMAGE_SUFFIXES
+    from .models import list_models
+    from .prediction import STDIN
+    from .pretrained import list_pretrained
+
+    p = Path(text)
+    if text == STDIN:
+        return None
+    if p.is_dir():
+        if not any((p / n).exists() for n in RUN_FILES):
+            return None
+        return (f"{text}: a run folder with no saved model yet (no model.json: the run has not finished an "
+                "epoch); wait for its first epoch, or give another model")
+    if p.exists() or p.suffix.lower() in IMAGE_SUFFIXES:
+        return None
+    shipped = list_pretrained()
+    known = shipped + [m for m in list_models() if list_pretrained(m)]
+    close = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    if text in list_models():
+        what = f"{text}: the architecture has no shipped weights"
+    else:
+        what = f"{text}: no such file or folder, and not a model name{hint}"
+    return f"{what}; give a run folder, a .safetensors, an .onnx or a shipped name ({', '.join(shipped)})"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_any
-    from .predict import predict_files
+    from .prediction import STDIN, predict_files
 
     paths = list(args.paths)
     spec = args.model
     if spec is None and _looks_like_model(paths[0]):
         spec = paths.pop(0)
+    elif spec is None and (why := _meant_as_model(paths[0])):
+        raise UsageError(why)  # before anything is predicted with the default model
     if not paths:
         raise UsageError(f"give the images to classify after {spec}")
+    if paths.count(STDIN) > 1:
+        raise UsageError("- (standard input) holds one image; give it once")
+    if STDIN in paths and (sys.stdin is None or sys.stdin.isatty()):
+        raise UsageError("- reads one image from standard input, which is a terminal here; pipe or redirect "
+                         "an image in: nin predict - < photo.png")
     model = load_any(spec)  # None: the default pretrained model
     results = predict_files(model, paths, topk=args.topk, invert=args.invert, max_pixels=args.max_pixels,
                             tta=_tta(args, model))
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"nin predict: error: {r.error}", file=sys.stderr)
+    for r in results:
+        if r.note:
+            print(f"note: {r.note}", file=sys.stderr)
     if args.json:
         _print_json([r.to_json() for r in results])
     else:
@@ -395,9 +480,15 @@ def cmd_cam(args: argparse.Namespace) -> int:
         raise UsageError("class activation maps need the PyTorch model: give the run folder, not the .onnx")
     model = load(args.run)
     if args.grid is not None:
-        ds = _dataset_for(model, args.data, args.data_dir)
+        import torch
+
+        from .classes import label_map
+
+        ds = _dataset_for(model, args.data, args.data_dir, args.class_map)
         out = Path(args.out) if args.out else _run_dir(args.run) / "cam_grid.png"
         images, labels = _first_test_images(model, ds, args.grid)
+        remap = label_map(list(ds.classes), list(model.classes), args.class_map)
+        labels = labels if remap is None else remap[torch.as_tensor(labels)]
         acc = save_cam_grid(model, images, labels, out)
         print(f"{out}: {args.grid} test images with their predicted class maps (accuracy {acc:.0%})")
         return 0
@@ -412,12 +503,34 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors"}
+
+
+def _export_format(fmt: str | None, out: str | None) -> str:
+    """The format to write: --out's suffix chooses it (.onnx, .safetensors); any other suffix, or a
+    --format that the suffix contradicts, is refused (an ONNX file named x.pt is read as something else)."""
+    from pathlib import Path
+
+    if out is None:
+        return fmt or "onnx"
+    suffix = Path(out).suffix
+    by_suffix = EXPORT_SUFFIXES.get(suffix.lower())
+    if by_suffix is None:
+        raise UsageError(f"--out {out}: name the file .onnx or .safetensors (the suffix says the format"
+                         f"{'' if fmt is None else f'; --format {fmt} writes .{fmt}'}), not {suffix or 'no suffix'}")
+    if fmt is not None and fmt != by_suffix:
+        raise UsageError(f"--out {out}: a {suffix} name, but --format {fmt}; name it .{fmt}, or drop --format "
+                         "(the suffix says the format)")
+    return by_suffix
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import DatasetError
     from .export import export_model, load
 
+    args.format = _export_format(args.format, args.out)  # before any work: a wrong name is refused at once
     model = load(args.run)
     out = Path(args.out) if args.out else _run_dir(args.run) / f"{model.meta.model}.{args.format}"
     if out.is_dir():
@@ -445,6 +558,7 @@ def _add_use(sub) -> None:
     def data_args(p) -> None:
         p.add_argument("--data", metavar="NAME", help="dataset (default: the one the model was trained on)")
         p.add_argument("--data-dir", metavar="DIR", help="where the dataset files are (default: search)")
+        p.add_argument("--class-map", metavar="FILE", help=CLASS_MAP_HELP)
 
     def tta_arg(p) -> None:
         p.add_argument("--tta", choices=["run", "none", "flip", "shift"], default="run",
@@ -471,7 +585,9 @@ def _add_use(sub) -> None:
     p = sub.add_parser("predict", help="classify image files (PNG, JPEG, BMP, WebP, GIF, TIFF) or folders of them")
     p.add_argument("paths", metavar="[MODEL] FILES_OR_DIRS", nargs="+",
                    help=f"optionally the model first ({model_help}; default: the shipped "
-                        "nin_fmnist.fashion_mnist_fast), then images or folders searched recursively")
+                        "nin_fmnist.fashion_mnist_fast), then images or folders searched recursively; - reads "
+                        "one image from standard input. A first name that is neither a model nor an image or "
+                        "folder is an error (a mistyped model name), before anything is predicted")
     p.add_argument("--model", metavar="MODEL", help="the model, if not given first")
     p.add_argument("--topk", type=number(int, 1, BIG), default=1, metavar="K",
                    help="show the K most likely classes (default 1; at most the number of classes)")
@@ -498,8 +614,10 @@ def _add_use(sub) -> None:
 
     p = sub.add_parser("export", help="write the model as ONNX (checked against PyTorch) or one .safetensors")
     p.add_argument("run", metavar="RUN", help="a run folder, a .safetensors or a pretrained name")
-    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx", help="(default onnx)")
-    p.add_argument("--out", metavar="FILE", help="file to write (default: RUN/MODEL.onnx or .safetensors)")
+    p.add_argument("--format", choices=["onnx", "safetensors"],
+                   help="(default: --out's suffix, .onnx or .safetensors; without --out, onnx)")
+    p.add_argument("--out", metavar="FILE", help="file to write, named .onnx or .safetensors (default: "
+                   "RUN/MODEL.onnx or .safetensors)")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: batch 1)")
     p.add_argument("--opset", type=number(int, 18, 99), default=18, metavar="N",
                    help="ONNX opset version, 18 or newer (default 18)")
@@ -552,7 +670,7 @@ def _wds_info(name: str) -> int:
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from .shards import pack
 
-    index = pack(args.name, args.out, shard_size=args.shard_size, seed=args.seed)
+    index = pack(args.name, args.out, shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {len(index['splits']['train']['shards'])} train + {len(index['splits']['val']['shards'])} val "
           f"shard(s) and index.json to {args.out}; train with --dataset wds:{args.out}")
     return 0
@@ -587,6 +705,9 @@ def _add_data(sub) -> None:
     q = data_sub.add_parser("pack", help="write an image folder as WebDataset tar shards (for wds:DIR)")
     q.add_argument("name", metavar="folder:PATH", help="the image folder (one subfolder per class, or train/ + val/)")
     q.add_argument("--out", required=True, metavar="DIR", help="where to write train-000000.tar ..., val-... and index.json")
+    q.add_argument("--overwrite", action="store_true",
+                   help="DIR may hold an earlier pack: its shards and index.json are replaced, once the new "
+                        "ones are written (other files are kept); without it DIR must be new or empty")
     q.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
     q.add_argument("--seed", type=int, default=0,
                    help="seed of the train/test split of a folder without one, and of the training samples' order")
@@ -602,9 +723,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         from .serve import create_app, load_served, run_server
+        from .serve.model import weights_name
+        from .serve.server import listen
     except ImportError as e:
         raise UsageError(f"nin serve needs the serve extra: pip install 'nin[serve]' ({e})") from None
-    for flag, value, least in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+    for flag, value, least in (("--max-batch", args.max_batch, 1),
                                ("--max-queue", args.max_queue, 1), ("--topk", args.topk, 1),
                                ("--max-pixels", args.max_pixels, 1)):
         if value < least:
@@ -612,17 +737,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise UsageError("--max-wait-ms must be >= 0 and --max-upload-mb > 0")
     key = args.api_key or os.environ.get("NIN_API_KEY") or None
-    served = load_served(args.model, backend=args.backend, device=args.device, threads=args.threads)
-    app = create_app(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, api_key=key, topk=args.topk)
+    sockets = listen(args.host, args.port)  # a port in use is said now, not after loading the model
+    try:
+        print(f"nin serve: loading {weights_name(args.model)} ...", file=sys.stderr, flush=True)
+        served = load_served(args.model, backend=args.backend, device=args.device, threads=args.threads)
+        app = create_app(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, api_key=key, topk=args.topk)
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
 
     def ready(host, port):
         meta = served.meta
-        print(f"nin serve: {meta.model} ({len(meta.classes)} classes, input {'x'.join(map(str, meta.input_size))}) "
-              f"on {served.backend}, batches up to {args.max_batch}{', API key required' if key else ''}", flush=True)
+        print(f"nin serve: {served.source} ({meta.model}, {len(meta.classes)} classes, input "
+              f"{'x'.join(map(str, meta.input_size))}) on {served.backend}, batches up to {args.max_batch}"
+              f"{', API key required' if key else ''}", flush=True)
         print(f"nin serve: http://{host}:{port}/  (API: POST /v1/predict, /v1/cam; GET /v1/model, /health, "
               "/metrics; Ctrl+C or SIGTERM to stop)", flush=True)
-    return run_server(app, host=args.host, port=args.port, log_level=args.log_level, ready=ready)
+    return run_server(app, host=args.host, port=args.port, log_level=args.log_level, ready=ready, sockets=sockets)
 
 
 def _add_serve(sub) -> None:
@@ -632,7 +765,7 @@ def _add_serve(sub) -> None:
                         "(default: the default pretrained model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=8000, help="port, 0 to 65535 (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require this key (X-API-Key or Authorization: Bearer) on /v1/* and /metrics "
                         "(default: $NIN_API_KEY, else none)")

@@ -15,7 +15,7 @@ import os
 import sys
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ _CIFAR10_TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
 class Split:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
+    # the names of the labels (load_dataset sets them): evaluation matches them to a model's classes by name
+    classes: list[str] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -223,6 +225,25 @@ def _image_files(root: Path, classes: list[str], warn) -> list[tuple[Path, int]]
     return out
 
 
+def _warn_untested(root: Path, classes: list[str], train_files, test_files, test_dir, warn) -> None:
+    """Say which classes have no held-out image: the test accuracy then says nothing about them."""
+    tested = {label for _, label in test_files}
+    counts = Counter(label for _, label in train_files)
+    missing = [i for i in range(len(classes)) if i not in tested]
+    if not missing:
+        return
+    names = ", ".join(f"{classes[i]!r} ({counts[i]} image{'s' if counts[i] != 1 else ''})" for i in missing[:10])
+    names += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    them = "it" if len(missing) == 1 else "them"
+    if test_dir is not None:
+        why = f"{test_dir} holds no images of {them}"
+    else:
+        least = next(n for n in range(1, 100) if round(n * FOLDER_TEST_FRACTION) >= 1)
+        why = (f"{FOLDER_TEST_FRACTION:.0%} of each class is held out, rounded, so a class needs at least "
+               f"{least} images to have one")
+    warn(f"{root}: no test image for class(es) {names}: {why}; the test accuracy says nothing about {them}")
+
+
 def folder_split(root: Path, seed: int, warn=None) -> tuple[list, list, list[str], dict]:
     """(train files, test files, classes, split record) of an image folder: train/ + val/ (or test/) when
     present, else ``FOLDER_TEST_FRACTION`` of each class held out by ``seed``.  The record says which rule
@@ -258,9 +279,33 @@ def folder_split(root: Path, seed: int, warn=None) -> tuple[list, list, list[str
             test_files += [mine[i] for i in sorted(order[:n_test])]
             train_files += [mine[i] for i in sorted(order[n_test:])]
         rule = f"{FOLDER_TEST_FRACTION:.0%} of each class held out by seed {seed}"
+        test_dir = None
+    _warn_untested(root, classes, train_files, test_files, test_dir, warn)
     digest = hashlib.sha256("\n".join(str(p.relative_to(root)) for p, _ in test_files).encode()).hexdigest()
     record = {"rule": rule, "seed": seed, "test_files": len(test_files), "test_files_sha256": digest}
     return train_files, test_files, classes, record
+
+
+SHOW_BAD = 3  # unreadable files an in-memory folder's error names (then the count of the others)
+
+
+def _unreadable_message(root: Path, bad: list, n_train: int, n_test: int) -> str:
+    """One message for every unreadable file of a folder: the first few named with their reason, the
+    count, and the way to train anyway (streaming skips unreadable files; --max-bad is a fraction of
+    each split, so the suggestion admits the worse one)."""
+    import math
+
+    shown = "; ".join(f"{path}: not a readable image ({why})" for _, path, why in bad[:SHOW_BAD])
+    more = f"; and {len(bad) - SHOW_BAD:,} more" if len(bad) > SHOW_BAD else ""
+    in_train = sum(1 for i, _, _ in bad if i < n_train)
+    worst = max(in_train / max(n_train, 1), (len(bad) - in_train) / max(n_test, 1))
+    head = f"{root}: {len(bad):,} of {n_train + n_test:,} image files could not be read: {shown}{more}. "
+    if worst >= 1:
+        which = "training" if in_train == n_train else "test"
+        return head + f"Fix or remove them: none of the {which} images can be read"
+    fraction = min(math.ceil(worst * 1000 + 1e-9) / 1000, 0.999)  # --max-bad is below 1
+    return (head + f"Fix or remove them, or train with --stream --max-bad {fraction:g}, which skips unreadable "
+            "files and lists them in the run's bad_files.txt")
 
 
 def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str], dict]:
@@ -268,12 +313,14 @@ def _load_folder(path_str: str, seed: int) -> tuple[Split, Split, list[str], dic
     grey if all are grey, else RGB; the most common size, others letterboxed to it."""
     root = Path(path_str).expanduser().resolve()
     train_files, test_files, classes, record = folder_split(root, seed)
-    images = []
-    for path, _ in train_files + test_files:
+    images, bad = [], []  # every file is tried, so one error names all that are unreadable
+    for i, (path, _) in enumerate(train_files + test_files):
         try:
             images.append(load_image(path, name="the image"))
         except ImageError as e:
-            raise DatasetError(f"{path}: not a readable image ({str(e).removeprefix('the image: ')})") from None
+            bad.append((i, path, str(e).removeprefix("the image: ")))
+    if bad:
+        raise DatasetError(_unreadable_message(root, bad, len(train_files), len(test_files)))
     in_chans = 1 if all(is_grey(im) for im in images) else 3
     w, h = Counter(im.size for im in images).most_common(1)[0][0]
     arrays = np.stack([fit_image(im, in_chans, (h, w)) for im in images])
@@ -458,4 +505,5 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
         raise DatasetError(f"{source}: train images are {tuple(train.images.shape[1:])} but test images are "
                            f"{tuple(test.images.shape[1:])}")
     mean, std = _stats(train.images)
+    train.classes = test.classes = list(classes)
     return Dataset(name, train, test, list(classes), mean, std, source, split)

@@ -7,6 +7,7 @@ model's ``meta.preprocess``, so ``nin eval`` and ``nin predict`` see exactly the
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -77,12 +78,13 @@ def check_tta(tta: str | None) -> None:
 
 @torch.inference_mode()
 def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None,
-                   precision: str = "fp32") -> torch.Tensor:
+                   precision: str = "fp32", progress=None) -> torch.Tensor:
     """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
     logits of the image and its horizontal mirror, ``"shift"`` 18 views (see tta_logits).
     ``precision="bf16"``: as the training loop evaluates (bf16 input and autocast), see
     resolve_eval_precision.  A PyTorch model runs channels_last, as in training, in both precisions: in
-    fp32 that halved the time of a 2-core AVX2 CPU (benchmarks/eval_layout.py)."""
+    fp32 that halved the time of a 2-core AVX2 CPU (benchmarks/eval_layout.py).
+    ``progress(n)``, if given, is called after each batch with the number of images it held."""
     check_tta(tta)
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -97,6 +99,8 @@ def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: s
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out.append(tta_logits(model, x, tta).cpu())
+        if progress is not None:
+            progress(x.shape[0])
     if not out:
         return torch.zeros(0, len(getattr(model, "classes", [])))
     return torch.cat(out)
@@ -157,36 +161,55 @@ class EvalResult:
 
 
 def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None,
-             precision: str | None = "fp32") -> EvalResult:
-    """Evaluate ``model`` (torch or OnnxModel) on a data Split (``.images`` uint8, ``.labels``) or on
-    uint8 batches ``(x, y)`` of a streamed one (``streamed_test_batches``), at most ``limit`` images.
+             precision: str | None = "fp32", classes: list[str] | None = None, class_map=None,
+             progress=None) -> EvalResult:
+    """Evaluate ``model`` (torch or OnnxModel) on a Dataset (its test split), a data Split (``.images``
+    uint8, ``.labels``) or uint8 batches ``(x, y)`` of a streamed one (``streamed_test_batches``), at
+    most ``limit`` images.
 
+    Classes are matched by name, never by position: the data's class names (``classes``, else the
+    Split's or Dataset's own) are matched to the model's with ``nin.classes.match_classes`` (case,
+    spaces and punctuation ignored; ``class_map``: a JSON file or dict naming the others), and a
+    dataset class the model does not know is a ClassMismatch error listing them.
     ``tta`` defaults to what the model's run used for its reported accuracy (``model.meta.tta``);
-    ``precision="run"`` evaluates as the run did (see resolve_eval_precision)."""
+    ``precision="run"`` evaluates as the run did (see resolve_eval_precision).  ``progress(n)``, if
+    given, is told of every batch evaluated (n images; ``nin eval``'s progress bar)."""
+    from .classes import label_map
+
     if tta is None:
         tta = getattr(getattr(model, "meta", None), "tta", "none")
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be at least 1, got {limit}")
-    classes = list(model.classes)
+    if hasattr(split, "test") and hasattr(split, "classes"):  # a whole Dataset: its test split
+        classes, split = classes or split.classes, split.test
+    classes = classes or getattr(split, "classes", None)
+    model_classes = list(model.classes)
+    remap = None
+    if classes is not None:
+        remap = label_map(list(classes), model_classes, class_map)
+    elif class_map is not None:
+        raise UsageError("class_map needs the data's class names (pass classes=, or a Dataset)")
     precision = resolve_eval_precision(model, precision)
     batches = [(split.images, split.labels)] if hasattr(split, "images") else split
     logits, labels, n = [], [], 0
     for x, y in batches:
         if limit is not None:
             x, y = x[:limit - n], y[:limit - n]
-        logits.append(predict_logits(model, x, batch_size=batch_size, tta=tta, precision=precision))
-        labels.append(torch.as_tensor(y).cpu())
+        logits.append(predict_logits(model, x, batch_size=batch_size, tta=tta, precision=precision,
+                                     progress=progress))
+        y = torch.as_tensor(y).cpu()
+        labels.append(y if remap is None else remap[y])
         n += len(y)
         if limit is not None and n >= limit:
             break
-    logits = torch.cat(logits) if logits else torch.zeros(0, len(classes))
-    if logits.shape[1] != len(classes):
-        raise UsageError(f"the model gives {logits.shape[1]} logits but has {len(classes)} class names")
+    logits = torch.cat(logits) if logits else torch.zeros(0, len(model_classes))
+    if logits.shape[1] != len(model_classes):
+        raise UsageError(f"the model gives {logits.shape[1]} logits but has {len(model_classes)} class names")
     labels = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise UsageError(f"the labels go up to {labels.max()} but the model knows {len(classes)} classes")
-    cm = confusion_matrix(labels, logits.argmax(1).numpy(), len(classes))
-    return EvalResult(classes, cm, tta or "none", precision)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(model_classes)):
+        raise UsageError(f"the labels go up to {labels.max()} but the model knows {len(model_classes)} classes")
+    cm = confusion_matrix(labels, logits.argmax(1).numpy(), len(model_classes))
+    return EvalResult(model_classes, cm, tta or "none", precision)
 
 
 def streamed_test_batches(model, ds, *, batch_size: int = 256, workers: int | None = None):
@@ -239,11 +262,23 @@ def confusion_figure(result: EvalResult):
     return fig
 
 
+@contextlib.contextmanager
+def no_glyph_warnings():
+    """Silence matplotlib's "Glyph ... missing from font(s)" warnings, and only those: class names in a
+    script its fonts lack (CJK, ...) are drawn as boxes, and a warning per character tells a user nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")
+        yield
+
+
 def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
     from .fsutil import atomic_write
 
     fig = confusion_figure(result)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    with no_glyph_warnings():  # the text is laid out and drawn here
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 # --- class activation maps ------------------------------------------------------------------
@@ -286,17 +321,35 @@ def _overlay(ax, image: torch.Tensor, cam: torch.Tensor, title: str) -> None:
     ax.set_title(title, fontsize=8)
 
 
-def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = ""):
+def _cam_probabilities(model, images: torch.Tensor) -> torch.Tensor:
+    """The probabilities a cam figure prints: ``nin predict``'s (nin.prediction.probabilities, the model's
+    own TTA), so that an image has one number everywhere; the maps are the plain forward's."""
+    from .prediction import probabilities
+
+    return probabilities(model, images.to(next(model.parameters()).device)).float().cpu()
+
+
+def _maps(model, images: torch.Tensor) -> torch.Tensor:
+    """The class maps (N x K x h x w, CPU) of uint8 images, on the model's device."""
+    dev = next(model.parameters()).device
+    return class_activation_maps(model, preprocess(model, images.to(dev)))[0].float().cpu()
+
+
+def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = "", probs: torch.Tensor | None = None):
     """(matplotlib Figure, top-k [(class, probability)]): the image (uint8 C x H x W, model-sized) and
-    its top-k classes' maps overlaid, with their probabilities.  ``nin cam`` and ``nin serve`` draw it."""
+    its top-k classes' maps overlaid, with their probabilities.  ``nin cam`` and ``nin serve`` draw it.
+
+    The probabilities (and so which classes are the top k) are ``nin predict``'s, with the model's own
+    TTA (``probs``, K values, when already computed: the server's); each map is the plain forward's."""
     from matplotlib.figure import Figure
 
-    x = preprocess(model, image[None])
-    maps, logits = class_activation_maps(model, x)
-    probs = logits.float().softmax(1)[0]
+    maps = _maps(model, image[None])
+    probs = (_cam_probabilities(model, image[None])[0] if probs is None
+             else torch.as_tensor(probs, dtype=torch.float32).cpu())
     k = max(1, min(topk, probs.numel()))
     top = probs.topk(k)
     cams = upsample_maps(maps, tuple(image.shape[1:]))[0]
+    image = image.cpu()
     fig = Figure(figsize=(2.1 * (k + 1), 2.5), layout="constrained")
     axes = fig.subplots(1, k + 1, squeeze=False)[0]
     _show_image(axes[0], image)
@@ -310,7 +363,7 @@ def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = ""):
 
 def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
                     title: str = "") -> list[tuple[str, float]]:
-    """Write ``cam_figure`` as a PNG; returns the top-k (class, probability)."""
+    """Write ``cam_figure`` as a PNG; returns the top-k (class, probability), as ``nin predict`` gives them."""
     from .fsutil import atomic_write
 
     fig, top = cam_figure(model, image, topk=topk, title=title)
@@ -321,15 +374,17 @@ def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk
 def cam_grid_figure(model, images: torch.Tensor, labels=None, *, cols: int = 0):
     """(Figure, accuracy): N images each with the map of its predicted class, titled 'predicted p'
     and, when ``labels`` are given and the prediction is wrong, '(true: ...)'.  The accuracy on these
-    images is None without labels."""
+    images is None without labels.  Predictions and probabilities are ``nin predict``'s (the model's own
+    TTA, as ``nin eval`` counts them); the maps are the plain forward's."""
     from matplotlib.figure import Figure
 
     n = images.shape[0]
     cols = cols or min(n, 8)
     rows = max(1, -(-n // max(cols, 1)))
-    maps, logits = class_activation_maps(model, preprocess(model, images))
-    probs = logits.float().softmax(1)
+    maps = _maps(model, images)
+    probs = _cam_probabilities(model, images)
     pred = probs.argmax(1)
+    images = images.cpu()
     cams = upsample_maps(maps, tuple(images.shape[2:]))
     fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
     axes = fig.subplots(rows, max(cols, 1), squeeze=False).ravel()
@@ -343,7 +398,7 @@ def cam_grid_figure(model, images: torch.Tensor, labels=None, *, cols: int = 0):
         _overlay(ax, images[i], cams[i, c], f"{model.classes[c]} {probs[i, c]:.0%}{mark}")
     if labels is None:
         return fig, None
-    return fig, float((pred == torch.as_tensor(labels)).float().mean()) if n else 0.0
+    return fig, float((pred == torch.as_tensor(labels).cpu()).float().mean()) if n else 0.0
 
 
 def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, *, cols: int = 0) -> float:

@@ -141,6 +141,22 @@ def read_input(meta, source: str | os.PathLike | bytes, *, invert: bool = False,
                       transform=(meta.preprocess or {}).get("transform", "fit"))
 
 
+def small_input_note(meta, width: int, height: int, name: str) -> str | None:
+    """A note for an image far below the model's input (either side under half the model's): what it is
+    made into, so that a confident class of a few upscaled pixels is not taken at face value.  None for
+    an image of a fair size."""
+    _, h, w = meta.input_size
+    if 2 * width >= w and 2 * height >= h:
+        return None
+    if (meta.preprocess or {}).get("transform", "fit") == "imagenet":  # short side resized, centre cropped
+        scale, (nw, nh) = eval_resize((h, w)) / min(width, height), (w, h)
+    else:  # letterboxed: scaled until it fits, aspect ratio kept (fit_image)
+        scale = min(w / width, h / height)
+        nw, nh = max(1, min(w, round(width * scale))), max(1, min(h, round(height * scale)))
+    how = f"upscaled to {nw}x{nh}" if scale > 1 else f"a {nw}x{nh} strip of the model's {w}x{h} input"
+    return f"{name} is {width}x{height}, {how}; the prediction may mean little"
+
+
 def is_grey(im) -> bool:
     """True for images without colour (the folder dataset reads a collection of them as 1 channel)."""
     return im.mode in GREY_MODES or (im.mode == "P" and im.palette is not None and im.palette.mode == "L")

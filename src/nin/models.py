@@ -105,25 +105,54 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, *, pretrained: bool = False, **kwargs) -> NiN:
-    """Build a registered model.  ``pretrained=True`` loads nin's shipped weights for ``name`` (an
-    architecture's default weights, or a full name like "nin_fmnist.fashion_mnist_best"); with another
-    ``num_classes`` the class-map conv keeps its fresh init (a fine-tuning start)."""
-    arch = name.split(".")[0] if pretrained else name
+def create_model(name: str, *, pretrained: bool | str = False, **kwargs) -> NiN:
+    """Build a registered model.  ``pretrained=True`` loads nin's shipped weights (``nin models`` lists
+    them): for a full name like "nin_fmnist.fashion_mnist_best" those, for an architecture the shipped
+    weights that fit the requested options (the default first: ``width=64`` finds the width-64 weights);
+    ``pretrained="fashion_mnist_best"`` (a tag, or a full name) names them.  The model is then built with
+    the weights' options, overridden by ``kwargs``.  Another ``num_classes`` starts the class-map layer
+    fresh (a fine-tuning start); ``in_chans=3`` adapts a grey first conv as timm does.  Weights that do
+    not fit the requested model are an error: ``pretrained`` never returns random weights."""
+    arch, _, tag = name.partition(".")
     if arch not in _MODELS:
         raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    if isinstance(pretrained, str) and pretrained:
+        wanted = pretrained if "." in pretrained else f"{arch}.{pretrained}"
+        if tag and wanted != name:
+            raise UsageError(f"create_model({name!r}, pretrained={pretrained!r}): two different weights named")
+        tag = wanted.partition(".")[2]
+        if wanted.partition(".")[0] != arch:
+            raise UsageError(f"pretrained={pretrained!r} are not weights of {arch}")
+    elif tag and not pretrained:
+        raise UsageError(f"{name!r} names shipped weights: create_model({name!r}, pretrained=True), or "
+                         f"create_model({arch!r}) for an untrained {arch}")
     if not pretrained:
         return _MODELS[arch](**kwargs)
     from .export import load
-    from .pretrained import load_matching, pretrained_path
+    from .pretrained import list_pretrained, pretrained_info, pretrained_path, transfer_weights
 
-    path = pretrained_path(name)
-    shipped = load(path)
-    model = _MODELS[arch](**{**shipped.meta.model_kwargs, **kwargs})
-    load_matching(model, shipped.state_dict(), str(path))
-    if model.num_classes == shipped.num_classes and model.in_chans == shipped.in_chans:
-        model.classes, model.meta = shipped.classes, shipped.meta
-    return model
+    candidates = [f"{arch}.{tag}"] if tag else list_pretrained(arch)
+    if not candidates:
+        raise UsageError(f"no shipped weights for {arch}; shipped: {', '.join(list_pretrained()) or 'none'}")
+    problems = []
+    for full in candidates:
+        info = pretrained_info(full)  # an unknown name: one error listing the shipped ones
+        model = _MODELS[arch](**{**info.get("model_kwargs", {}), **kwargs})
+        shipped = load(pretrained_path(full))
+        try:
+            note = transfer_weights(model, shipped.state_dict(), full)
+        except UsageError as e:
+            problems.append(f"{full} ({info.get('model_kwargs')}): {str(e).split(': ', 1)[-1]}")
+            continue
+        if model.num_classes == shipped.num_classes and model.in_chans == shipped.in_chans:
+            model.classes, model.meta = shipped.classes, shipped.meta
+        if note:
+            import warnings
+
+            warnings.warn(f"{full}: {note}", stacklevel=2)
+        return model
+    raise UsageError(f"no shipped weights of {arch} fit {kwargs}: " + "; ".join(problems)
+                     + ". Give the weights' own options, or pretrained=False for an untrained model")
 
 
 # --- the networks -------------------------------------------------------------------------

@@ -135,20 +135,95 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, *, default: boo
     return entry
 
 
-def load_matching(model, state: dict, source: str) -> list[str]:
-    """Copy every tensor of ``state`` whose name and shape fit ``model``; the rest keep their init.
-    Returns the names left out (e.g. a class-map conv of another width when num_classes differs).
-    Refuses a state that shares no tensor with the model (another architecture)."""
+def _class_map_and_input_keys(model) -> tuple[set[str], set[str]]:
+    """(keys of the class-map layers, keys of the first conv) in ``model.state_dict()``: the last conv with
+    the batch norms after it (their first dimension is the class), and the conv that reads the input."""
+    from torch import nn
+
+    named = list(model.named_modules())
+    convs = [i for i, (_, m) in enumerate(named) if isinstance(m, nn.Conv2d)]
+    last = named[convs[-1]:]
+    class_mods = [(n, m) for n, m in last if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))]
+    first = named[convs[0]][0]
+    own = model.state_dict()
+    class_keys = {k for n, _ in class_mods for k in own if k.rsplit(".", 1)[0] == n and own[k].ndim >= 1}
+    input_keys = {k for k in own if k.rsplit(".", 1)[0] == first and k.endswith("weight")}
+    return class_keys, input_keys
+
+
+def _last_block_keys(model) -> set[str]:
+    """Keys of the last block of ``model.features`` that holds weights (the class-map block)."""
+    blocks = [(str(i), m) for i, m in enumerate(getattr(model, "features", [])) if any(True for _ in m.parameters())]
+    if not blocks:
+        return set()
+    prefix = f"features.{blocks[-1][0]}."
+    return {k for k in model.state_dict() if k.startswith(prefix)}
+
+
+def transfer_weights(model, state: dict, source: str, *, source_classes: list[str] | None = None,
+                     classes: list[str] | None = None, class_map=None) -> str:
+    """Copy ``state`` (a trained model of the same architecture) into ``model``; returns a note for the
+    user ("" when every tensor was copied as it is).  Nothing is left at its random init silently:
+
+    - the class-map layers are taken class by class, **by name** when both class lists are known
+      (``nin.classes``: reordered to ``classes``, or a subset of them); when none of ``classes`` is a
+      class of the weights, or the number of classes differs and no names are known, they start fresh
+      (a new task, said in the note); some matching and some not is an error listing those that do not;
+    - a first conv trained on 1 channel takes 3 (or 3 -> 1) as timm adapts it: the weights repeated and
+      scaled (or summed), so a grey image in every channel gives what the grey image gave;
+    - any other tensor of another shape is an error (UsageError) naming it: another width or depth."""
     import torch
 
+    from .classes import ClassMismatch, match_classes, normalize
+
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not fits:
-        raise UsageError(f"{source}: no weight fits {type(model).__name__} (another architecture?)")
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise UsageError(f"{source}: its weights are not of this architecture ({len(missing)} tensor(s) missing, "
+                         f"e.g. {(missing or extra)[0]!r}; {len(extra)} unknown)")
+    class_keys, input_keys = _class_map_and_input_keys(model)
+    note, rows = "", None
+    if source_classes is not None and classes is not None:
+        known = {normalize(c) for c in source_classes}
+        from .classes import read_class_map
+        mapped = {normalize(k) for k in read_class_map(class_map)}
+        if not any(normalize(c) in known or normalize(c) in mapped for c in classes):
+            note = (f"none of the {len(classes)} classes is a class of {source} ({', '.join(source_classes)}): "
+                    "its class-map layer starts fresh (a new task)")
+        else:
+            try:
+                rows = torch.tensor(match_classes(list(classes), list(source_classes), class_map,
+                                                  where="the dataset"), dtype=torch.long)
+            except ClassMismatch as e:
+                raise ClassMismatch(f"{source}: {e}") from None
+    elif any(state[k].shape != own[k].shape for k in class_keys):
+        note = f"the class-map layer starts fresh: {model.num_classes} classes, the weights have another number"
+    # a fresh class-map layer: so does every tensor of its block whose size is the number of classes
+    fresh = class_keys | {k for k in _last_block_keys(model) if state[k].shape != own[k].shape} if note else set()
+    copied = {}
+    for k, v in state.items():
+        if k in fresh:
+            continue
+        if k in class_keys and rows is not None:
+            v = v[rows]
+        if v.shape != own[k].shape:
+            if k in input_keys and v.ndim == 4 and v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]:
+                c_src, c_dst = v.shape[1], own[k].shape[1]
+                if c_src == 1:
+                    v = v.repeat(1, c_dst, 1, 1) / c_dst
+                elif c_dst == 1:
+                    v = v.sum(1, keepdim=True)
+                else:
+                    raise UsageError(f"{source}: its first conv reads {c_src} channels; cannot adapt it to {c_dst}")
+            else:
+                raise UsageError(f"{source}: tensor {k!r} is {tuple(v.shape)} in the weights but "
+                                 f"{tuple(own[k].shape)} in this model: another width or shape (give the "
+                                 "weights' own model options, or drop the weights)")
+        copied[k] = v
     with torch.no_grad():
-        for k, v in fits.items():
+        for k, v in copied.items():
             own[k].copy_(v)
-    return sorted(set(own) - set(fits))
+    return note
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ class TrainConfig:
     init_from: str | None = opt(None, "start from these weights: a pretrained name (see `nin models`), a run "
                                 "folder or a .safetensors of the same architecture; with another number of "
                                 "classes the class-map conv starts fresh (fine-tuning)")
+    class_map: str | None = opt(None, "with --init-from: a JSON file {\"dataset class\": \"class of the weights\"} "
+                                "for classes named otherwise; the others are matched by name, ignoring case, spaces "
+                                "and punctuation (a folder t-shirt_top is T-shirt/top), never by position")
     init: Literal["default", "xavier", "kaiming"] = opt(
         "default", "weight init: default (PyTorch's), xavier (xavier_uniform_ on conv weights, as the book) "
         "or kaiming (kaiming_uniform_ for ReLU)")
@@ -65,8 +68,9 @@ class TrainConfig:
                               hi=256)
     max_bad: float = opt(0.001, "fraction of unreadable images a streamed collection may hold: they are skipped "
                          "and listed in the run's bad_files.txt; more stops the run", lo=0, hi=1, interval=True)
-    limit_train: int | None = opt(None, "train on the first N training images only (quick checks)", lo=1,
-                                   hi=2**62)
+    limit_train: int | None = opt(None, "train on N training images only (quick checks): a sample stratified by "
+                                  "class and drawn by --seed, as --val-split's; of WebDataset shards the first N, "
+                                  "which nin data pack wrote shuffled", lo=1, hi=2**62)
     val_split: int = opt(0, "hold out N training images (stratified by class, fixed by --seed) as a validation "
                          "set; the saved model is then the epoch best on it (0: no split, the final epoch's "
                          "weights are saved). The test set never chooses anything", lo=0, hi=2**62)
@@ -74,6 +78,10 @@ class TrainConfig:
     epochs: int = opt(10, "number of epochs", lo=1, hi=100_000)
     batch_size: int = opt(128, "batch size PER PROCESS; with torchrun the global batch is this x world size",
                           lo=1, hi=1 << 20)
+    min_steps_per_epoch: int = opt(20, "on a small training set, lower --batch-size (to a power of two, at "
+                                   "least 8) until an epoch takes this many steps: with a handful of steps the "
+                                   "batch-norm statistics never settle (0: keep --batch-size as given)", lo=0,
+                                   hi=1 << 20)
     lr: float = opt(0.1, "peak learning rate (see --lr-scale for several processes)", lo=0, lo_open=True, hi=100)
     momentum: float = opt(0.0, "SGD momentum (0: plain SGD, as the book)", lo=0, hi=1, interval=True)
     nesterov: bool = opt(False, "Nesterov momentum")

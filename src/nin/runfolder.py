@@ -169,7 +169,10 @@ def load_for_resume(run: str | os.PathLike, state_keys: tuple[str, ...] = ()) ->
             raise CheckpointError(f"{path}: belongs to another run ({', '.join(differ)} differ from "
                                   f"{run / 'config.json'})")
     for tmp in run.glob(".*.tmp"):  # a write killed before its rename; the real file is intact
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: harmless, and a run that must write says so (Run.status)
+            pass
     return state
 
 
@@ -237,17 +240,42 @@ def read_status(run: str | os.PathLike) -> dict | None:
     return doc
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (None: one can; the probe is removed at once)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 # --- one run folder, as the training loop writes it -------------------------------------------------
 class Run:
-    """The folder a training process writes (main process only): locked for the run's life."""
+    """The folder a training process writes (main process only): locked for the run's life.
 
-    def __init__(self, path: Path, lock_file, writer=None) -> None:
+    A resumed run whose folder cannot be written (read-only) is opened without its lock: a finished run
+    then says so and writes nothing; one that has training left stops at its first write, the
+    "running" status, before any step (``status``), with one line naming the folder."""
+
+    def __init__(self, path: Path, lock_file, writer=None, cannot_write: str | None = None) -> None:
         self.path, self._lock, self.writer, self.selected = path, lock_file, writer, "no model yet"
+        self.cannot_write = cannot_write  # why the folder cannot be written (None: it can)
 
     @classmethod
     def open(cls, path, s, *, fresh: bool, tensorboard: bool = False) -> "Run":
         path = prepare(path, resume=not fresh) if fresh else Path(path)
-        run = cls(path, lock(path))
+        try:
+            run = cls(path, lock(path))
+        except OSError as e:  # no .lock can be created or opened: a read-only folder (EROFS, EACCES)
+            if fresh:
+                raise UsageError(f"{path}: cannot write the run folder ({e.strerror or e})") from None
+            run = cls(path, None, cannot_write=e.strerror or str(e))
+        if not fresh and run.cannot_write is None:
+            run.cannot_write = _unwritable(path)  # .lock opened, but new files may still be refused
         for loader in (s.train_loader, s.test_loader):  # streamed collections: list unreadable images
             if hasattr(loader, "on_bad"):
                 from .stream import write_bad_files
@@ -321,6 +349,9 @@ class Run:
                     epoch=st.epoch, step=st.step)
 
     def status(self, state: str, reason: str, **extra) -> None:
+        if self.cannot_write is not None and state == "running":  # training starts: it must write here
+            raise UsageError(f"{self.path}: the run has training left but its folder cannot be written "
+                             f"({self.cannot_write}); make it writable, or copy it and resume the copy")
         try:
             write_status(self.path, state, reason, **extra)
         except Exception:  # the status is a note; never let it hide the real error

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DatasetError, ImageError, UsageError
+from .errors import DatasetError, ImageError, NinError, UsageError
 from .stream import MAX_BAD, StreamDataset, StreamLoader, _BadFiles, decode_batch, open_folder, worker_init
 
 __all__ = ["pack", "open_shards", "ShardSplit", "ShardLoader", "INDEX"]
@@ -47,12 +48,65 @@ def _wds():
 
 
 # --- writing -------------------------------------------------------------------------------------
-def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: int = 0, log=print) -> dict:
+SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")  # the shard files pack writes
+
+
+def _own_files(out: Path) -> list[Path]:
+    """The files of an earlier pack in ``out``: its shards (by name, and those its index.json lists),
+    index.json, and what a killed pack left (temp files of those names, its staging folders)."""
+    own = set()
+    try:
+        old = json.loads((out / INDEX).read_text(encoding="utf-8"))
+        for split in old["splits"].values():
+            for s in split["shards"]:
+                name = str(s["file"])
+                if Path(name).name == name:  # a plain name in this folder, never a path elsewhere
+                    own.add(out / name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or not one of ours: the shard names alone say what is ours
+    for p in out.iterdir():
+        n = p.name
+        if (SHARD_NAME.fullmatch(n) or n == INDEX
+                or (n.startswith(".") and n.endswith(".tmp") and (n.startswith(f".{INDEX}.") or ".tar." in n))
+                or (n.startswith(".pack-") and p.is_dir())):
+            own.add(p)
+    return sorted(own)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder that holds anything, unless ``overwrite`` (then only pack's own files
+    go, after the new ones are written)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    if overwrite or not out.is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot read the folder ({e.strerror or e})") from None
+    if entries:
+        ours = any(SHARD_NAME.fullmatch(n) or n == INDEX for n in entries)
+        raise UsageError(f"--out {out}: the folder is not empty ({len(entries)} entries, e.g. {entries[0]}"
+                         f"{'; an earlier pack' if ours else ''}); choose a new or empty folder, or give "
+                         "--overwrite to replace an earlier pack's shards and index.json (other files are kept)")
+
+
+def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: int = 0, overwrite: bool = False,
+         log=print) -> dict:
     """Write ``folder:PATH`` as ``train-000000.tar ...`` and ``val-000000.tar ...`` in ``out`` plus
     ``index.json``; returns the index.  The split is the in-memory path's (``folder_split`` with ``seed``);
     training samples are written in an order drawn from ``seed`` so every shard mixes the classes.  The
     image files' bytes are stored as they are (no re-encoding); a file whose header cannot be read is
-    left out and listed in the index's ``bad_files``."""
+    left out and listed in the index's ``bad_files``.
+
+    ``out`` must be new or empty (UsageError otherwise), unless ``overwrite``: then the shards and
+    index.json of an earlier pack there are replaced, and other files kept.  Everything is written in a
+    staging folder inside ``out`` first, so a pack that fails leaves an earlier one intact; the new
+    files then replace the old ones, index.json last (a pack killed during that leaves no index, never
+    one that lists other shards)."""
+    import shutil
+    import tempfile
+
     from .fsutil import atomic_write
     from .images import image_header
 
@@ -61,9 +115,35 @@ def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: 
         raise UsageError(f"nin data pack reads folder:PATH, not {dataset!r}")
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    ds = open_folder(dataset.removeprefix("folder:"), seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, overwrite)
+    ds = open_folder(dataset.removeprefix("folder:"), seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".pack-", suffix=".tmp", dir=out))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write the folder ({e.strerror or e})") from None
+    try:
+        index = _write_all(wds, ds, stage, shard_size, seed, atomic_write, image_header, log)
+        old = _own_files(out)
+        (out / INDEX).unlink(missing_ok=True)  # first: no index ever lists a mix of old and new shards
+        new = {s["file"] for split in index["splits"].values() for s in split["shards"]}
+        for p in old:  # an earlier pack's files that the new one does not replace (stale shards, leftovers)
+            if p != stage and p.name not in new and p.name != INDEX:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for name in sorted(new) + [INDEX]:
+            os.replace(stage / name, out / name)
+    except OSError as e:
+        raise NinError(f"{out}: cannot write the shards ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if index["bad_files"]:
+        log(f"left out {len(index['bad_files'])} unreadable file(s), listed in {out / INDEX} (bad_files)")
+    return index
+
+
+def _write_all(wds, ds, out: Path, shard_size: int, seed: int, atomic_write, image_header, log) -> dict:
+    """Write the shards and index.json of ``ds`` in ``out``; returns the index."""
     root = Path(ds.source)
     order = {"train": torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(seed)).numpy(),
              "val": np.arange(len(ds.test))}
@@ -96,8 +176,6 @@ def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: 
              "shard_size": shard_size, "in_chans": ds.in_chans, "native_size": list(ds.native_size),
              "mean": list(ds.mean), "std": list(ds.std), "splits": splits, "bad_files": bad}
     atomic_write(out / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1) + "\n"))
-    if bad:
-        log(f"left out {len(bad)} unreadable file(s), listed in {out / INDEX} (bad_files)")
     return index
 
 

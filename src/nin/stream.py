@@ -68,6 +68,18 @@ class PathArray:
     def head(self, n: int) -> "PathArray":
         return PathArray(blob=self.blob[:self.offsets[min(n, len(self))]], offsets=self.offsets[:n + 1])
 
+    def take(self, indices) -> "PathArray":
+        """The names at ``indices`` (in that order), in a new buffer."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        starts, ends = self.offsets[idx], self.offsets[idx + 1]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        if len(idx) == 0:
+            return PathArray(blob=np.zeros(0, dtype=np.uint8), offsets=offsets)
+        # every byte position of the chosen names, built without a Python loop over the files
+        pos = np.repeat(starts - offsets[:-1], ends - starts) + np.arange(offsets[-1])
+        return PathArray(blob=self.blob[pos], offsets=offsets)
+
 
 @dataclass
 class FileSplit:
@@ -81,6 +93,11 @@ class FileSplit:
     def head(self, n: int) -> "FileSplit":
         """The first ``n`` files (--limit-train)."""
         return FileSplit(self.paths.head(n), self.labels[:n])
+
+    def take(self, indices) -> "FileSplit":
+        """The files at ``indices``, in that order (e.g. --val-split's held-out ones)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return FileSplit(self.paths.take(idx), self.labels[idx])
 
 
 @dataclass
@@ -379,6 +396,11 @@ class StreamLoader:
     @on_bad.setter
     def on_bad(self, fn) -> None:
         self._bad.on_bad = fn
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The split's labels (``BatchLoader.labels``' counterpart: ``len`` is the number of images)."""
+        return self.split.labels
 
     @property
     def bad_files(self) -> list[tuple[str, str]]:

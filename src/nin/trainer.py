@@ -77,6 +77,7 @@ class TrainState:
     best_epoch: int = 0
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
+    warned_chance: bool = False  # the at-chance warning was given (once a run)
 
     def to_checkpoint(self) -> dict:
         return {f.name: (self.sums.cpu() if f.name == "sums" else getattr(self, f.name))
@@ -85,7 +86,7 @@ class TrainState:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The keys a checkpoint must hold (best_epoch is newer than the first checkpoints: optional)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "best_epoch")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("best_epoch", "warned_chance"))
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: torch.device, main: bool) -> "TrainState":
@@ -118,6 +119,7 @@ class Setup:
     meta: object               # export.ModelMeta
     base_lr: float
     n_train: int = 0           # training images (after --val-split and --limit-train)
+    calib_loader: object | None = None  # training images without augmentation, for recalibrate_bn
 
     @property
     def steps_per_epoch(self) -> int:
@@ -138,6 +140,22 @@ class Setup:
         return self.tta if self.cfg.final_tta == "same" else self.cfg.final_tta
 
 
+def stratified_mask(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A bool mask choosing ``n`` of ``labels`` stratified by class (each class its share, rounded by
+    largest remainders so the total is n), drawn by ``seed``."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels)
+    quota = (counts.double() * n / len(labels)).floor().long()
+    for c in torch.argsort(counts.double() * n / len(labels) - quota, descending=True)[: n - int(quota.sum())]:
+        quota[c] += 1  # largest remainders first: the quotas sum to n
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(len(counts)):
+        idx = (labels == c).nonzero().flatten()
+        chosen[idx[torch.randperm(len(idx), generator=g)[: int(quota[c])]]] = True
+    return chosen
+
+
 def split_validation(split, n: int, seed: int):
     """(train, val): ``n`` images held out stratified by class (each class its share, rounded so the
     total is n), chosen by ``seed``.  Both keep the original order."""
@@ -146,30 +164,53 @@ def split_validation(split, n: int, seed: int):
     labels = split.labels
     if not 0 < n < len(labels):
         raise UsageError(f"--val-split must be between 1 and {len(labels) - 1} (the training images), got {n}")
-    g = torch.Generator().manual_seed(seed + 7919)
-    counts = torch.bincount(labels)
-    quota = (counts.double() * n / len(labels)).floor().long()
-    for c in torch.argsort(counts.double() * n / len(labels) - quota, descending=True)[: n - int(quota.sum())]:
-        quota[c] += 1  # largest remainders first: the quotas sum to n
-    val = torch.zeros(len(labels), dtype=torch.bool)
-    for c in range(len(counts)):
-        idx = (labels == c).nonzero().flatten()
-        val[idx[torch.randperm(len(idx), generator=g)[: int(quota[c])]]] = True
+    val = stratified_mask(labels, n, seed + 7919)
     return Split(split.images[~val], labels[~val]), Split(split.images[val], labels[val])
 
 
-def init_from(model: nn.Module, cfg: TrainConfig) -> None:
-    """--init-from: copy the weights of a trained model of the same architecture into ``model``."""
+def limit_train(split, n: int, seed: int):
+    """--limit-train: ``n`` training images stratified by class and drawn by ``seed`` (in their original
+    order), for an in-memory Split or a streamed folder's files; shards, read in order, give their first
+    ``n`` (``nin data pack`` wrote them in a shuffled order)."""
+    from .data import Split
+    from .stream import FileSplit
+
+    if n >= len(split):
+        return split
+    if isinstance(split, Split):
+        keep = stratified_mask(split.labels, n, seed + 104729)
+        return Split(split.images[keep], split.labels[keep])
+    if isinstance(split, FileSplit):
+        keep = stratified_mask(torch.from_numpy(split.labels), n, seed + 104729)
+        return split.take(keep.nonzero().flatten().numpy())
+    return split.head(n)
+
+
+def init_from(model: nn.Module, cfg: TrainConfig, classes: list[str] | None = None) -> None:
+    """--init-from: copy the weights of a trained model of the same architecture into ``model``, its
+    class maps matched to ``classes`` (the dataset's) by name (see pretrained.transfer_weights)."""
     from .export import load
-    from .pretrained import load_matching
+    from .pretrained import transfer_weights
 
     src = load(cfg.init_from)
     if src.meta.model != cfg.model:
         raise UsageError(f"--init-from {cfg.init_from}: holds a {src.meta.model}, but --model is {cfg.model}")
-    left = load_matching(model, src.state_dict(), cfg.init_from)
-    if left:
-        print(f"note: --init-from {cfg.init_from}: {len(left)} tensor(s) of another shape start fresh "
-              f"({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})", file=sys.stderr)
+    note = transfer_weights(model, src.state_dict(), f"--init-from {cfg.init_from}", source_classes=src.classes,
+                            classes=classes, class_map=cfg.class_map)
+    if note:
+        print(f"note: --init-from {cfg.init_from}: {note}", file=sys.stderr)
+
+
+def init_from_kwargs(cfg: TrainConfig) -> dict:
+    """The model options of --init-from's weights (width, ...), which the run takes when it sets none
+    itself: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it holds."""
+    if not cfg.init_from or cfg.model_kwargs:
+        return {}
+    from .export import load
+
+    src = load(cfg.init_from)
+    return {k: v for k, v in src.meta.model_kwargs.items() if k not in ("num_classes", "in_chans")} \
+        if src.meta.model == cfg.model else {}
 
 
 def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
@@ -192,19 +233,25 @@ def _splits(cfg: TrainConfig, ds):
 
     train_split, val_split = ds.train, None
     if cfg.val_split:
-        if not isinstance(train_split, Split):
-            raise UsageError("--val-split holds images out of an in-memory training set; with a streamed "
-                             "collection give it a val/ folder instead")
-        train_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
+        from .stream import FileSplit
+
+        if isinstance(train_split, FileSplit):  # a streamed folder: the very files held out in memory
+            index = Split(torch.arange(len(train_split)), torch.from_numpy(train_split.labels))
+            kept, held = split_validation(index, cfg.val_split, cfg.seed)
+            train_split, val_split = train_split.take(kept.images.numpy()), train_split.take(held.images.numpy())
+        elif not isinstance(train_split, Split):
+            raise UsageError(f"--val-split cannot hold images out of {cfg.dataset}: shards are read whole, in "
+                             "order; train on the image folder (folder:PATH, with --stream if it is larger than "
+                             "memory) to hold out a validation set")
+        else:
+            train_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     if cfg.limit_train is not None:
-        if isinstance(train_split, Split):
-            train_split = Split(train_split.images[:cfg.limit_train], train_split.labels[:cfg.limit_train])
-        else:  # files or shards: the first N
-            train_split = train_split.head(cfg.limit_train)
+        train_split = limit_train(train_split, cfg.limit_train, cfg.seed)
     return train_split, val_split
 
 
-def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device) -> nn.Module:
+def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device,
+           classes: list[str] | None = None) -> nn.Module:
     """The initialised model on ``device`` (seeded by --seed), checked against the input size."""
     from .models import check_input_size, create_model
 
@@ -218,7 +265,7 @@ def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int
     check_input_size(model, input_size, f"{cfg.model} (with --resize {cfg.resize})" if cfg.resize else cfg.model)
     init_weights(model, cfg.init)
     if cfg.init_from:
-        init_from(model, cfg)
+        init_from(model, cfg, classes)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -237,12 +284,23 @@ def set_up(cfg: TrainConfig) -> Setup:
     ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
                       device=device)
     train_split, val_split = _splits(cfg, ds)
+    batch = fitted_batch_size(cfg.batch_size, len(train_split) // d.world_size, cfg.min_steps_per_epoch)
+    if batch != cfg.batch_size:  # recorded in config.json, so a resumed run takes the same steps
+        # the lr follows the batch by its square root: on 480 images the fast recipe's 0.2 and 0.05 reached the
+        # same held-out accuracy from scratch (0.775), and fine-tuning shipped weights kept more at 0.05 (0.875
+        # against 0.708 after 2 epochs at 0.2)
+        lr = cfg.lr * math.sqrt(batch / cfg.batch_size)
+        if d.main:
+            print(f"note: {len(train_split):,} training images: batch size {batch} instead of {cfg.batch_size} and "
+                  f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {cfg.min_steps_per_epoch} "
+                  "steps (--min-steps-per-epoch 0 keeps --batch-size and --lr)", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, batch_size=batch, lr=lr)
     imagenet = cfg.transform == "imagenet"
     in_chans, h, w = ds.image_size
     if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
         h = w = cfg.crop_size if imagenet else cfg.resize
-    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **cfg.model_kwargs}
-    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device)
+    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **init_from_kwargs(cfg), **cfg.model_kwargs}
+    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes))
 
     mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
     common = dict(device=device, resize=None if imagenet else cfg.resize, mean=mean, std=std,
@@ -259,6 +317,10 @@ def set_up(cfg: TrainConfig) -> Setup:
     test_loader = make_loader(ds.test, cfg.eval_batch_size, shuffle=False,
                               transform="resize-center-crop" if imagenet else "fit", **common)
     val_loader = make_loader(val_split, cfg.eval_batch_size, shuffle=False, **common) if val_split else None
+    # up to CALIBRATION_IMAGES training images, unaugmented: what recalibrate_bn reads (see there)
+    calib = limit_train(train_split, CALIBRATION_IMAGES, cfg.seed + 1) if bn_layers(model) else None
+    calib_loader = make_loader(calib, cfg.eval_batch_size, shuffle=False,
+                               transform="resize-center-crop" if imagenet else "fit", **common) if calib else None
 
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
     net = model
@@ -276,7 +338,54 @@ def set_up(cfg: TrainConfig) -> Setup:
     return Setup(cfg, d, device, amp_dtype, ds, model, net, make_optimizer(model, cfg, base_lr, device),
                  torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                  Ema(model, cfg.ema) if cfg.ema else None, train_loader, test_loader, val_loader, meta, base_lr,
-                 len(train_split))
+                 len(train_split), calib_loader)
+
+
+def fitted_batch_size(batch_size: int, n_train: int, min_steps: int) -> int:
+    """``batch_size``, lowered (to a power of two, at least 8) on a training set too small for
+    ``min_steps`` steps an epoch.  Idempotent, so a resumed run keeps the batch it started with."""
+    if not min_steps or n_train >= batch_size * min_steps:
+        return batch_size
+    fitted = 1 << max(3, (max(n_train // min_steps, 1)).bit_length() - 1)
+    return min(batch_size, fitted)
+
+
+# --- batch-norm statistics ------------------------------------------------------------------
+# Batch norm's running statistics follow the weights with momentum 0.1: they need tens of steps to forget
+# their start and, while the lr is high, lag the weights.  A run of 600 images at batch 256 (2 steps an
+# epoch) evaluated at 10% with a train-mode accuracy of 66%.  So until a run has taken this many steps, the
+# statistics are recomputed from training images before each evaluation (and so before each save).
+BN_SETTLE_STEPS = 100
+CALIBRATION_IMAGES = 4096
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, amp_dtype) -> None:
+    """Recompute every batch norm's running mean and variance as the plain average over ``loader``'s
+    batches (momentum None), the rest of the model in eval mode (no dropout); the step counters stay."""
+    layers = bn_layers(model)
+    if not layers:
+        return
+    was_training = model.training
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x, _ in loader.iterate(0):
+        with torch.autocast(loader.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            model(x)
+    for m, (momentum, count) in zip(layers, saved):
+        m.momentum = momentum
+        if count is not None:
+            m.num_batches_tracked.copy_(count)
+    model.train(was_training)
 
 
 def restore(s: Setup, ckpt: dict, path: Path) -> TrainState:
@@ -366,6 +475,8 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     tot = all_reduce_sum(st.sums, s.d)
     seen = tot[2].item()
     limit = 1 if dry_run else None
+    if s.calib_loader is not None and st.step < BN_SETTLE_STEPS and not dry_run:
+        recalibrate_bn(s.eval_model, s.calib_loader, s.amp_dtype)  # every rank alike: the same images
     test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit)
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
@@ -394,6 +505,8 @@ def end_epoch(s: Setup, st: TrainState, row: dict, run, *, quiet: bool, log, on_
               "plateau in epoch 2 or 3) or the book recipe's known failure: the ReLUs of the 10-channel "
               "class-map block died, and the run stays here or ends far below the book's accuracy. "
               "Try --recipe d2l-stable or a lower --lr", file=sys.stderr)
+    if s.d.main and not st.warned_chance:
+        st.warned_chance = warn_at_chance(s, row)
     st.epoch += 1
     st.batch = 0
     st.sums.zero_()
@@ -408,6 +521,33 @@ def end_epoch(s: Setup, st: TrainState, row: dict, run, *, quiet: bool, log, on_
     run.epoch_done(s, st, row)
     if on_epoch is not None:
         on_epoch(list(st.history))
+
+
+def chance_level(s: Setup) -> float:
+    """The accuracy of always answering the test set's most common class (1/K when its labels are unknown)."""
+    labels = getattr(s.ds.test, "labels", None)
+    k = len(s.ds.classes)
+    if labels is None or not len(labels):
+        return 1 / k
+    counts = torch.bincount(torch.as_tensor(labels).reshape(-1).cpu(), minlength=k)
+    return float(counts.max()) / float(counts.sum())
+
+
+def warn_at_chance(s: Setup, row: dict) -> bool:
+    """Warn (once) when the held-out accuracy sits at chance while the training accuracy has risen well
+    above it: the saved model would predict one class.  Returns whether it warned."""
+    chance = chance_level(s)
+    held = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
+    which = "validation" if row.get("val_acc") is not None else "test"
+    if held > chance + 0.02 or row["train_acc"] < chance + 0.15:
+        return False
+    print(f"warning: {which} accuracy {held:.4f} is at chance ({chance:.2f}) while training accuracy rose to "
+          f"{row['train_acc']:.4f} (epoch {row['epoch']}, {s.steps_per_epoch} steps an epoch, batch "
+          f"{s.cfg.batch_size}): the model predicts nearly one class on held-out images. With few steps the "
+          "batch-norm statistics may not have settled (try a smaller --batch-size or more --epochs); or the "
+          "held-out images differ from the training images (another size, colour or class order)",
+          file=sys.stderr)
+    return True
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -426,18 +566,78 @@ def _dry_run(s: Setup, log) -> dict:
     return row
 
 
+def _resumed_config(ckpt: dict, resume, max_steps: int | None, epochs: int | None) -> tuple[TrainConfig, int]:
+    """(the config a resumed run goes on with, its saved epochs): the saved one, with a new ``max_steps``
+    and, if given, ``epochs`` raised (never lowered: the epochs already run are in its history)."""
+    saved = TrainConfig.from_dict(ckpt["config"])
+    cfg = dataclasses.replace(saved, max_steps=max_steps)
+    if epochs is not None and epochs != saved.epochs:
+        if epochs < saved.epochs:
+            raise UsageError(f"--epochs {epochs}: {resume} is a {saved.epochs}-epoch run; a resumed run keeps or "
+                             f"raises its epochs (--epochs {saved.epochs} or more; --max-steps stops it earlier)")
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    return cfg, saved.epochs
+
+
+def _extended(s: Setup, st: TrainState, run, was: int) -> None:
+    """A resumed run's --epochs was raised: say what that does to the lr schedule (stderr), and record
+    the new epochs in config.json and in last.ckpt (rewritten at once with the same state, so a run
+    stopped before its next save still resumes to the new end)."""
+    cfg, step = s.cfg, st.step
+    if cfg.schedule in ("onecycle", "cosine"):  # the only schedules that depend on --epochs
+        old = lr_at(dataclasses.replace(cfg, epochs=was), step, s.steps_per_epoch, s.base_lr)
+        new = lr_at(cfg, step, s.steps_per_epoch, s.base_lr)
+        print(f"note: --epochs {cfg.epochs} (was {was}): the {cfg.schedule} lr schedule is recomputed for "
+              f"{cfg.epochs} epochs, so from step {step} the lr is {new:.3g} (the {was}-epoch schedule had "
+              f"{old:.3g} there) and falls to 0 by epoch {cfg.epochs}; the steps already taken keep the lrs of "
+              f"the {was}-epoch schedule, so this is not the run a fresh --epochs {cfg.epochs} would be",
+              file=sys.stderr)
+    if run is None:
+        return
+    from .fsutil import atomic_write
+
+    path = run.path / "config.json"
+    try:
+        doc = json.loads(path.read_text())
+        doc["config"]["epochs"] = cfg.epochs
+    except (OSError, ValueError, KeyError, TypeError):  # no readable config.json: write one from the config
+        doc = {"config": cfg.to_dict()}
+    doc.setdefault("epochs_raised", []).append({"from": was, "to": cfg.epochs, "at_step": step})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
+    run.checkpoint(s, st)
+
+
+def _print_or_drop(*args) -> None:
+    """print, flushed; a closed pipe (the reader went away) drops this and later output (stdout then
+    writes to /dev/null, Python's documented recipe) instead of ending the run with BrokenPipeError."""
+    try:
+        print(*args, flush=True)
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real file descriptor behind sys.stdout
+            pass
+
+
 def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
-          max_steps: int | None = None, quiet: bool = False, dry_run: bool = False, tensorboard: bool = False,
-          log=print, on_epoch=None) -> dict:
+          max_steps: int | None = None, epochs: int | None = None, quiet: bool = False, dry_run: bool = False,
+          tensorboard: bool = False, log=print, on_epoch=None) -> dict:
     """Train ``cfg`` into the run folder ``out``, or continue the run in ``resume`` (to its end, or to
-    ``max_steps`` optimizer steps in all); returns the final metrics.
+    ``max_steps`` optimizer steps in all, or to a raised number of ``epochs``: see ``_extended``);
+    returns the final metrics.
 
     ``on_epoch(history)``, if given, is called on the main process after every finished epoch with the
-    list of per-epoch rows so far (a notebook's live figure uses it)."""
-    ckpt = None
+    list of per-epoch rows so far (a notebook's live figure uses it).  ``log=print`` (the default) prints
+    each line at once, and drops the output once its reader has gone (``nin train | head -1``): the run
+    goes on to its end."""
+    if log is print:
+        log = _print_or_drop
+    ckpt, saved_epochs = None, None
     if resume is not None:
         ckpt = runfolder.load_for_resume(resume, TrainState.keys())
-        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), max_steps=max_steps)
+        cfg, saved_epochs = _resumed_config(ckpt, resume, max_steps, epochs)
     s = set_up(cfg)
     if dry_run:
         return _dry_run(s, log)
@@ -450,6 +650,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resu
     try:
         st = restore(s, ckpt, Path(resume) / "last.ckpt") if ckpt is not None else \
             TrainState(sums=torch.zeros(3, dtype=torch.float64, device=s.device))
+        if ckpt is not None and cfg.epochs != saved_epochs and s.d.main:
+            _extended(s, st, run, saved_epochs)
         return _loop(s, st, run, quiet=quiet, log=log, on_epoch=on_epoch, resumed=ckpt is not None)
     except KeyboardInterrupt:
         if run is not None:

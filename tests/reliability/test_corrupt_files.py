@@ -139,6 +139,36 @@ def test_malformed_cifar_svhn_and_image_folder_files(tmp_path, capsys, case, nam
     assert not out.exists()
 
 
+# issue 32 item 13
+def test_an_in_memory_folder_names_every_unreadable_file_and_the_way_round_them(tmp_path, capsys):
+    """Every file is decoded before the error: one line with the count, the first few named, and the
+    option that trains anyway; following it trains and lists them all in bad_files.txt."""
+    import re
+
+    root = tmp_path / "photos"
+    x, _ = learnable_images(24, 0)
+    for i in range(24):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(root / "ab"[i % 2] / f"{i:02d}.png")
+    bad = [root / "a" / "00.png", root / "a" / "06.png", root / "b" / "03.png", root / "b" / "11.png",
+           root / "b" / "17.png"]
+    bad[0].write_bytes(b"")
+    for f in bad[1:]:
+        f.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{root}", "--out", str(out), *TINY_ARGS]
+    assert main([*argv, "--no-stream"]) == 1
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert f"{root}: 5 of 24 image files could not be read" in line, line
+    named = [f for f in bad if f"{f}: not a readable image (" in line]
+    assert len(named) == 3 and "and 2 more" in line, line
+    assert not out.exists()
+    fraction = re.search(r"--stream --max-bad ([0-9.]+)", line).group(1)
+    assert main([*argv, "--stream", "--max-bad", fraction, "--workers", "0"]) == 0
+    listed = (out / "bad_files.txt").read_text().splitlines()
+    assert sorted(entry.split("\t")[0] for entry in listed) == sorted(map(str, bad))
+
+
 def test_data_damaged_under_a_run_being_resumed_leaves_the_run_alone(tmp_path, finished_run, data_dir, capsys):
     data = shutil.copytree(data_dir, tmp_path / "data-copy")
     bad = _replace(data / "FashionMNIST" / "raw", "t10k-labels-idx1-ubyte", b"\x00\x00\x08\x01\x00\x00", True)

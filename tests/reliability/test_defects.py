@@ -68,7 +68,7 @@ import nin, importlib
 from nin import *
 for name in nin.__all__:
     assert getattr(nin, name) is not None, name
-for mod in ("nin.trainer", "nin.evaluation", "nin.export", "nin.recipes", "nin.data", "nin.models", "nin.predict"):
+for mod in ("nin.trainer", "nin.evaluation", "nin.export", "nin.recipes", "nin.data", "nin.models", "nin.prediction"):
     importlib.import_module(mod)
 for name in nin.__all__:
     obj = getattr(nin, name)
@@ -354,7 +354,7 @@ def test_18_embedded_metadata_wins(finished_run, tmp_path):
 def test_19_folder_surprises_are_said(tmp_path, capsys):
     from nin.data import load_dataset
     from nin.errors import DatasetError
-    from nin.predict import collect_files
+    from nin.prediction import collect_files
 
     root = _noise_folder(tmp_path / "imgs")
     (root / "empty").mkdir()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from nin.datasets import read_idx
 from nin.errors import DatasetError
-from nin.predict import ImageError, read_image
+from nin.prediction import ImageError, read_image
 
 from ..fakedata import idx_bytes
 

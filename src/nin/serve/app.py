@@ -2,8 +2,9 @@
 
 Every error is JSON ``{"error": "..."}`` with a status that names the kind of problem:
 400 bad request (empty body, damaged image, bad parameter), 401 API key missing or wrong,
-413 body over --max-upload-mb (counted while reading) or image over the pixel cap, 415 not an image,
-503 queue full (with Retry-After).  Uploads stay in memory: a request never touches the file system.
+413 body over --max-upload-mb (counted while reading; the rest is read and dropped, up to DISCARD_BYTES,
+so that a client still sending reads the answer, and the connection is closed) or image over the pixel cap,
+415 not an image, 503 queue full (with Retry-After).  Uploads stay in memory: a request never touches the file system.
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ from starlette.requests import ClientDisconnect
 from ..errors import ImageError
 from ..images import MAX_PIXELS, read_input
 from .batching import Batcher, QueueFull
-from .model import ServedModel
+from .model import ServedModel, reported_accuracy
 
 log = logging.getLogger("nin.serve")
 INLINE_DECODE_BYTES = 256 * 1024  # smaller uploads decode on the event loop (~0.1 ms); larger in a thread
 MAX_DECODERS = 2  # large images decoded at once: bounds the memory decoding can take (40 M pixels ~ 160 MB)
+# A body over --max-upload-mb is still read (and dropped) up to this many bytes (or 4x the limit, if more)
+# before the 413: clients that send the whole body before reading the answer (Python's urllib) would
+# otherwise get a connection reset instead of the 413.  A body declared larger is answered at once.
+DISCARD_BYTES = 64 * 1024 * 1024
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/static/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -125,6 +130,7 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
     meta = served.meta
     c, h, w = meta.input_size
     limit = int(max_upload_mb * 1024 * 1024)
+    discard = max(DISCARD_BYTES, 4 * limit)
     batcher = Batcher(served.probabilities, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     decoders = asyncio.Semaphore(MAX_DECODERS)
     assets = {route: (resources.files("nin.serve").joinpath("static", name).read_bytes(), kind)
@@ -201,17 +207,23 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
     async def read_upload(request: Request, invert: bool) -> tuple[np.ndarray, str]:
         """The request's image as the model's uint8 C x H x W, or ApiError."""
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        declared = int(declared) if declared.isdigit() else None
+        chunks, n, over = [], 0, declared is not None and declared > limit
+        if not (over and declared > discard):
+            async for chunk in request.stream():  # count what arrives: Content-Length can lie or be absent
+                n += len(chunk)
+                over = over or n > limit
+                if over:  # read on (dropping it) so that the client is done sending and reads the 413
+                    chunks.clear()
+                    if n > discard:
+                        break
+                    continue
+                chunks.append(chunk)
+        if over:
             errors.labels("too_large").inc()
-            raise ApiError(413, f"the body is {int(declared):,} bytes, over the limit of {limit:,} "
-                                f"(--max-upload-mb {max_upload_mb:g})")
-        chunks, n = [], 0
-        async for chunk in request.stream():  # count what arrives: Content-Length can lie or be absent
-            n += len(chunk)
-            if n > limit:
-                errors.labels("too_large").inc()
-                raise ApiError(413, f"the body is over the limit of {limit:,} bytes (--max-upload-mb {max_upload_mb:g})")
-            chunks.append(chunk)
+            size = f"{declared:,} bytes, over" if declared is not None and declared > limit else "over"
+            raise ApiError(413, f"the body is {size} the limit of {limit:,} bytes (--max-upload-mb {max_upload_mb:g})",
+                           {"Connection": "close"})
         body = b"".join(chunks)
         name = "upload"
         ctype = request.headers.get("content-type", "")
@@ -264,10 +276,11 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
         if served.cam_model is None:
             raise ApiError(501, "class activation maps need the PyTorch model: serve the run folder, not the .onnx")
         image, name = await read_upload(request, invert)
+        probs = await probabilities(image)  # /v1/predict's numbers (the model's own TTA); the maps: one forward
         if format == "png":
-            data = await batcher.run(_cam_png, served.cam_model, image, topk, name)
+            data = await batcher.run(_cam_png, served.cam_model, image, probs, topk, name)
             return Response(data, media_type="image/png")
-        maps, probs = await batcher.run(_cam_arrays, served.cam_model, image)
+        maps = await batcher.run(_cam_arrays, served.cam_model, image)
         top = _top(probs, served.classes, topk)
         index = {name: i for i, name in enumerate(served.classes)}
         for t in top:
@@ -278,14 +291,16 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
     async def model_info():
         """The model's description (model.json), the backend, whether class maps work, the limits."""
         doc = meta.to_json()
-        return {**doc, "accuracy": (meta.info or {}).get("accuracy"), "backend": served.backend,
+        acc = reported_accuracy(meta)  # fp32, with the model's own TTA; null when not recorded
+        return {**doc, "weights": served.source, "accuracy": acc and acc["value"], "accuracy_tta": acc and acc["tta"],
+                "accuracy_precision": acc and acc["precision"], "backend": served.backend,
                 "cam": served.cam_model is not None, "topk": topk, "max_batch": batcher.max_batch,
                 "max_upload_bytes": limit, "max_pixels": max_pixels}
 
     @app.get("/health")
     async def health():
         """Liveness and readiness: 200 once the model is loaded and warmed up."""
-        return {"status": "ok", "model": meta.model, "queued": batcher.queued}
+        return {"status": "ok", "model": meta.model, "weights": served.source, "queued": batcher.queued}
 
     def page(route: str):
         data, kind = assets[route]
@@ -304,23 +319,23 @@ def create_app(served: ServedModel, *, max_batch: int = 16, max_wait_ms: float =
     return app
 
 
-def _cam_png(model, image: np.ndarray, topk: int, title: str) -> bytes:
+def _cam_png(model, image: np.ndarray, probs: np.ndarray, topk: int, title: str) -> bytes:
     import torch
 
     from ..evaluation import CAM_DPI, cam_figure
 
-    fig, _ = cam_figure(model, torch.from_numpy(image.copy()), topk=topk, title=title)
+    fig, _ = cam_figure(model, torch.from_numpy(image.copy()), topk=topk, title=title, probs=torch.from_numpy(probs))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=CAM_DPI)
     return buf.getvalue()
 
 
-def _cam_arrays(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(maps K x h x w, probabilities K) for one image, at the network's own map resolution."""
+def _cam_arrays(model, image: np.ndarray) -> np.ndarray:
+    """The class maps (K x h x w) of one image, at the network's own map resolution (one plain forward)."""
     import torch
 
     from ..evaluation import class_activation_maps, preprocess
 
     dev = next(model.parameters()).device
-    maps, logits = class_activation_maps(model, preprocess(model, torch.from_numpy(image.copy())[None].to(dev)))
-    return maps[0].float().cpu().numpy(), logits.float().softmax(1)[0].cpu().numpy()
+    maps, _ = class_activation_maps(model, preprocess(model, torch.from_numpy(image.copy())[None].to(dev)))
+    return maps[0].float().cpu().numpy()

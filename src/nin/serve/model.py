@@ -38,12 +38,52 @@ class ServedModel:
         The same computation as ``nin predict`` (predict.probabilities), one forward pass."""
         import torch
 
-        from ..predict import probabilities
+        from ..prediction import probabilities
 
         x = torch.from_numpy(images)
         if self.cam_model is not None and self.predictor is self.cam_model:
             x = x.to(next(self.cam_model.parameters()).device)
         return probabilities(self.predictor, x, batch_size=max(1, len(x))).cpu().numpy()
+
+
+def weights_name(source: str | None) -> str:
+    """What ``source`` names, for the start-up lines and /health: the shipped weights' full name
+    (``nin_fmnist.fashion_mnist_fast`` for None or ``nin_fmnist``), else the run folder or file as given."""
+    from ..pretrained import DEFAULT, is_pretrained_name, resolve_name
+
+    if source is None:
+        return DEFAULT
+    return resolve_name(source) if is_pretrained_name(source) else str(source)
+
+
+def reported_accuracy(meta) -> dict | None:
+    """The model's test accuracy as recorded with its own TTA (``meta.tta``): ``{"value", "tta",
+    "precision"}``, or None when the description does not record that number.
+
+    Shipped weights record ``info.accuracy`` as ``{"fp32": {"none": .., "flip": .., ...}, "bf16": {...}}``
+    (the fp32 one, with the model's TTA, is taken) or a single number; a run folder records ``test_acc``
+    (training's last evaluation, with the run's TTA and precision) and, after a closing evaluation with
+    ``--final-tta``, ``tta_test_acc`` with the TTA model.json names."""
+    import math
+
+    info = meta.info or {}
+    tta = meta.tta or "none"
+
+    def number(v) -> float | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+        return float(v) if ok else None
+
+    acc = info.get("accuracy")
+    if isinstance(acc, dict):
+        table = acc.get("fp32")
+        value = number(table.get(tta)) if isinstance(table, dict) else number(table)
+        return {"value": value, "tta": tta, "precision": "fp32"} if value is not None else None
+    if number(acc) is not None:
+        return {"value": number(acc), "tta": tta, "precision": meta.precision}
+    for key in ("tta_test_acc", "test_acc"):
+        if number(info.get(key)) is not None:
+            return {"value": number(info[key]), "tta": tta, "precision": meta.precision}
+    return None
 
 
 def default_threads() -> int:
@@ -77,7 +117,7 @@ def load_served(source: str | None, *, backend: str = "auto", device: str = "aut
         raise UsageError(f"unknown --backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = source if source is not None else "the default pretrained model"
+    name = weights_name(source)
     model = load_any(source, device) if source is not None else load_any(None)
     if isinstance(model, OnnxModel):
         if backend == "torch":

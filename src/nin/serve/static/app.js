@@ -26,9 +26,23 @@ async function loadModel() {
     state.model = m;
     $("key-card").hidden = true;
     const [c, h, w] = m.input_size;
-    const acc = m.accuracy != null ? ` · test accuracy <b>${(100 * m.accuracy).toFixed(1)}%</b>` : "";
-    $("model-info").innerHTML = `<b>${m.model}</b> · ${m.classes.length} classes · input ${c}×${h}×${w}` +
-      ` · ${m.backend}${acc}`;
+    // the test accuracy the model's description records with its own TTA (GET /v1/model), if it does
+    const acc = typeof m.accuracy === "number" && Number.isFinite(m.accuracy)
+      ? `test accuracy ${(100 * m.accuracy).toFixed(2)}%` +
+        (m.accuracy_tta && m.accuracy_tta !== "none" ? ` (${m.accuracy_tta} TTA)` : "")
+      : "";
+    const parts = [m.weights && m.weights !== m.model ? `${m.model} · ${m.weights}` : m.model,
+      `${m.classes.length} classes`, `input ${c}×${h}×${w}`, m.backend];
+    const info = $("model-info");
+    info.replaceChildren();
+    parts.forEach((text, i) => {
+      if (i) info.append(" · ");
+      if (i === 0) { const b = document.createElement("b"); b.textContent = text; info.append(b); } else info.append(text);
+    });
+    if (acc) {
+      const b = document.createElement("b"); b.id = "model-accuracy"; b.textContent = acc;
+      info.append(" · ", b);
+    }
     $("draw-card").hidden = !(c === 1 && h === 28 && w === 28);
     $("cam-figure").hidden = !m.cam;
     $("bars-hint").hidden = !m.cam;
@@ -50,17 +64,32 @@ async function classify(blob, name) {
     const pred = await api(`/v1/predict?${query}&preview=true`, form());
     state.last = pred;
     state.cam = null;
+    showError("");
     showPrediction(pred, name);
     if (state.model.cam) {
       state.cam = await api(`/v1/cam?${query}&format=json`, form());
       drawCam(pred.top[0].class);
     }
-    showError("");
   } catch (e) {
-    showError(`${name}: ${e.message}`);
+    clearPrediction();  // the previous image's answer must not stay beside this one's error
+    // the server's messages about the image already start with its name: say it once
+    showError(e.message.startsWith(`${name}:`) ? e.message : `${name}: ${e.message}`);
   } finally {
     document.body.classList.remove("busy");
   }
+}
+
+function clearPrediction() {
+  state.last = null;
+  state.cam = null;
+  state.seen = null;
+  $("result").hidden = true;
+  $("empty").hidden = false;
+  $("file-name").textContent = "";
+  $("top-class").textContent = "";
+  $("top-prob").textContent = "";
+  $("cam-class").textContent = "";
+  $("bars").replaceChildren();
 }
 
 function showPrediction(pred, name) {

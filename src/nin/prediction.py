@@ -13,23 +13,27 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, read_image, read_input
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, image_header, read_image, read_input, small_input_note
 
 __all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "read_input", "ImageError",
-           "IMAGE_SUFFIXES"]
+           "IMAGE_SUFFIXES", "STDIN"]
+
+STDIN = "-"  # the path that means one image read from standard input (``nin predict -``)
 
 
 def collect_files(paths, *, warn=None) -> list["Path | Prediction"]:
     """Expand directories (recursively, sorted, image suffixes only); keep files as given.
 
-    In input order: a Path per file to read, or a Prediction with ``error`` set for a path that
-    does not exist or a directory that holds no images.  Symbolic links to folders inside a folder
+    In input order: a Path per file to read, ``STDIN`` ("-") as given, or a Prediction with ``error``
+    set for a path that does not exist or a directory that holds no images.  Symbolic links to folders inside a folder
     are not followed (a link cycle would never end); ``warn`` (default: stderr) is told of each.
     """
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     items: list[Path | Prediction] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if str(p) == STDIN:
+            items.append(STDIN)
+        elif p.is_dir():
             found, skipped = [], []
             for root, dirs, files in os.walk(p):
                 skipped += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
@@ -54,11 +58,13 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), best first
     error: str | None = None
+    note: str | None = None  # e.g. an image far smaller than the model's input (images.small_input_note)
 
     def to_json(self) -> dict:
         if self.error:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "top": [{"class": c, "prob": p} for c, p in self.top]}
+        doc = {"file": self.file, "top": [{"class": c, "prob": p} for c, p in self.top]}
+        return {**doc, "note": self.note} if self.note else doc
 
 
 def probabilities(model, images, *, batch_size: int = 64, tta: str | None = None):
@@ -81,25 +87,43 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
 
     ``model`` is what export.load_any returns (a torch model or an OnnxModel): it has ``.meta``.
     ``tta`` defaults to the run's own (``model.meta.tta``), so predictions match the reported accuracy.
+    A path ``"-"`` (``STDIN``) is one image read from standard input.  An image far smaller than the
+    model's input gets a ``note`` saying what it was made into (``images.small_input_note``).
     """
     import torch
 
     results = collect_files(paths)  # becomes a Prediction per input, in input order
-    good: list[tuple[int, np.ndarray]] = []
+    good: list[tuple[int, np.ndarray, str | None]] = []
     for i, f in enumerate(results):
-        if isinstance(f, Path):
-            try:
-                good.append((i, read_input(model.meta, f, invert=invert, max_pixels=max_pixels)))
-            except ImageError as e:
-                results[i] = Prediction(str(f), error=str(e))
+        if isinstance(f, Prediction):
+            continue
+        name = "stdin" if f == STDIN else str(f)
+        try:
+            source = _stdin_bytes() if f == STDIN else f
+            image = read_input(model.meta, source, invert=invert, max_pixels=max_pixels, name=name)
+            w, h = image_header(source, max_pixels=max_pixels, name=name)[:2]
+            good.append((i, image, small_input_note(model.meta, w, h, name)))
+        except ImageError as e:
+            results[i] = Prediction(str(f), error=str(e))
     if good:
-        probs = probabilities(model, torch.from_numpy(np.stack([a for _, a in good])), batch_size=batch_size,
+        probs = probabilities(model, torch.from_numpy(np.stack([a for _, a, _ in good])), batch_size=batch_size,
                               tta=tta)
         k = max(1, min(topk, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
-        for (i, _), vs, ix, row in zip(good, values.tolist(), indices.tolist(), probs):
+        for (i, _, note), vs, ix, row in zip(good, values.tolist(), indices.tolist(), probs):
             if not bool(row.isfinite().all()):
                 results[i] = Prediction(str(results[i]), error=f"{results[i]}: the model gave non-finite logits")
                 continue
-            results[i] = Prediction(str(results[i]), [(model.classes[j], v) for j, v in zip(ix, vs)])
+            results[i] = Prediction(str(results[i]), [(model.classes[j], v) for j, v in zip(ix, vs)], note=note)
     return results
+
+
+def _stdin_bytes() -> bytes:
+    """All of standard input, as bytes (``nin predict -``)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise ImageError("stdin: there is no standard input to read an image from")
+    try:
+        return stream.read()
+    except OSError as e:
+        raise ImageError(f"stdin: cannot read ({e.strerror or e})") from None
