@@ -78,10 +78,12 @@ class TrainConfig:
     epochs: int = opt(10, "number of epochs", lo=1, hi=100_000)
     batch_size: int = opt(128, "batch size PER PROCESS; with torchrun the global batch is this x world size",
                           lo=1, hi=1 << 20)
-    min_steps_per_epoch: int = opt(20, "on a small training set, lower --batch-size (to a power of two, at "
-                                   "least 8) until an epoch takes this many steps: with a handful of steps the "
-                                   "batch-norm statistics never settle (0: keep --batch-size as given)", lo=0,
-                                   hi=1 << 20)
+    min_steps_per_epoch: int | None = opt(None, "on a small training set, lower --batch-size (to a power of two, at "
+                                          "least 8; the lr by the square root of the same factor) until an epoch "
+                                          "takes this many steps: with a handful of steps the batch-norm statistics "
+                                          "never settle (0: keep --batch-size and --lr as given; default: 20 for "
+                                          "folder: and wds: collections, 0 for the built-in datasets, which the "
+                                          "recipes are sized for)", lo=0, hi=1 << 20)
     lr: float = opt(0.1, "peak learning rate (see --lr-scale for several processes)", lo=0, lo_open=True, hi=100)
     momentum: float = opt(0.0, "SGD momentum (0: plain SGD, as the book)", lo=0, hi=1, interval=True)
     nesterov: bool = opt(False, "Nesterov momentum")
@@ -183,6 +185,14 @@ def check_option(f: dataclasses.Field, value) -> None:
 
 
 SCHEDULES = typing.get_args(Schedule)
+MIN_STEPS_PER_EPOCH = 20  # --min-steps-per-epoch's default for a user's own collection (folder:, wds:)
+
+
+def min_steps_per_epoch(cfg: TrainConfig) -> int:
+    """--min-steps-per-epoch as given, else its default for the dataset (see the option's help)."""
+    if cfg.min_steps_per_epoch is not None:
+        return cfg.min_steps_per_epoch
+    return MIN_STEPS_PER_EPOCH if cfg.dataset.startswith(("folder:", "wds:")) else 0
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, base_lr: float) -> float:

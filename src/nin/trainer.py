@@ -31,7 +31,7 @@ from . import runfolder
 from .engine import (Dist, Ema, all_reduce_sum, debug_dump, init_weights, input_dtype, keep_freed_memory,
                      make_optimizer, resolve_precision, setup_distributed, step_seed, train_step, weights_finite)
 from .errors import CheckpointError, TrainingDiverged, UsageError
-from .recipes import TrainConfig, lr_at
+from .recipes import TrainConfig, lr_at, min_steps_per_epoch
 
 __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader_accuracy", "loader_eval",
            "init_weights", "input_dtype", "make_optimizer", "train_step", "default_run_dir"]
@@ -284,7 +284,8 @@ def set_up(cfg: TrainConfig) -> Setup:
     ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
                       device=device)
     train_split, val_split = _splits(cfg, ds)
-    batch = fitted_batch_size(cfg.batch_size, len(train_split) // d.world_size, cfg.min_steps_per_epoch)
+    min_steps = min_steps_per_epoch(cfg)
+    batch = fitted_batch_size(cfg.batch_size, len(train_split) // d.world_size, min_steps)
     if batch != cfg.batch_size:  # recorded in config.json, so a resumed run takes the same steps
         # the lr follows the batch by its square root: on 480 images the fast recipe's 0.2 and 0.05 reached the
         # same held-out accuracy from scratch (0.775), and fine-tuning shipped weights kept more at 0.05 (0.875
@@ -292,7 +293,7 @@ def set_up(cfg: TrainConfig) -> Setup:
         lr = cfg.lr * math.sqrt(batch / cfg.batch_size)
         if d.main:
             print(f"note: {len(train_split):,} training images: batch size {batch} instead of {cfg.batch_size} and "
-                  f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {cfg.min_steps_per_epoch} "
+                  f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {min_steps} "
                   "steps (--min-steps-per-epoch 0 keeps --batch-size and --lr)", file=sys.stderr)
         cfg = dataclasses.replace(cfg, batch_size=batch, lr=lr)
     imagenet = cfg.transform == "imagenet"
@@ -467,6 +468,8 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
 
 def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     """The epoch's row: train tallies (summed over ranks), validation and test accuracy."""
+    if s.calib_loader is not None and st.step < BN_SETTLE_STEPS and not dry_run:
+        recalibrate_bn(s.eval_model, s.calib_loader, s.amp_dtype)  # then rank 0's, as always, below
     if s.d.enabled:  # rank 0's BN statistics, so every rank evaluates (and saves) the same model
         import torch.distributed as dist
 
@@ -475,8 +478,6 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     tot = all_reduce_sum(st.sums, s.d)
     seen = tot[2].item()
     limit = 1 if dry_run else None
-    if s.calib_loader is not None and st.step < BN_SETTLE_STEPS and not dry_run:
-        recalibrate_bn(s.eval_model, s.calib_loader, s.amp_dtype)  # every rank alike: the same images
     test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit)
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
