@@ -301,3 +301,13 @@ def test_limit_train_takes_each_class_its_share(photos, stream):
         key = train.paths.take(np.arange(len(train))).blob.tobytes() if stream else train.images.numpy().tobytes()
         picks.setdefault(seed, []).append(key)
     assert picks[0][0] == picks[0][1] and picks[0][0] != picks[1][0]
+
+
+def test_a_few_steps_on_fashion_mnist_are_evaluated_with_settled_statistics(fmnist, tmp_path):
+    """nin.train("fast", epochs=1, limit_train=2000): 8 steps at batch 256, before 0.1000 (batch-norm running
+    statistics after 8 steps); the statistics recomputed from training images give a model that has learnt."""
+    result = nin.train("fast", epochs=1, limit_train=2000, out=tmp_path / "run", quiet=True)
+    assert result.test_acc > 0.5
+    from nin.evaluation import evaluate
+
+    assert evaluate(result.model, fmnist.test, tta="flip").accuracy == pytest.approx(result.test_acc)
