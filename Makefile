@@ -2,17 +2,18 @@
 #   make train   -> .venv, package, Fashion-MNIST (apt), then `nin train` (the fast recipe)
 #   make test    -> same set-up (plus the d2l package the book-pipeline tests drive), then the test suite
 #   make notebook -> same set-up, then JupyterLab on notebooks/nin.ipynb (the d2l chapter with nin)
+#   make docs     -> the documentation site in site/ (make docs-serve previews it)
 PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data browser wrk train test bench mutation notebook weights clean
+.PHONY: setup data browser wrk train test docs docs-serve bench mutation notebook weights clean
 
 $(PY):
 	python3 -m venv .venv
 
 .venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
-	$(PY) -m pip install -q -e ".[dev,onnx,stream,serve,notebook]"
+	$(PY) -m pip install -q -e ".[dev,onnx,stream,serve,notebook,docs]"
 	touch $@
 
 setup: .venv/.installed data
@@ -38,8 +39,16 @@ wrk:
 train: setup
 	.venv/bin/nin train $(ARGS)
 
-test: setup .venv/.d2l-deps browser
+test: setup .venv/.d2l-deps browser docs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml): built into site/ with --strict (a broken link, a page missing from
+# the navigation or an API reference that does not resolve fails it); docs-serve previews it while editing.
+docs: .venv/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: .venv/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # The book's pipeline (benchmarks and their smoke tests) is driven through the public d2l package
 # (no deps: it pins old versions) plus the few modules it imports.
@@ -77,4 +86,4 @@ notebook: setup
 	.venv/bin/jupyter lab notebooks/nin.ipynb
 
 clean:
-	rm -rf .venv runs .pytest_cache
+	rm -rf .venv runs .pytest_cache site
