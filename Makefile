@@ -63,7 +63,7 @@ bench: setup .venv/.d2l-deps wrk
 # Mutation testing of the training core (mutmut 3.8.1), outside CI's pass/fail like `make bench`: runs
 # the fast tests against each mutant, without and with the issue-21 guard tests, niced on one thread, and
 # writes benchmarks/results/mutation-<date>.md.  All of the scope takes hours on 2 cores; restrict it with
-# MUTATION_ARGS="--functions recipes.lr_at,engine.train_step" (see benchmarks/mutation.py).
+# MUTATION_ARGS="--functions training.recipes.lr_at,training.engine.train_step" (see benchmarks/mutation.py).
 mutation: setup
 	$(PY) -m pip install -q -e ".[mutation]"
 	OMP_NUM_THREADS=1 nice -n 19 $(PY) benchmarks/mutation.py $(MUTATION_ARGS)
@@ -74,11 +74,11 @@ mutation: setup
 # bit for bit.
 weights: setup
 	OMP_NUM_THREADS=1 .venv/bin/nin train --recipe fast --out runs/weights-fast
-	$(PY) -m nin.pretrained runs/weights-fast nin_fmnist.fashion_mnist_fast --default --command "nin train --recipe fast"
+	$(PY) tools/publish_weights.py runs/weights-fast nin_fmnist.fashion_mnist_fast --default --command "nin train --recipe fast"
 	OMP_NUM_THREADS=1 .venv/bin/nin train --recipe best --out runs/weights-best
-	$(PY) -m nin.pretrained runs/weights-best nin_fmnist.fashion_mnist_best --command "nin train --recipe best"
+	$(PY) tools/publish_weights.py runs/weights-best nin_fmnist.fashion_mnist_best --command "nin train --recipe best"
 	OMP_NUM_THREADS=2 .venv/bin/nin train --recipe d2l-stable --out runs/weights-d2l
-	$(PY) -m nin.pretrained runs/weights-d2l nin_d2l.fashion_mnist --default --command "nin train --recipe d2l-stable"
+	$(PY) tools/publish_weights.py runs/weights-d2l nin_d2l.fashion_mnist --default --command "nin train --recipe d2l-stable"
 
 # Opens the chapter notebook in JupyterLab (installed on first use; the tests run it with nbclient).
 notebook: setup

@@ -53,7 +53,7 @@ def book_pipeline(raw_dir: str, batches: int, workers: int) -> list[float]:
 
 
 def nin_pipeline(ds, batches: int, **options) -> list[float]:
-    from nin.data import BatchLoader
+    from nin.data.loader import BatchLoader
 
     loader = BatchLoader(ds.train, 128, shuffle=True, drop_last=True, resize=224, **options)
     it = (b for epoch in range(100) for b in loader.iterate(epoch))
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: nin's search)")
     args = p.parse_args()
 
-    from nin.data import load_dataset
+    from nin.data.datasets import load_dataset
 
     ds = load_dataset("fashion-mnist", args.data_dir)
     torch.set_num_threads(args.threads)

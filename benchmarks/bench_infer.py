@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nin.data import to_float_batch
-from nin.export import ModelMeta, OnnxModel, export_onnx, load, save_model
-from nin.models import create_model
+from nin.data.batchops import to_float_batch
+from nin.modelfile import ModelMeta, save_model
+from nin.onnx import OnnxModel, export_onnx
+from nin.hub import load
+from nin.hub import create_model
 
 FMNIST_MEAN, FMNIST_STD = [0.286], [0.353]
 

@@ -45,7 +45,7 @@ FEW_LINES = '''
 import io, os, torch, numpy as np
 from fastapi import FastAPI, UploadFile
 from PIL import Image
-from nin.export import load
+from nin import load
 
 torch.set_num_threads(int(os.environ.get("FEW_THREADS", torch.get_num_threads())))  # (benchmark variant)
 model = load(os.environ["RUN"])
@@ -87,8 +87,8 @@ def free_port() -> int:
 def make_runs(tmp: Path, fmnist_run: str | None) -> dict[str, Path]:
     import torch
 
-    from nin.export import ModelMeta, save_model
-    from nin.models import create_model
+    from nin.modelfile import ModelMeta, save_model
+    from nin.hub import create_model
 
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     runs = {}

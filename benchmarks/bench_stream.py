@@ -103,8 +103,8 @@ def _loaders(folder: Path, shards: Path, batch: int, workers: int):
     from torchvision import datasets as tvd
     from torchvision.transforms import v2
 
-    from nin.shards import ShardLoader, open_shards
-    from nin.stream import StreamLoader, finish_batch, open_folder
+    from nin.data.shards import ShardLoader, open_shards
+    from nin.data.stream import StreamLoader, finish_batch, open_folder
 
     ref_ds = tvd.ImageFolder(str(folder), transform=v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(),
                                                                  v2.ToImage()]))
@@ -135,7 +135,7 @@ def bench_transform(folder: Path, n: int = 200) -> dict:
     from PIL import Image
     from torchvision.transforms import v2
 
-    from nin.stream import transform_sample
+    from nin.data.stream import transform_sample
 
     files = sorted(folder.rglob("*.jpg"))[:n]
     ref = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), v2.ToImage()])
@@ -200,7 +200,7 @@ t0 = time.perf_counter()
 first = None
 n = 0
 if mode == "train":  # `nin train` itself, a fixed number of steps: what differs is only the collection
-    import nin.trainer as T
+    import nin.training.trainer as T
     real_step = T.train_step
     def timed_step(*a, **k):
         global first
@@ -222,7 +222,7 @@ if mode == "train":  # `nin train` itself, a fixed number of steps: what differs
                       "peak_pss_total_MB": peak["pss"] / 2**20}))
     sys.exit(0)
 if mode == "stream":
-    from nin.stream import StreamLoader, open_folder
+    from nin.data.stream import StreamLoader, open_folder
     ds = open_folder(folder)
     L = StreamLoader(ds.train, 64, in_chans=3, size=(224, 224), transform="random-resized-crop", flip=True,
                      shuffle=True, workers=2, mean=ds.mean, std=ds.std)
@@ -245,7 +245,7 @@ print(json.dumps({"mode": mode, "images": n, "first_batch_s": first, "epoch_s": 
 def bench_memory(base: Path, sizes: list[int], stream_only: bool = False, train_steps: int = 50) -> list[dict]:
     import tempfile
 
-    from nin.stream import estimate_memory
+    from nin.data.stream import estimate_memory
 
     rows = []
     for n in sizes:
@@ -334,7 +334,7 @@ def main() -> None:
         folder = make_folder(work / f"jpeg{args.images}", args.images)
         shards = work / f"wds{args.images}"
         if not (shards / "index.json").exists():
-            from nin.shards import pack
+            from nin.data.shards import pack
             pack(f"folder:{folder}", shards, shard_size=500)
         result["transform_ms_per_image"] = bench_transform(folder)
         result["throughput_img_per_s"] = bench_throughput(folder, shards, args.rounds)

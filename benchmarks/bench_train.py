@@ -5,8 +5,8 @@ Both train nin_d2l (the book's network) on Fashion-MNIST resized to 224 x 224, b
         resize=224) (torchvision Resize + ToTensor, DataLoader with 4 workers), the book's nn.Sequential, and the
         body of d2l.train_ch6's inner loop, verbatim (fp32, NCHW).  The Debian Fashion-MNIST files are unpacked
         where torchvision looks (a temp data/FashionMNIST/raw/), so nothing downloads.
-  nin:  nin.trainer.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
-        nin.trainer.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
+  nin:  nin.training.trainer.train_step (the function `nin train` calls every step) on nin's BatchLoader, set up as
+        nin.training.trainer.train sets it up (bf16 autocast, channels_last, fused SGD, the kept-heap allocator).
 Each pipeline runs in its own worker process (the allocator setting is process-wide, and the book's DataLoader
 workers are its own); the parent alternates them -- book, nin, then (--one-thread, the default) the book and nin
 again with one torch thread each, as under OMP_NUM_THREADS=1, then the conv peaks -- for --rounds rounds.  On a
@@ -149,11 +149,11 @@ class BookPipeline:
 
 # --- the nin pipeline ---------------------------------------------------------------------
 class NinPipeline:
-    """The training step of `nin train --recipe RECIPE`, set up as nin.trainer.train sets it up."""
+    """The training step of `nin train --recipe RECIPE`, set up as nin.training.trainer.train sets it up."""
 
     def __init__(self, recipe: str = "d2l", device="cpu", data_dir: str | None = None, **overrides) -> None:
-        from nin.recipes import get_recipe
-        from nin.trainer import TrainState, set_up
+        from nin.training.recipes import get_recipe
+        from nin.training.trainer import TrainState, set_up
 
         # the library's own set-up step: the same model, loader, optimizer and checks as `nin train`
         self.setup = set_up(get_recipe(recipe, device=str(device), data_dir=data_dir, **overrides))
@@ -164,10 +164,10 @@ class NinPipeline:
         self._it = self.loader.iterate(0)
 
     def step(self, synchronize: bool = True) -> tuple[int, float]:
-        """One step of nin.trainer.train's loop (seed, lr, train_step, finite check); returns (images, seconds).
+        """One step of nin.training.trainer.train's loop (seed, lr, train_step, finite check); returns (images, seconds).
         ``synchronize=False`` leaves a GPU's queue running (train() syncs only every 25 steps there)."""
-        from nin.recipes import lr_at
-        from nin.trainer import step_seed, train_step
+        from nin.training.recipes import lr_at
+        from nin.training.trainer import step_seed, train_step
 
         s, st = self.setup, self.state
         try:
@@ -212,7 +212,7 @@ def train_flops_per_image(name: str = "nin_d2l", size: int = 224) -> float:
     """Forward + backward FLOPs of one training image (torch.utils.flop_counter, fp32, batch 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nin.models import create_model
+    from nin.hub import create_model
 
     model = create_model(name)
     x = torch.zeros(2, 1, size, size)

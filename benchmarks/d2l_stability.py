@@ -30,8 +30,8 @@ from pathlib import Path
 
 from gpu_results import stuck
 from nin.cli import _train_overrides, build_parser
-from nin.recipes import get_recipe
-from nin.runfolder import read_metrics
+from nin.training.recipes import get_recipe
+from nin.training.runfolder import read_metrics
 
 # name -> flags added to `nin train --recipe d2l`; in priority order
 VARIANTS: dict[str, list[str]] = {

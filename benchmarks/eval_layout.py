@@ -16,8 +16,8 @@ import time
 import torch
 
 import nin
-from nin.data import load_dataset
-from nin.evaluation import preprocess, tta_logits
+from nin.data.datasets import load_dataset
+from nin.inference import preprocess, tta_logits
 from recipe_seeds import cpu_name
 
 

@@ -83,9 +83,9 @@ def profile_steps(args, path: str) -> None:
 def full_run(args, mode: str, smoke: bool) -> dict:
     """The whole `nin train --recipe d2l` in this process: wall time split into start-up (data, model, first
     batch), training steps (the epochs' own `seconds`) and the rest (test passes, run-folder writes)."""
-    from nin.recipes import get_recipe
-    from nin.runfolder import read_metrics
-    from nin.trainer import train
+    from nin.training.recipes import get_recipe
+    from nin.training.runfolder import read_metrics
+    from nin.training.trainer import train
 
     small = {"batch_size": args.batch_size} if args.batch_size != 128 else {}
     if smoke:  # the dry run's one test batch: keep it as small as the training batch

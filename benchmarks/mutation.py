@@ -29,16 +29,18 @@ MUTMUT = Path(sys.executable).with_name("mutmut")
 # The training core: module -> functions ("Class.method" or "Class.*").  mutmut 3 does not mutate
 # decorated functions, so trainer.loader_eval (@torch.no_grad) and evaluation.predict_logits
 # (@torch.inference_mode) are listed but produce no mutants; the report says so.
-SCOPE = {
-    "recipes": ["lr_at", "TrainConfig.validate", "check_option"],
-    "engine": ["train_step", "Ema.*", "make_optimizer", "init_weights"],
-    "data": ["augment", "erase_boxes", "to_float_batch", "epoch_order", "BatchLoader.iterate"],
-    "trainer": ["split_validation", "loader_eval", "end_epoch", "epoch_metrics", "run_epoch"],
-    "evaluation": ["tta_logits", "predict_logits", "evaluate", "confusion_matrix"],
+SCOPE = {  # module under src/nin (dotted) -> functions
+    "training.recipes": ["lr_at", "TrainConfig.validate", "check_option"],
+    "training.engine": ["train_step", "Ema.*", "make_optimizer", "init_weights"],
+    "data.batchops": ["augment", "erase_boxes", "to_float_batch", "epoch_order"],
+    "data.loader": ["BatchLoader.iterate"],
+    "training.trainer": ["split_validation", "loader_eval", "end_epoch", "epoch_metrics", "run_epoch"],
+    "inference": ["tta_logits", "predict_logits"],
+    "evaluation": ["evaluate", "confusion_matrix"],
 }
 FULL_SCOPE = {mod: list(funcs) for mod, funcs in SCOPE.items()}
-DECORATED = ["trainer.loader_eval (@torch.no_grad)", "evaluation.predict_logits (@torch.inference_mode)",
-             "engine.Ema.update (@torch.no_grad)"]
+DECORATED = ["training.trainer.loader_eval (@torch.no_grad)", "inference.predict_logits (@torch.inference_mode)",
+             "training.engine.Ema.update (@torch.no_grad)"]
 
 ALL_TESTS = ["tests/test_guards.py", "tests/test_train.py", "tests/test_data.py", "tests/test_evaluate.py",
              "tests/reliability/test_defects.py"]
@@ -53,66 +55,66 @@ EMPTY = ("an evaluation of no images at all (unreachable from the CLI: a split i
          "changes.")
 CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
     # recipes.lr_at
-    ("recipes.lr_at", "ifwarm>=0andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+    ("training.recipes.lr_at", "ifwarm>=0andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
         ("EQUIVALENT", "with warm == 0 no step is < 0, so the warm-up branch is never taken either way."),
-    ("recipes.lr_at", "ifwarm>1andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+    ("training.recipes.lr_at", "ifwarm>1andstep<warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
         ("NOT EQUIVALENT", "a warm-up of at most one step would skip to the schedule (cosine: below the lr); "
                            "killed by test_lr_a_one_step_warm_up_gives_that_step_the_full_lr."),
-    ("recipes.lr_at", "ifwarm>0andstep<=warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
+    ("training.recipes.lr_at", "ifwarm>0andstep<=warm:#min:withafractionalwarm-upthelastwarm-upstepwouldovershoot"):
         ("NOT EQUIVALENT", "the first step after a warm-up that ends on a step milestone keeps the full lr; killed by "
                            "test_lr_step_schedule_drops_on_the_first_step_after_a_warm_up_that_ends_at_a_milestone."),
-    ("recipes.lr_at", "epoch=step/steps_per_epoch"):
+    ("training.recipes.lr_at", "epoch=step/steps_per_epoch"):
         ("EQUIVALENT", "step_epochs are validated ints, and floor(s/n) >= e iff s/n >= e for an integer e."),
-    ("recipes.lr_at", "t=(step-warm)/max(2.0,total-warm)#progressafterwarm-up,0->1"):
+    ("training.recipes.lr_at", "t=(step-warm)/max(2.0,total-warm)#progressafterwarm-up,0->1"):
         ("NOT EQUIVALENT", "differs when fewer than 2 steps follow the warm-up; killed by "
                            "test_lr_cosine_progress_divides_by_the_true_post_warm_up_length_even_when_short."),
-    ("recipes.lr_at", "returnbase_lr*0.5*(1+math.cos(math.pi*min(t,2.0)))"):
+    ("training.recipes.lr_at", "returnbase_lr*0.5*(1+math.cos(math.pi*min(t,2.0)))"):
         ("EQUIVALENT", "t < 1 for every step < epochs * steps_per_epoch, the only steps the trainer asks for."),
-    ("recipes.lr_at", "returnbase_lr*min(2.0,max(0.0,1.0-t))#onecycle:warm-upup,thenastraightlineto0"):
+    ("training.recipes.lr_at", "returnbase_lr*min(2.0,max(0.0,1.0-t))#onecycle:warm-upup,thenastraightlineto0"):
         ("EQUIVALENT", "past the warm-up step >= warm, so t >= 0 and 1 - t <= 1: the clamp at 1 never acts."),
     # engine
-    ("engine.Ema.__init__", "self.module=copy.deepcopy(model).eval().requires_grad_(True)"):
+    ("training.engine.Ema.__init__", "self.module=copy.deepcopy(model).eval().requires_grad_(True)"):
         ("EQUIVALENT", "the average is only updated under no_grad and evaluated under no_grad; the flag is not saved."),
-    ("engine.make_optimizer", "(no_decayif(p.ndim<=1)andFalseelsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
+    ("training.engine.make_optimizer", "(no_decayif(p.ndim<=1)andFalseelsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
         ("NOT EQUIVALENT", "biases and norm affines would be decayed; killed by "
                            "test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.make_optimizer", "(no_decayif(p.ndim<=1)orTrueelsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
+    ("training.engine.make_optimizer", "(no_decayif(p.ndim<=1)orTrueelsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
         ("NOT EQUIVALENT", "no weight decay at all; killed by test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.make_optimizer", "(no_decayifp.ndim<1elsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
+    ("training.engine.make_optimizer", "(no_decayifp.ndim<1elsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
         ("NOT EQUIVALENT", "biases decayed; killed by test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.make_optimizer", "(no_decayifp.ndim<=2elsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
+    ("training.engine.make_optimizer", "(no_decayifp.ndim<=2elsedecay).append(p)#noweightdecayonbiasesandBNaffine"):
         ("NOT EQUIVALENT", "linear (2-d) weights not decayed; killed by "
                            "test_optimizer_decays_weights_but_not_biases_or_norm_affines (it has a Linear)."),
-    ("engine.make_optimizer", 'groups=[{"params":decay,"XXweight_decayXX":cfg.weight_decay},{"params":no_decay,"weight_decay":0.0}]'):
+    ("training.engine.make_optimizer", 'groups=[{"params":decay,"XXweight_decayXX":cfg.weight_decay},{"params":no_decay,"weight_decay":0.0}]'):
         ("NOT EQUIVALENT", "the weights' group falls back to SGD's weight_decay=0; killed by "
                            "test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.make_optimizer", 'groups=[{"params":decay,"WEIGHT_DECAY":cfg.weight_decay},{"params":no_decay,"weight_decay":0.0}]'):
+    ("training.engine.make_optimizer", 'groups=[{"params":decay,"WEIGHT_DECAY":cfg.weight_decay},{"params":no_decay,"weight_decay":0.0}]'):
         ("NOT EQUIVALENT", "as the XX key above; killed by test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"XXweight_decayXX":0.0}]'):
+    ("training.engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"XXweight_decayXX":0.0}]'):
         ("EQUIVALENT", "the no-decay group falls back to SGD's default weight_decay, which is 0.0 as written."),
-    ("engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"WEIGHT_DECAY":0.0}]'):
+    ("training.engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"WEIGHT_DECAY":0.0}]'):
         ("EQUIVALENT", "the no-decay group falls back to SGD's default weight_decay, which is 0.0 as written."),
-    ("engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"weight_decay":1.0}]'):
+    ("training.engine.make_optimizer", 'groups=[{"params":decay,"weight_decay":cfg.weight_decay},{"params":no_decay,"weight_decay":1.0}]'):
         ("NOT EQUIVALENT", "biases decayed; killed by test_optimizer_decays_weights_but_not_biases_or_norm_affines."),
-    ("engine.train_step", "withtorch.autocast(x.device.type,dtype=None,enabled=amp_dtypeisnotNone):"):
+    ("training.engine.train_step", "withtorch.autocast(x.device.type,dtype=None,enabled=amp_dtypeisnotNone):"):
         ("NOT EQUIVALENT", "autocast would use the device default (float16 on CUDA) instead of the asked dtype; "
                            "killed by test_train_step_autocasts_to_the_requested_dtype."),
-    ("engine.train_step", "withtorch.autocast(x.device.type,enabled=amp_dtypeisnotNone):"):
+    ("training.engine.train_step", "withtorch.autocast(x.device.type,enabled=amp_dtypeisnotNone):"):
         ("NOT EQUIVALENT", "as above (the dtype argument dropped); killed by test_train_step_autocasts_to_the_requested_dtype."),
-    ("engine.train_step", "withtorch.autocast(x.device.type,dtype=amp_dtypeandtorch.bfloat16,enabled=amp_dtypeisnotNone):"):
+    ("training.engine.train_step", "withtorch.autocast(x.device.type,dtype=amp_dtypeandtorch.bfloat16,enabled=amp_dtypeisnotNone):"):
         ("NOT EQUIVALENT", "float16 asked, bfloat16 used; killed by test_train_step_autocasts_to_the_requested_dtype."),
-    ("engine.train_step", "opt.zero_grad(set_to_none=None)"):
+    ("training.engine.train_step", "opt.zero_grad(set_to_none=None)"):
         ("EQUIVALENT", "zeroed instead of None grads differ only for a parameter that gets no gradient; every "
                        "nin model uses all its parameters every step, so each grad is overwritten by backward."),
-    ("engine.train_step", "opt.zero_grad(set_to_none=False)"):
+    ("training.engine.train_step", "opt.zero_grad(set_to_none=False)"):
         ("EQUIVALENT", "as above: zeros vs None before a backward that fills every parameter's grad."),
-    ("engine.train_step", "sums[:2]+=torch.stack([loss.detach().double()*y.numel(),(logits.argmax(None)==y).sum().double()])"):
+    ("training.engine.train_step", "sums[:2]+=torch.stack([loss.detach().double()*y.numel(),(logits.argmax(None)==y).sum().double()])"):
         ("NOT EQUIVALENT", "the reported train accuracy (not the weights) would be wrong; killed by "
                            "test_train_step_counts_correct_predictions_per_sample."),
     # data
-    ("data.epoch_order", "defepoch_order(n:int,epoch:int,*,shuffle:bool,seed:int,drop_last:bool,rank:int=1,"):
+    ("data.batchops.epoch_order", "defepoch_order(n:int,epoch:int,*,shuffle:bool,seed:int,drop_last:bool,rank:int=1,"):
         ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
-    ("data.epoch_order", "world_size:int=2)->torch.Tensor:"):
+    ("data.batchops.epoch_order", "world_size:int=2)->torch.Tensor:"):
         ("EQUIVALENT", "a changed default: both callers (BatchLoader, the stream loader) pass rank and world_size."),
     # evaluation.evaluate (second run, 2026-11-27)
     ("evaluation.evaluate", "defevaluate(model,split,*,batch_size:int=257,tta:str|None=None,limit:int|None=None,"):
@@ -204,16 +206,16 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
     ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<3/len(s.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
     # trainer.split_validation, trainer.end_epoch
-    ("trainer.split_validation", "g=torch.Generator().manual_seed(seed-7919)"):
+    ("training.trainer.split_validation", "g=torch.Generator().manual_seed(seed-7919)"):
         ("EQUIVALENT", "another fixed offset: the rule is 'a split drawn from --seed', and any constant gives such a split; pinning this one would be a hard-coded result."),
-    ("trainer.split_validation", "g=torch.Generator().manual_seed(seed+7920)"):
+    ("training.trainer.split_validation", "g=torch.Generator().manual_seed(seed+7920)"):
         ("EQUIVALENT", "as above."),
-    ("trainer.end_epoch", "ifs.d.mainornotquiet:"):
+    ("training.trainer.end_epoch", "ifs.d.mainornotquiet:"):
         ("OUTPUT", "with several processes, ranks other than 0 would print the epoch line too: duplicated output, no number changes."),
-    ("trainer.end_epoch", "val=f\"valacc{row['val_acc']:.4f}\"ifrow[\"val_acc\"]isnotNoneelse\"XXXX\""):
+    ("training.trainer.end_epoch", "val=f\"valacc{row['val_acc']:.4f}\"ifrow[\"val_acc\"]isnotNoneelse\"XXXX\""):
         ("OUTPUT", "the epoch line of a run without a validation split would show 'XXXX': output only; the numbers are checked by test_epoch_lines_print_the_rows_numbers."),
     # data.BatchLoader.iterate
-    ("data.BatchLoader.iterate", "idx=self.epoch_indices(epoch).to(None)"):
+    ("data.loader.BatchLoader.iterate", "idx=self.epoch_indices(epoch).to(None)"):
         ("EQUIVALENT", "the shuffled indices stay on the CPU: indexing the images and labels (on the CPU, or on a GPU, "
                        "where torch moves the index) selects the same images; no number changes."),
     # from the full run (2026-11-27-full)
@@ -409,7 +411,7 @@ def prepare(work: Path, tests: list[str]) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     shutil.copytree(ROOT / "src", work / "src", ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
-    paths = [f"src/nin/{m}.py" for m in SCOPE]
+    paths = [f"src/nin/{m.replace('.', '/')}.py" for m in SCOPE]
     toml = (ROOT / "pyproject.toml").read_text()
     toml += "\n[tool.mutmut]\n"
     toml += f"source_paths = [\"src\"]\nonly_mutate = {paths!r}\n".replace("'", '"')
@@ -507,7 +509,7 @@ def report(results: list[dict], date: str, command: str, children: int = 1) -> s
              "Scope (only these functions' mutants are run):", ""]
     for mod, funcs in SCOPE.items():
         if funcs:
-            lines.append(f"- `src/nin/{mod}.py`: " + ", ".join(f"`{f}`" for f in funcs))
+            lines.append(f"- `src/nin/{mod.replace('.', '/')}.py`: " + ", ".join(f"`{f}`" for f in funcs))
     left = [f"{mod}.{f}" for mod, funcs in FULL_SCOPE.items() for f in funcs if f not in SCOPE[mod]]
     if left:
         lines += ["", "Left out of this run (the whole scope is about 1230 mutants, roughly an hour per selection "
@@ -548,7 +550,7 @@ def main() -> None:
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--limit-min", type=float, default=25.0, help="time limit per variant, minutes")
     ap.add_argument("--functions", default="",
-                    help="comma-separated subset of SCOPE, e.g. recipes.lr_at,engine.Ema.* (default: all of SCOPE)")
+                    help="comma-separated subset of SCOPE, e.g. training.recipes.lr_at,training.engine.Ema.* (default: all of SCOPE)")
     ap.add_argument("--max-children", type=int, default=1, help="mutants tested at once (one thread each)")
     ap.add_argument("--resume", action="store_true", help="keep runs/mutation/<variant>/ and its finished mutants")
     ap.add_argument("--no-report", action="store_true", help="only run (e.g. the two variants in parallel)")

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nin.runfolder import read_metrics, read_status
+from nin.training.runfolder import read_metrics, read_status
 
 
 def cpu_name() -> str:

@@ -116,9 +116,11 @@ def run_infer(args, tmp: Path) -> str:
     sys.path.insert(0, str(HERE))
     from bench_infer import cold_predict_s, throughput
 
-    from nin.data import to_float_batch
-    from nin.export import ModelMeta, OnnxModel, export_onnx, load, save_model
-    from nin.models import create_model
+    from nin.data.batchops import to_float_batch
+    from nin.modelfile import ModelMeta, save_model
+    from nin.onnx import OnnxModel, export_onnx
+    from nin.hub import load
+    from nin.hub import create_model
 
     seconds = 1.5 if args.quick else 4.0
     rows = ["| model | runtime | images/s, batch 256 | latency, batch 1 (median) |", "|---|---|---:|---:|"]

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import nin
-from nin.data import load_dataset
-from nin.evaluation import SHIFTS, predict_logits
+from nin.data.datasets import load_dataset
+from nin.inference import SHIFTS, predict_logits
 
 from recipe_seeds import cpu_name  # a sibling script: benchmarks/ is the script's folder on sys.path
 

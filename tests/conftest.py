@@ -15,7 +15,7 @@ from .fakedata import has_real_fmnist
 def fmnist():
     if not has_real_fmnist():
         pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from nin.data import load_dataset
+    from nin.data.datasets import load_dataset
 
     return load_dataset("fashion-mnist")
 
@@ -26,9 +26,9 @@ def small_run(fmnist, tmp_path_factory):
 
     Returns (run folder, the trained model in eval mode, its ModelMeta).  Tests must not modify the folder.
     """
-    from nin.data import to_float_batch
-    from nin.export import ModelMeta, save_model
-    from nin.models import create_model
+    from nin.data.batchops import to_float_batch
+    from nin.modelfile import ModelMeta, save_model
+    from nin.hub import create_model
 
     ds = fmnist
     mean, std = [float(m) for m in ds.mean], [float(s) for s in ds.std]

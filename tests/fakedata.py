@@ -13,7 +13,7 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 def has_real_fmnist() -> bool:
     """Whether nin finds real Fashion-MNIST the way it always does (--data-dir, $NIN_DATA, ~/.cache/nin,
     Debian's package), not only at Debian's path."""
-    from nin.datasets import find_dataset
+    from nin.data.datasets import find_dataset
     from nin.errors import DatasetError
 
     try:

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nin.data import BatchLoader, Split, to_float_batch
-from nin.models import create_model
-from nin.recipes import get_recipe
-from nin.trainer import input_dtype, make_optimizer, train_step
+from nin.data.loader import BatchLoader
+from nin.data.datasets import Split
+from nin.data.batchops import to_float_batch
+from nin.hub import create_model
+from nin.training.recipes import get_recipe
+from nin.training.trainer import input_dtype, make_optimizer, train_step
 
 from .fakedata import fake_fashion_dir
 
@@ -162,7 +164,7 @@ def test_d2l_stable_recipe_is_the_variant_verified_on_cpu():
     run folders written before --clip-grad-norm existed still name their variant."""
     import d2l_stability
 
-    from nin.recipes import get_recipe
+    from nin.training.recipes import get_recipe
     stable = get_recipe("d2l-stable").to_dict()
     assert d2l_stability.variant_of(stable) == "linear-class-block-cosine-batch64-clip1"
     older = {k: v for k, v in stable.items() if k != "clip_grad_norm"}
@@ -234,7 +236,7 @@ def test_gpu_stubs_let_d2l_and_the_run_folder_plot_work(tmp_path):
 
     code = ("import IPython, sys; assert 'gpu_stubs' in IPython.__file__\n"
             "from d2l import torch as d2l\n"
-            "from nin.runfolder import plot_curves; import pathlib\n"
+            "from nin.training.runfolder import plot_curves; import pathlib\n"
             f"plot_curves(pathlib.Path({str(tmp_path)!r}), [dict(epoch=1, train_loss=1.0, train_acc=0.5, "
             "test_acc=0.5)], 't')\n")
     env = {**os.environ, "PYTHONPATH": str(BENCH / "gpu_stubs")}
@@ -308,7 +310,7 @@ def test_recipe_seeds_runs_variants_seed_by_seed_and_summarises(fake_root, tmp_p
     import statistics
     import subprocess
 
-    from nin.runfolder import read_metrics
+    from nin.training.runfolder import read_metrics
 
     out = tmp_path / "rows.jsonl"
     common = f"--data-dir {fake_root} --limit-train 32 --epochs 1 --warmup-epochs 0"

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from nin.cli import main
-from nin.evaluation import cam_grid_figure, predict_logits, save_cam_figure, save_cam_grid
-from nin.export import load
+from nin.figures import cam_grid_figure, save_cam_figure, save_cam_grid
+from nin.inference import predict_logits
+from nin.hub import load
 from nin.prediction import predict_files
 
 FAST = "nin_fmnist.fashion_mnist_fast"

@@ -26,8 +26,8 @@ def _png(path: Path, size=(28, 28), value: int = 120) -> Path:
 
 def _folder_and_model(root: Path, classes: list[str], n_per_class: int = 8) -> tuple[Path, Path]:
     """(an image folder with one subfolder per class, a small untrained nin_fmnist saved for those classes)."""
-    from nin.export import ModelMeta, save_model
-    from nin.models import create_model
+    from nin.modelfile import ModelMeta, save_model
+    from nin.hub import create_model
 
     data = root / "images"
     for k, c in enumerate(classes):
@@ -96,9 +96,9 @@ def test_eval_shows_progress_on_a_terminal_only(tmp_path, capsys, monkeypatch):
 
 # issue 32 item 12: evaluate's progress hook is told of every image, and changes nothing
 def test_evaluate_reports_progress(tmp_path):
-    from nin.data import load_dataset
+    from nin.data.datasets import load_dataset
     from nin.evaluation import evaluate
-    from nin.export import load
+    from nin.hub import load
 
     data, model_dir = _folder_and_model(tmp_path, ["a", "b", "c"])
     model, ds = load(model_dir), load_dataset(f"folder:{data}")
@@ -111,7 +111,7 @@ def test_evaluate_reports_progress(tmp_path):
 
 # issue 32 item 14: an export's file name says its format: a .pt name is refused, the suffix chooses
 def test_export_name_must_say_its_format(tmp_path, capsys):
-    from nin.export import load
+    from nin.hub import load
 
     for argv in (["--out", str(tmp_path / "x.pt")], ["--format", "safetensors", "--out", str(tmp_path / "x.onnx")]):
         assert main(["export", "nin_fmnist.fashion_mnist_fast", *argv]) == 2

@@ -12,10 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nin import datasets
+from nin.data import datasets
 from nin.cli import main
-from nin.data import BatchLoader, Split, augment, load_dataset, to_float_batch
-from nin.datasets import read_idx
+from nin.data.loader import BatchLoader
+from nin.data.datasets import Split, load_dataset
+from nin.data.batchops import augment, to_float_batch
+from nin.data.datasets import read_idx
 from nin.errors import DatasetError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

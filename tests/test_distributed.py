@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from nin.cli import main
 from nin.errors import UsageError
-from nin.trainer import train
+from nin.training.trainer import train
 
 from .fakedata import fake_fashion_dir
 
@@ -113,7 +113,7 @@ def test_ranks_end_with_identical_weights_and_only_rank0_writes(ref):
 
 
 def test_accuracy_matches_one_process_with_the_same_global_batch(ref, tmp_path):
-    from nin.recipes import get_recipe
+    from nin.training.recipes import get_recipe
 
     cfg = get_recipe("fast", data_dir=str(ref["data"]), model_kwargs={"width": 8}, limit_train=N_TRAIN,
                      epochs=EPOCHS, warmup_epochs=0.0, precision="fp32", crop_padding=0, eval_batch_size=500,
@@ -153,9 +153,10 @@ def _saved_epoch(run: Path) -> int:
 
 def _single_process_accuracy(state: dict, data: Path) -> float:
     """Test accuracy of ``state`` evaluated in this one process, as the run's recipe evaluates."""
-    from nin.data import BatchLoader, load_dataset
-    from nin.models import create_model
-    from nin.trainer import loader_accuracy
+    from nin.data.loader import BatchLoader
+    from nin.data.datasets import load_dataset
+    from nin.hub import create_model
+    from nin.training.trainer import loader_accuracy
 
     ds = load_dataset("fashion-mnist", str(data))
     model = create_model("nin_fmnist", num_classes=10, in_chans=1, width=8)
@@ -233,7 +234,7 @@ def test_help_states_batch_size_semantics(capsys):
 
 def test_sync_bn_conversion_keeps_the_weight_names():
     # what --sync-bn does on CUDA under DDP; the module swap itself needs no GPU
-    from nin.models import create_model
+    from nin.hub import create_model
 
     model = create_model("nin_fmnist", width=8)
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(create_model("nin_fmnist", width=8))
@@ -256,9 +257,9 @@ def test_reported_train_metrics_are_the_sum_of_the_ranks_tallies_exactly(ref):
 
 
 def test_lr_scale_linear_multiplies_the_lr_by_the_world_size(monkeypatch, tmp_path):
-    import nin.trainer as t
-    from nin.engine import Dist
-    from nin.recipes import get_recipe
+    import nin.training.trainer as t
+    from nin.training.engine import Dist
+    from nin.training.recipes import get_recipe
 
     data = fake_fashion_dir(tmp_path / "data", n_train=64, n_test=32)
     monkeypatch.setattr(t, "setup_distributed", lambda device: (Dist(0, 4, 0), torch.device("cpu")))

@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nin.cli import main
-from nin.evaluation import (EvalResult, class_activation_maps, confusion_matrix, evaluate, predict_logits,
-                          save_cam_figure, save_cam_grid, save_confusion_csv, save_confusion_png)
+from nin.evaluation import EvalResult, confusion_matrix, evaluate, save_confusion_csv
+from nin.inference import class_activation_maps, predict_logits
+from nin.figures import save_cam_figure, save_cam_grid, save_confusion_png
 from nin.errors import UsageError
-from nin.export import load
-from nin.models import create_model, list_models
+from nin.hub import load
+from nin.hub import create_model
+from nin.models import list_models
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +113,9 @@ def test_cli_eval_says_when_a_bf16_run_is_evaluated_in_fp32(fmnist, tmp_path, ca
     """The shipped fast run evaluated in bf16. Where the CPU has native bf16, `nin eval` matches it silently;
     where it has not (AVX2 only), it evaluates in fp32 and one note on stderr says so, since the number may
     then differ from the reported one by a few images."""
-    import nin.engine
+    import nin.devices
 
-    monkeypatch.setattr(nin.engine, "cpu_supports_bf16", lambda: native_bf16)
+    monkeypatch.setattr(nin.devices, "cpu_supports_bf16", lambda: native_bf16)
     assert main(["eval", "nin_fmnist.fashion_mnist_fast", "--limit", "300", "--out", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert f"precision: {'bf16' if native_bf16 else 'fp32'};" in out.splitlines()[0]

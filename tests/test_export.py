@@ -8,7 +8,9 @@ import torch
 
 from nin.cli import main
 from nin.errors import CheckpointError
-from nin.export import META_NAME, OnnxModel, export_onnx, write_safetensors, load, load_any
+from nin.modelfile import META_NAME, write_safetensors
+from nin.onnx import OnnxModel, export_onnx
+from nin.hub import load, load_any
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def onnx_dynamic(run, tmp_path_factory):
 
 
 def test_onnx_matches_pytorch_on_random_and_real_images(run, onnx_dynamic):
-    from nin.evaluation import preprocess
+    from nin.inference import preprocess
 
     _, model, meta, ds = run
     om = OnnxModel(onnx_dynamic)

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from nin.cli import main
-from nin.models import InputTooSmallError, check_input_size, create_model, list_models, model_info
+from nin.models import InputTooSmallError, check_input_size, list_models, model_info
+from nin.hub import create_model
 
-# Parameter counts published for each network (ANCHORS.md); nin_fmnist is ours (sized for 2 CPU cores).
+# Parameter counts published for each network (d2l.ai, the NiN paper, the Caffe zoo); nin_fmnist is ours.
 EXPECTED_PARAMS = {"nin_d2l": 1_992_166, "nin_cifar10": 966_986, "nin_imagenet": 7_595_176, "nin_fmnist": 95_412}
 
 
@@ -44,7 +45,7 @@ def test_num_classes_and_in_chans(name):
 
 
 def seed_net():
-    """The seed's network, written out from ANCHORS.md section 1 (d2l.ai's code)."""
+    """The book's network, written out from the d2l.ai chapter's code."""
     def nin_block(in_channels, out_channels, kernel_size, strides, padding):
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),

@@ -87,7 +87,7 @@ def test_train_in_a_notebook_updates_one_figure_once_per_epoch(fake_notebook, tm
 
 
 def test_an_interrupted_run_resumes_with_its_figure_at_the_saved_epoch(fake_notebook, monkeypatch, tmp_path):
-    from nin import trainer
+    from nin.training import trainer
 
     step, calls = trainer.train_step, []
 
@@ -112,7 +112,7 @@ def test_an_interrupted_run_resumes_with_its_figure_at_the_saved_epoch(fake_note
 
 
 def test_train_in_a_terminal_shows_nothing(monkeypatch, tmp_path):
-    from nin import live
+    from nin.training import live
 
     class TerminalInteractiveShell:
         pass
@@ -128,7 +128,7 @@ def test_the_cli_and_import_nin_do_not_load_notebook_packages():
     import subprocess
 
     code = ("import sys, nin, nin.cli; nin.cli.build_parser(); "
-            "print(sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib', 'torch', 'nin.live') if m in sys.modules))")
+            "print(sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib', 'torch', 'nin.training.live') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(Path(nin.__file__).parents[1])})
     assert r.returncode == 0, r.stderr

@@ -19,8 +19,8 @@ from PIL import Image
 import nin
 from nin.classes import ClassMismatch, match_classes, normalize
 from nin.cli import main
-from nin.evaluation import preprocess
-from nin.pretrained import DEFAULT
+from nin.inference import preprocess
+from nin.hub import DEFAULT
 
 BEST = "nin_fmnist.fashion_mnist_best"
 FOLDER_NAMES = {"T-shirt/top": "t-shirt_top", "Ankle boot": "ankle boot"}  # the rest: lower case
@@ -59,7 +59,7 @@ def predict_accuracy(model, files) -> float:
 
 
 def held_out(root: Path, mapping: dict | None = None) -> list[tuple[Path, str]]:
-    from nin.datasets import folder_split
+    from nin.data.datasets import folder_split
 
     _, test_files, classes, _ = folder_split(root, 0, warn=lambda m: None)
     mapping = mapping or {}
@@ -116,7 +116,7 @@ def permuted_copy(model, order: list[int], classes: list[str]):
     """``model`` with its class maps reordered: class i of the copy is class order[i] of ``model``."""
     import copy
 
-    from nin.pretrained import _class_map_and_input_keys
+    from nin.hub import _class_map_and_input_keys
 
     twin = copy.deepcopy(model)
     keys, _ = _class_map_and_input_keys(twin)
@@ -131,7 +131,7 @@ def permuted_copy(model, order: list[int], classes: list[str]):
 
 def test_a_folder_trained_run_is_evaluated_on_fashion_mnist_by_name(fmnist, tmp_path, capsys):
     """A run trained on lower-case alphabetical folders, evaluated with --data fashion-mnist (before: 0.2820)."""
-    from nin.export import save_model
+    from nin.modelfile import save_model
     from nin.evaluation import evaluate
 
     shipped = nin.load(DEFAULT)
@@ -150,8 +150,8 @@ def test_a_folder_trained_run_is_evaluated_on_fashion_mnist_by_name(fmnist, tmp_
 
 def test_init_from_reorders_the_class_maps_by_name(photos, photos_short, fmnist, capsys):
     """Fine-tuning starts from the shipped model's answers, class for class (before: positions, 0.383)."""
-    from nin.recipes import get_recipe
-    from nin.trainer import set_up
+    from nin.training.recipes import get_recipe
+    from nin.training.trainer import set_up
 
     shipped = nin.load(DEFAULT)
     s = set_up(get_recipe("fast", dataset=f"folder:{photos}", init_from=DEFAULT))
@@ -167,8 +167,8 @@ def test_init_from_reorders_the_class_maps_by_name(photos, photos_short, fmnist,
 
 
 def test_init_from_new_classes_starts_the_class_maps_fresh_with_a_note(tmp_path, capsys):
-    from nin.recipes import get_recipe
-    from nin.trainer import set_up
+    from nin.training.recipes import get_recipe
+    from nin.training.trainer import set_up
 
     for c in ("cat", "dog"):
         (tmp_path / c).mkdir()
@@ -204,8 +204,8 @@ def test_pretrained_with_three_channels_adapts_the_first_conv(fmnist):
 
 
 def test_init_from_takes_the_weights_own_width_or_refuses(tmp_path):
-    from nin.recipes import get_recipe
-    from nin.trainer import set_up
+    from nin.training.recipes import get_recipe
+    from nin.training.trainer import set_up
 
     from .fakedata import fake_fashion_dir
 
@@ -236,7 +236,7 @@ def test_the_default_command_learns_a_small_folder(photos, tmp_path, capsys):
 
 
 def test_fitted_batch_size():
-    from nin.trainer import fitted_batch_size
+    from nin.training.trainer import fitted_batch_size
 
     assert fitted_batch_size(256, 60_000, 20) == 256  # Fashion-MNIST: the recipe as it is
     assert fitted_batch_size(256, 480, 20) == 16
@@ -248,8 +248,9 @@ def test_fitted_batch_size():
 def test_recalibrated_batch_norm_statistics_are_the_training_images(fmnist):
     """recalibrate_bn's running mean/var of the first batch norm equal those computed by hand over the same
     images (the conv's output, per channel; variance unbiased, as BatchNorm2d keeps it)."""
-    from nin.data import BatchLoader, Split
-    from nin.trainer import recalibrate_bn
+    from nin.data.loader import BatchLoader
+    from nin.data.datasets import Split
+    from nin.training.trainer import recalibrate_bn
 
     torch.manual_seed(0)
     model = nin.create_model("nin_fmnist", width=8)
@@ -268,7 +269,7 @@ def test_recalibrated_batch_norm_statistics_are_the_training_images(fmnist):
 
 
 def test_a_held_out_accuracy_at_chance_warns_once(capsys):
-    from nin.trainer import warn_at_chance
+    from nin.training.trainer import warn_at_chance
 
     s = types.SimpleNamespace(ds=types.SimpleNamespace(classes=list("abcdefghij"),
                                                        test=types.SimpleNamespace(labels=torch.arange(100) % 10)),
@@ -287,9 +288,9 @@ def test_a_held_out_accuracy_at_chance_warns_once(capsys):
 def test_limit_train_takes_each_class_its_share(photos, stream):
     """Before: the first 100 files in class order (48 bag, 48 boot, 4 coat)."""
     from nin.data import open_dataset
-    from nin.trainer import _splits
+    from nin.training.trainer import _splits
 
-    from nin.recipes import get_recipe
+    from nin.training.recipes import get_recipe
 
     ds = open_dataset(f"folder:{photos}", stream=stream)
     picks = {}

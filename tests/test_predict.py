@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from nin.cli import main
-from nin.evaluation import predict_logits
-from nin.export import export_onnx, load
+from nin.inference import predict_logits
+from nin.onnx import export_onnx
+from nin.hub import load
 from nin.prediction import ImageError, predict_files, read_image
 
 N = 64  # Fashion-MNIST test images written as files

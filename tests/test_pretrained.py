@@ -11,7 +11,7 @@ from PIL import Image
 
 import nin
 from nin.cli import main
-from nin.pretrained import DEFAULT, WEIGHTS_DIR, list_pretrained, pretrained_info, pretrained_path
+from nin.hub import DEFAULT, WEIGHTS_DIR, list_pretrained, pretrained_info, pretrained_path
 
 from .fakedata import fake_fashion_dir
 
@@ -37,7 +37,7 @@ def test_shipped_file_is_intact_and_describes_itself(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_accuracy_is_what_the_metadata_states_to_the_image(name, fmnist):
-    from nin.engine import cpu_supports_bf16
+    from nin.devices import cpu_supports_bf16
     from nin.evaluation import evaluate
 
     info = pretrained_info(name)
@@ -55,7 +55,7 @@ def test_shipped_accuracy_is_what_the_metadata_states_to_the_image(name, fmnist)
 def test_a_damaged_install_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    import nin.pretrained as pre
+    import nin.hub as pre
     from nin.errors import CheckpointError
 
     fake = tmp_path / "weights"
@@ -85,7 +85,7 @@ def test_names_work_in_python(tmp_path):
 
 
 def test_predict_with_no_model_equals_eval_on_the_same_100_images(fmnist, tmp_path, capsys):
-    from nin.data import Split
+    from nin.data.datasets import Split
     from nin.evaluation import evaluate
 
     images, labels = fmnist.test.images[:100], fmnist.test.labels[:100]
@@ -98,7 +98,7 @@ def test_predict_with_no_model_equals_eval_on_the_same_100_images(fmnist, tmp_pa
     result = evaluate(model, Split(images, labels), precision="fp32")
     assert sum(int(t == int(y)) for t, y in zip(top, labels)) == round(result.accuracy * 100)
     # and the per-image predictions are the evaluation's
-    from nin.evaluation import predict_logits
+    from nin.inference import predict_logits
 
     assert top == predict_logits(model, images, tta=model.meta.tta).argmax(1).tolist()
 
@@ -115,8 +115,8 @@ def test_cli_takes_names(tmp_path, capsys):
 
 
 def test_init_from_a_shipped_model(tmp_path):
-    from nin.recipes import get_recipe
-    from nin.trainer import set_up
+    from nin.training.recipes import get_recipe
+    from nin.training.trainer import set_up
 
     data = fake_fashion_dir(tmp_path / "data", n_train=64, n_test=32)
     s = set_up(get_recipe("fast", data_dir=str(data), init_from=DEFAULT, limit_train=64))
@@ -129,8 +129,8 @@ def test_the_fast_weights_retrain_from_their_recorded_command(fmnist, tmp_path):
     """`nin train --recipe fast` again: within 0.3 points of the shipped accuracy (bit for bit on this machine
     with the same thread count, which the README states)."""
     from nin.evaluation import evaluate
-    from nin.recipes import TrainConfig
-    from nin.trainer import train
+    from nin.training.recipes import TrainConfig
+    from nin.training.trainer import train
 
     info = pretrained_info("nin_fmnist.fashion_mnist_fast")
     cfg = TrainConfig.from_dict({**info_config(info), "data_dir": None})

@@ -96,9 +96,9 @@ def test_raising_the_epochs_of_a_constant_schedule_is_the_longer_run(data, tmp_p
 # issue 32 item 15
 def test_val_split_holds_out_the_same_files_when_streaming(tmp_path, capsys):
     from nin.data import open_dataset
-    from nin.images import read_image
-    from nin.recipes import get_recipe
-    from nin.trainer import _splits
+    from nin.data.images import read_image
+    from nin.training.recipes import get_recipe
+    from nin.training.trainer import _splits
 
     root = png_folder(tmp_path / "photos", {"bag": 10, "boot": 10, "coat": 10})
     name = f"folder:{root}"

@@ -28,10 +28,11 @@ if not CI:  # under CI the serve extra is installed (Makefile): a missing one mu
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from nin.cli import main  # noqa: E402
-from nin.export import export_model, load  # noqa: E402
-from nin.prediction import predict_files  # noqa: E402
-from nin.serve import create_app, load_served  # noqa: E402
+from nin.cli import main
+from nin.export import export_model
+from nin.hub import load
+from nin.prediction import predict_files
+from nin.serve import create_app, load_served
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -151,7 +152,7 @@ def onnx_file(torch_model, tmp_path_factory):
 
 
 def test_onnx_model_answers_as_nin_predict_and_has_no_cam(onnx_file, images):
-    from nin.export import load_any
+    from nin.hub import load_any
 
     served = load_served(str(onnx_file))
     assert served.backend.startswith("onnxruntime") and served.cam_model is None
@@ -288,8 +289,8 @@ def test_cam_png_is_the_nin_cam_figure(client, torch_model, images, tmp_path):
 def test_cam_json_maps_average_to_the_logits(client, torch_model, images):
     import torch
 
-    from nin.evaluation import class_activation_maps, preprocess
-    from nin.images import read_image
+    from nin.inference import class_activation_maps, preprocess
+    from nin.data.images import read_image
 
     body = images[5].read_bytes()
     doc = client.post("/v1/cam?format=json&topk=2", content=body).json()
@@ -329,8 +330,9 @@ def test_model_reports_the_test_accuracy_with_its_own_tta_and_health_names_the_w
 def test_reported_accuracy_of_each_shipped_model_and_of_a_run():
     import dataclasses
 
-    from nin.export import ModelMeta, load
-    from nin.pretrained import list_pretrained
+    from nin.modelfile import ModelMeta
+    from nin.hub import load
+    from nin.hub import list_pretrained
     from nin.serve.model import reported_accuracy
 
     for name in list_pretrained():
@@ -350,7 +352,7 @@ def test_reported_accuracy_of_each_shipped_model_and_of_a_run():
 
 def test_cam_probabilities_are_predicts_with_the_models_tta(shipped_client, images, tmp_path):
     """Item 11 of issue 32: /v1/cam showed a probability without the model's TTA beside /v1/predict's with it."""
-    from nin.export import load
+    from nin.hub import load
 
     model = load(FAST)
     files = images[:6] + images[-2:]

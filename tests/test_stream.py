@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 from nin.cli import main
-from nin.data import BatchLoader, load_dataset, make_loader, open_dataset
+from nin.data.loader import BatchLoader
+from nin.data.datasets import load_dataset
+from nin.data import make_loader, open_dataset
 from nin.errors import DatasetError, ImageError
-from nin.images import decode_image, load_image
-from nin.stream import (FileSplit, PathArray, StreamLoader, choose_path, estimate_memory, open_folder, parse_size,
-                        write_bad_files)
+from nin.data.images import decode_image, load_image
+from nin.data.stream import (FileSplit, PathArray, StreamLoader, choose_path, estimate_memory, open_folder, parse_size, write_bad_files)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -313,9 +314,10 @@ def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys
     from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
 
-    from nin.evaluation import evaluate, predict_logits, streamed_test_batches
-    from nin.export import load
-    from nin.images import read_input
+    from nin.evaluation import evaluate, streamed_test_batches
+    from nin.inference import predict_logits
+    from nin.hub import load
+    from nin.data.images import read_input
     from nin.prediction import probabilities
 
     root = photo_folder(tmp_path / "p", n=40)

@@ -32,8 +32,8 @@ def params_line(lines: list[str]) -> str:
 @pytest.fixture
 def saved_run(tmp_path) -> Path:
     """A saved (untrained) width-4 nin_fmnist as a run folder writes it."""
-    from nin.export import ModelMeta, save_model
-    from nin.models import create_model
+    from nin.modelfile import ModelMeta, save_model
+    from nin.hub import create_model
 
     run = tmp_path / "run"
     run.mkdir()

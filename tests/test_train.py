@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from nin.cli import main
 from nin.errors import UsageError
-from nin.recipes import RECIPES, TrainConfig, get_recipe, lr_at
-from nin.runfolder import load_checkpoint
-from nin.trainer import TrainingDiverged, train
+from nin.training.recipes import RECIPES, TrainConfig, get_recipe, lr_at
+from nin.training.runfolder import load_checkpoint
+from nin.training.trainer import TrainingDiverged, train
 
 from .fakedata import fake_fashion_dir, has_real_fmnist
 
@@ -45,8 +45,8 @@ def test_final_tta_is_an_option_and_only_best_uses_shift():
 def test_kaiming_init_scales_for_relu():
     """--init kaiming: every conv weight uniform with std sqrt(2 / fan_in) (He); xavier: sqrt(2 / (fan_in
     + fan_out)), as d2l's init_weights.  Biases are left as PyTorch initialised them."""
-    from nin.models import create_model
-    from nin.trainer import init_weights
+    from nin.hub import create_model
+    from nin.training.trainer import init_weights
 
     for scheme, want in (("kaiming", lambda fi, fo: math.sqrt(2 / fi)),
                          ("xavier", lambda fi, fo: math.sqrt(2 / (fi + fo)))):
@@ -171,7 +171,7 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     train(tiny_cfg(data, epochs=1), out, quiet=True, log=lambda *a, **k: None)
     before = (out / "last.ckpt").read_bytes()
     # inject: the loss becomes NaN from the first step of the resumed epoch
-    import nin.trainer as t
+    import nin.training.trainer as t
 
     real = t.F.cross_entropy
     monkeypatch.setattr(t.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -186,7 +186,7 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 def test_plateau_warning(tmp_path, monkeypatch, capsys):
     data = fake_fashion_dir(tmp_path / "data")
-    import nin.trainer as t
+    import nin.training.trainer as t
 
     # inject: constant logits (the seed's dead class-map ReLU) -> loss ln(10) for the whole epoch
     real = t.F.cross_entropy

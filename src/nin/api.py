@@ -46,7 +46,7 @@ class TrainResult:
 
 def config_fields() -> list[str]:
     """The keyword overrides ``train`` takes: every TrainConfig field but ``recipe``."""
-    from .recipes import TrainConfig
+    from .training.recipes import TrainConfig
 
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name != "recipe"]
 
@@ -54,7 +54,7 @@ def config_fields() -> list[str]:
 def make_config(recipe="fast", **overrides):
     """A TrainConfig from a recipe name (or a TrainConfig) and keyword overrides, checked: an unknown
     key is one UsageError that lists the valid ones."""
-    from .recipes import TrainConfig, get_recipe
+    from .training.recipes import TrainConfig, get_recipe
 
     valid = config_fields()
     unknown = sorted(set(overrides) - set(valid))
@@ -81,14 +81,14 @@ def train(recipe="fast", *, out: str | os.PathLike | None = None, resume: str | 
     the run's: a finished run trains on, as ``nin train --resume RUN --epochs N``) may be given.  In Jupyter (``live=None``: detected) one
     figure of the curves is redrawn in place after every epoch, with a progress bar; ``live=False``
     turns that off.  Outside a notebook nothing changes: the same lines as the command line."""
-    from . import runfolder
-    from .export import load
-    from .live import LiveCurves, in_notebook
-    from .recipes import TrainConfig
-    from .trainer import train as run_training
+    from .training import runfolder
+    from .hub import load
+    from .training.live import LiveCurves, in_notebook
+    from .training.recipes import TrainConfig
+    from .training.trainer import train as run_training
 
     if resume is not None:
-        from .cli import RESUMABLE
+        from .training.recipes import RESUMABLE
 
         other = [k for k in overrides if k not in RESUMABLE]
         if other or recipe != "fast":
@@ -145,12 +145,9 @@ def predict(model, images, *, topk: int = 1, tta: str | None = None, invert: boo
     Example: ``for p in nin.predict("nin_fmnist.fashion_mnist_fast", ["shoe.png", "photos/"], topk=2):
     print(p.file, p.error or p.top)``.
     """
-    import numpy as np
-    import torch
-
-    from .evaluation import check_tta
-    from .export import load_any
-    from .prediction import Prediction, predict_files, probabilities
+    from .hub import load_any
+    from .inference import check_tta
+    from .prediction import predict_files
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise UsageError(f"topk must be a whole number >= 1, got {topk!r}")
@@ -173,6 +170,16 @@ def predict(model, images, *, topk: int = 1, tta: str | None = None, invert: boo
     if isinstance(images, bytes):
         raise UsageError("predict takes image files and folders, or an array of pixels; for an image's bytes "
                          "use nin.read_image or write them to a file")
+    return _predict_pixels(model, images, topk=topk, tta=tta, invert=invert, batch_size=batch_size)
+
+
+def _predict_pixels(model, images, *, topk: int, tta, invert: bool, batch_size: int) -> list:
+    """``predict`` for uint8 pixels already at the model's input size (one image or a batch)."""
+    import numpy as np
+    import torch
+
+    from .prediction import Prediction, probabilities
+
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     want, shape = tuple(model.meta.input_size), tuple(x.shape)
     if x.dtype != torch.uint8:
@@ -194,7 +201,6 @@ def predict(model, images, *, topk: int = 1, tta: str | None = None, invert: boo
         else:
             out.append(Prediction(name, [(model.classes[j], v) for j, v in zip(ix, vs)]))
     return out
-
 
 # --- inspecting -----------------------------------------------------------------------------
 @dataclass
@@ -284,9 +290,9 @@ def _kwargs_text(kwargs: dict) -> str:
 
 def _saved_model(text: str):
     """The PyTorch model saved as ``text``: shipped weights, a run folder or a .safetensors (not ONNX)."""
-    from .export import load
+    from .hub import load
     from .models import list_models
-    from .pretrained import is_pretrained_name
+    from .hub import is_pretrained_name
 
     if Path(text).suffix == ".onnx":
         raise UsageError(f"{text}: an ONNX file; give the run folder or .safetensors it was exported from")
@@ -299,7 +305,7 @@ def _saved_model(text: str):
 # --- figures --------------------------------------------------------------------------------
 def plot_history(run_or_history, title: str | None = None):
     """The curves of a run (a TrainResult, a run folder, or a list of per-epoch rows) as a Figure."""
-    from . import runfolder
+    from .training import runfolder
 
     cfg = None
     if isinstance(run_or_history, TrainResult):
@@ -324,7 +330,7 @@ def _image_tensor(model, image):
     import torch
 
     if isinstance(image, (str, os.PathLike, bytes)):
-        from .images import read_input
+        from .data.images import read_input
 
         return torch.from_numpy(read_input(model.meta, image))  # a fresh, writable array
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
@@ -341,7 +347,7 @@ def show_cam(model, image, *, labels=None, topk: int = 3, title: str = ""):
     """Class activation maps as a Figure.  One image (uint8 C x H x W, an array, a file or bytes):
     the image and its top-k classes' maps.  A batch (N x C x H x W): a grid, each image with its
     predicted class's map (``labels`` mark the mistakes)."""
-    from .evaluation import cam_figure, cam_grid_figure
+    from .figures import cam_figure, cam_grid_figure
 
     x = _image_tensor(model, image)
     if x.ndim == 4:
@@ -354,7 +360,7 @@ def show_cam(model, image, *, labels=None, topk: int = 3, title: str = ""):
 def _notebook_ready(fig):
     """Make a returned Figure display as PNG in IPython even before pyplot was imported (the inline
     backend registers its formatter only when pyplot loads).  Elsewhere: nothing."""
-    from .live import figure_png, in_notebook
+    from .training.live import figure_png, in_notebook
 
     if in_notebook():
         import sys

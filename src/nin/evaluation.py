@@ -1,109 +1,17 @@
-"""Accuracy, per-class precision/recall, the confusion matrix, and class activation maps.
-
-Every model here is used through two calls: ``model(x)`` -> logits and, for CAMs,
-``model.forward_features(x)`` -> one map per class (N x K x h x w) before global average pooling.
-Raw images (uint8 N x C x H x W) become model input only through ``data.to_float_batch`` with the
-model's ``meta.preprocess``, so ``nin eval`` and ``nin predict`` see exactly the same numbers.
-"""
+"""Evaluating a model on a test set: accuracy, per-class precision/recall, the confusion matrix (and its
+CSV), with the data's classes matched to the model's by name.  The logits come from ``inference``."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import UsageError
-
-TTA_CHOICES = ("none", "flip", "shift")
-# "shift": the image and its mirror, each at the 9 positions of a 1-pixel translation (3 x 3), 18 views
-SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-
-
-def preprocess(model, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 N x C x H x W -> the float input ``model`` was trained on (its meta.preprocess)."""
-    from .data import to_float_batch
-
-    p = getattr(getattr(model, "meta", None), "preprocess", None) or {}
-    return to_float_batch(images, resize=p.get("resize"), mean=p.get("mean"), std=p.get("std"), dtype=dtype)
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_eval_precision(model, precision: str | None) -> str:
-    """"run" (or None): what the model's run evaluated with, where this machine can do it; else as given.
-    Training evaluates under bf16 autocast where the CPU/GPU supports it; evaluating the same way
-    reproduces its reported accuracy to the image (fp32 may differ by a few images)."""
-    if precision in (None, "run"):
-        precision = getattr(getattr(model, "meta", None), "precision", "fp32")
-        if precision == "bf16":
-            from .engine import cpu_supports_bf16
-
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of: run, {', '.join(PRECISIONS)}")
-    if not isinstance(model, torch.nn.Module):
-        return "fp32"  # onnxruntime runs the file as exported
-    return precision
-
-
-def tta_logits(model, x: torch.Tensor, tta: str | None = "none") -> torch.Tensor:
-    """float32 logits of a preprocessed batch; ``tta="flip"`` averages them with the horizontal mirror's,
-    ``tta="shift"`` over the image and its mirror each moved by up to one pixel (SHIFTS), the border
-    filled with the background (what a zero pixel preprocesses to), as training's crops pad.
-    The one test-time augmentation of nin: training's evaluation, ``nin eval``, predict and serve."""
-    check_tta(tta)
-    if tta == "shift":
-        n, c, h, w = x.shape
-        background = preprocess(model, torch.zeros(1, c, 1, 1, dtype=torch.uint8), x.dtype)[..., :1, :1]
-        padded = background.to(x.device).expand(n, c, h + 2, w + 2).clone()
-        padded[..., 1:-1, 1:-1] = x
-        views = [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in SHIFTS]
-        return sum(model(v).float() + model(v.flip(-1)).float() for v in views) / (2 * len(views))
-    logits = model(x).float()
-    if tta == "flip":
-        logits = (logits + model(x.flip(-1)).float()) / 2
-    return logits
-
-
-def check_tta(tta: str | None) -> None:
-    if tta not in (None, *TTA_CHOICES):
-        raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
-
-
-@torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None,
-                   precision: str = "fp32", progress=None) -> torch.Tensor:
-    """Logits (N x K, float32, CPU) for uint8 images, in batches.  ``tta="flip"`` averages the
-    logits of the image and its horizontal mirror, ``"shift"`` 18 views (see tta_logits).
-    ``precision="bf16"``: as the training loop evaluates (bf16 input and autocast), see
-    resolve_eval_precision.  A PyTorch model runs channels_last, as in training, in both precisions: in
-    fp32 that halved the time of a 2-core AVX2 CPU (benchmarks/eval_layout.py).
-    ``progress(n)``, if given, is called after each batch with the number of images it held."""
-    check_tta(tta)
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    torch_model = isinstance(model, torch.nn.Module)
-    bf16 = precision == "bf16" and torch_model
-    if torch_model:
-        model = model.to(memory_format=torch.channels_last)
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = preprocess(model, images[i:i + batch_size], torch.bfloat16 if bf16 else torch.float32)
-        if torch_model:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out.append(tta_logits(model, x, tta).cpu())
-        if progress is not None:
-            progress(x.shape[0])
-    if not out:
-        return torch.zeros(0, len(getattr(model, "classes", [])))
-    return torch.cat(out)
+from .inference import predict_logits, resolve_eval_precision
+from .vocab import resolve_tta
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
@@ -160,12 +68,13 @@ class EvalResult:
         }
 
 
-def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None,
+def evaluate(model, split=None, *, batch_size: int = 256, tta: str | None = None, limit: int | None = None,
              precision: str | None = "fp32", classes: list[str] | None = None, class_map=None,
              progress=None) -> EvalResult:
-    """Evaluate ``model`` (torch or OnnxModel) on a Dataset (its test split), a data Split (``.images``
-    uint8, ``.labels``) or uint8 batches ``(x, y)`` of a streamed one (``streamed_test_batches``), at
-    most ``limit`` images.
+    """Evaluate ``model`` (torch or OnnxModel, or a run folder, model file or shipped name) on a Dataset
+    (its test split), a data Split (``.images`` uint8, ``.labels``) or uint8 batches ``(x, y)`` of a
+    streamed one (``streamed_test_batches``), at most ``limit`` images.  Without ``split``: the model's own
+    test set (``model_dataset``: a folder's split is checked to be the run's, as ``nin eval`` does).
 
     Classes are matched by name, never by position: the data's class names (``classes``, else the
     Split's or Dataset's own) are matched to the model's with ``nin.classes.match_classes`` (case,
@@ -176,8 +85,15 @@ def evaluate(model, split, *, batch_size: int = 256, tta: str | None = None, lim
     given, is told of every batch evaluated (n images; ``nin eval``'s progress bar)."""
     from .classes import label_map
 
-    if tta is None:
-        tta = getattr(getattr(model, "meta", None), "tta", "none")
+    if isinstance(model, (str, os.PathLike)):  # a run folder, a model file or a shipped name
+        from .hub import load_any
+
+        model = load_any(model)
+    if split is None:  # the model's own test set, checked as `nin eval` checks it (model_dataset)
+        ds = model_dataset(model, class_map=class_map)
+        split, _ = test_data(model, ds, batch_size)
+        classes = classes or ds.classes
+    tta = resolve_tta(getattr(model, "meta", None), tta)
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be at least 1, got {limit}")
     if hasattr(split, "test") and hasattr(split, "classes"):  # a whole Dataset: its test split
@@ -238,173 +154,60 @@ def save_confusion_csv(result: EvalResult, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
-def confusion_figure(result: EvalResult):
-    """The confusion matrix as a matplotlib Figure (no pyplot: no global backend state)."""
-    from matplotlib.figure import Figure
+# --- the model's own test data ----------------------------------------------------------------
+def model_dataset(model, name: str | None = None, data_dir: str | None = None, class_map=None):
+    """The dataset to evaluate ``model`` on: ``name``, else the one it was trained on, read as the run read
+    it (a folder in memory or streamed).  A folder must hold the very files the run held out (model.json's
+    split record; else the test images may have been training images: UsageError), and the dataset's
+    classes must be the model's by name (``nin.classes``).  Both checked before any work."""
+    from .classes import match_classes
+    from .data import load_dataset, open_dataset
 
-    k = len(result.classes)
-    fig = Figure(figsize=(1.0 + 0.6 * k, 0.6 + 0.55 * k), layout="constrained")
-    ax = fig.add_subplot()
-    # Colour by row share (recall) so rare classes are as visible as common ones; print the counts.
-    share = result.confusion / np.maximum(result.confusion.sum(1, keepdims=True), 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for t in range(k):
-        for p in range(k):
-            n = result.confusion[t, p]
-            if n:
-                ax.text(p, t, str(n), ha="center", va="center", fontsize=7,
-                        color="white" if share[t, p] > 0.5 else "black")
-    ax.set_xticks(range(k), result.classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), result.classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"accuracy {result.accuracy:.4f} on {result.n:,} images", fontsize=9)
-    return fig
-
-
-@contextlib.contextmanager
-def no_glyph_warnings():
-    """Silence matplotlib's "Glyph ... missing from font(s)" warnings, and only those: class names in a
-    script its fonts lack (CJK, ...) are drawn as boxes, and a warning per character tells a user nothing."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")
-        yield
-
-
-def save_confusion_png(result: EvalResult, path: str | os.PathLike) -> None:
-    from .fsutil import atomic_write
-
-    fig = confusion_figure(result)
-    with no_glyph_warnings():  # the text is laid out and drawn here
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-# --- class activation maps ------------------------------------------------------------------
-@torch.inference_mode()
-def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maps N x K x h x w, logits N x K) for a preprocessed float batch.
-
-    NiN's last block already gives one map per class and the head only averages it, so these are
-    the class activation maps, no gradient needed: ``maps.mean((2, 3)) == logits``.
-    """
-    maps = model.forward_features(x)
-    return maps, model.forward_head(maps)
-
-
-def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """N x K x h x w -> N x K x H x W (bilinear), for overlaying on the input image."""
-    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
-
-
-CAM_DPI = 130
-
-
-def _show_image(ax, image: torch.Tensor) -> None:
-    img = image.cpu().numpy()
-    if img.shape[0] == 1:
-        ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+    split = getattr(model.meta, "split", None) if not name else None
+    name = name or model.meta.dataset or "fashion-mnist"
+    seed = (split or {}).get("seed", 0)
+    if name.startswith(("folder:", "wds:")):  # read as the run read it: in memory, or streamed
+        imagenet = (model.meta.preprocess or {}).get("transform") == "imagenet"
+        ds = open_dataset(name, seed=seed, stream=True if imagenet else None)
     else:
-        ax.imshow(img.transpose(1, 2, 0))
-    ax.set_xticks([])
-    ax.set_yticks([])
+        ds = load_dataset(name, data_dir, seed=seed)
+    if split and ds.split and ds.split.get("test_files_sha256") != split.get("test_files_sha256"):
+        raise UsageError(f"{ds.source}: the folder's held-out files are not the ones the run held out "
+                         f"({split.get('rule')}: {split.get('test_files')} files then, {ds.split.get('test_files')} "
+                         "now); files were added, removed or renamed since training, so its test images may "
+                         "have been training images")
+    match_classes(list(ds.classes), list(model.classes), class_map, where=ds.source)
+    return ds
 
 
-def _overlay(ax, image: torch.Tensor, cam: torch.Tensor, title: str) -> None:
-    """The image in grey with one class map (min-max scaled) in colour on top."""
-    _show_image(ax, image.float().mean(0, keepdim=True).to(torch.uint8))
-    cam = cam.cpu().numpy()
-    span = cam.max() - cam.min()
-    ax.imshow((cam - cam.min()) / span if span > 0 else np.zeros_like(cam), cmap="jet", alpha=0.45,
-              vmin=0, vmax=1)
-    ax.set_title(title, fontsize=8)
+def test_data(model, ds, batch_size: int):
+    """(ds.test, None) in memory, or (uint8 test batches, their loader) for a streamed dataset."""
+    from .data import Split
+
+    if isinstance(ds.test, Split):
+        return ds.test, None
+    return streamed_test_batches(model, ds, batch_size=batch_size)
 
 
-def _cam_probabilities(model, images: torch.Tensor) -> torch.Tensor:
-    """The probabilities a cam figure prints: ``nin predict``'s (nin.prediction.probabilities, the model's
-    own TTA), so that an image has one number everywhere; the maps are the plain forward's."""
-    from .prediction import probabilities
+def first_test_images(model, ds, n: int):
+    """The first ``n`` test images (uint8) and labels, as the model takes them."""
+    from .errors import DatasetError
 
-    return probabilities(model, images.to(next(model.parameters()).device)).float().cpu()
-
-
-def _maps(model, images: torch.Tensor) -> torch.Tensor:
-    """The class maps (N x K x h x w, CPU) of uint8 images, on the model's device."""
-    dev = next(model.parameters()).device
-    return class_activation_maps(model, preprocess(model, images.to(dev)))[0].float().cpu()
-
-
-def cam_figure(model, image: torch.Tensor, *, topk: int = 3, title: str = "", probs: torch.Tensor | None = None):
-    """(matplotlib Figure, top-k [(class, probability)]): the image (uint8 C x H x W, model-sized) and
-    its top-k classes' maps overlaid, with their probabilities.  ``nin cam`` and ``nin serve`` draw it.
-
-    The probabilities (and so which classes are the top k) are ``nin predict``'s, with the model's own
-    TTA (``probs``, K values, when already computed: the server's); each map is the plain forward's."""
-    from matplotlib.figure import Figure
-
-    maps = _maps(model, image[None])
-    probs = (_cam_probabilities(model, image[None])[0] if probs is None
-             else torch.as_tensor(probs, dtype=torch.float32).cpu())
-    k = max(1, min(topk, probs.numel()))
-    top = probs.topk(k)
-    cams = upsample_maps(maps, tuple(image.shape[1:]))[0]
-    image = image.cpu()
-    fig = Figure(figsize=(2.1 * (k + 1), 2.5), layout="constrained")
-    axes = fig.subplots(1, k + 1, squeeze=False)[0]
-    _show_image(axes[0], image)
-    axes[0].set_title(title or "input", fontsize=8)
-    result = []
-    for ax, p, c in zip(axes[1:], top.values.tolist(), top.indices.tolist()):
-        _overlay(ax, image, cams[c], f"{model.classes[c]}  {p:.1%}")
-        result.append((model.classes[c], p))
-    return fig, result
+    data, loader = test_data(model, ds, n)
+    if loader is None:
+        return data.images[:n], data.labels[:n]
+    batch = next(data, None)  # one batch of n, its unreadable files left out
+    warn_bad_files(loader)
+    if batch is None:
+        raise DatasetError(f"{ds.source}: none of the first {n} test images could be read")
+    return batch
 
 
-def save_cam_figure(model, image: torch.Tensor, path: str | os.PathLike, *, topk: int = 3,
-                    title: str = "") -> list[tuple[str, float]]:
-    """Write ``cam_figure`` as a PNG; returns the top-k (class, probability), as ``nin predict`` gives them."""
-    from .fsutil import atomic_write
+def warn_bad_files(loader) -> None:
+    """A line on stderr when a streamed test set left out files it could not read (as training does)."""
+    import sys
 
-    fig, top = cam_figure(model, image, topk=topk, title=title)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=CAM_DPI))
-    return top
-
-
-def cam_grid_figure(model, images: torch.Tensor, labels=None, *, cols: int = 0):
-    """(Figure, accuracy): N images each with the map of its predicted class, titled 'predicted p'
-    and, when ``labels`` are given and the prediction is wrong, '(true: ...)'.  The accuracy on these
-    images is None without labels.  Predictions and probabilities are ``nin predict``'s (the model's own
-    TTA, as ``nin eval`` counts them); the maps are the plain forward's."""
-    from matplotlib.figure import Figure
-
-    n = images.shape[0]
-    cols = cols or min(n, 8)
-    rows = max(1, -(-n // max(cols, 1)))
-    maps = _maps(model, images)
-    probs = _cam_probabilities(model, images)
-    pred = probs.argmax(1)
-    images = images.cpu()
-    cams = upsample_maps(maps, tuple(images.shape[2:]))
-    fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
-    axes = fig.subplots(rows, max(cols, 1), squeeze=False).ravel()
-    for i, ax in enumerate(axes):
-        if i >= n:
-            ax.axis("off")
-            continue
-        c = int(pred[i])
-        t = int(labels[i]) if labels is not None else c
-        mark = "" if c == t else f"\n(true: {model.classes[t]})"
-        _overlay(ax, images[i], cams[i, c], f"{model.classes[c]} {probs[i, c]:.0%}{mark}")
-    if labels is None:
-        return fig, None
-    return fig, float((pred == torch.as_tensor(labels).cpu()).float().mean()) if n else 0.0
-
-
-def save_cam_grid(model, images: torch.Tensor, labels, path: str | os.PathLike, *, cols: int = 0) -> float:
-    """Write ``cam_grid_figure`` as a PNG; returns the accuracy on these images."""
-    from .fsutil import atomic_write
-
-    fig, acc = cam_grid_figure(model, images, labels, cols=cols)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
-    return acc
+    bad = loader.bad_files if loader is not None else []
+    if bad:
+        print(f"warning: {len(bad)} test image(s) could not be read and were left out, as in training "
+              f"(first: {bad[0][0]}: {bad[0][1]})", file=sys.stderr)

@@ -12,11 +12,11 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .errors import InputTooSmallError, UnknownModelError, UsageError
+from .errors import InputTooSmallError, UnknownModelError
 
 __all__ = [
     "NiN", "ModelInfo", "nin_block", "nin_block_bn", "register_model", "list_models",
-    "create_model", "model_info", "describe", "min_input_size", "InputTooSmallError",
+    "build_model", "model_info", "describe", "min_input_size", "InputTooSmallError",
 ]
 
 
@@ -105,54 +105,12 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, *, pretrained: bool | str = False, **kwargs) -> NiN:
-    """Build a registered model.  ``pretrained=True`` loads nin's shipped weights (``nin models`` lists
-    them): for a full name like "nin_fmnist.fashion_mnist_best" those, for an architecture the shipped
-    weights that fit the requested options (the default first: ``width=64`` finds the width-64 weights);
-    ``pretrained="fashion_mnist_best"`` (a tag, or a full name) names them.  The model is then built with
-    the weights' options, overridden by ``kwargs``.  Another ``num_classes`` starts the class-map layer
-    fresh (a fine-tuning start); ``in_chans=3`` adapts a grey first conv as timm does.  Weights that do
-    not fit the requested model are an error: ``pretrained`` never returns random weights."""
-    arch, _, tag = name.partition(".")
-    if arch not in _MODELS:
+def build_model(name: str, **kwargs) -> NiN:
+    """A registered network with random weights (``hub.create_model`` is the factory that also loads
+    shipped weights: ``nin.create_model``)."""
+    if name not in _MODELS:
         raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    if isinstance(pretrained, str) and pretrained:
-        wanted = pretrained if "." in pretrained else f"{arch}.{pretrained}"
-        if tag and wanted != name:
-            raise UsageError(f"create_model({name!r}, pretrained={pretrained!r}): two different weights named")
-        tag = wanted.partition(".")[2]
-        if wanted.partition(".")[0] != arch:
-            raise UsageError(f"pretrained={pretrained!r} are not weights of {arch}")
-    elif tag and not pretrained:
-        raise UsageError(f"{name!r} names shipped weights: create_model({name!r}, pretrained=True), or "
-                         f"create_model({arch!r}) for an untrained {arch}")
-    if not pretrained:
-        return _MODELS[arch](**kwargs)
-    from .export import load
-    from .pretrained import list_pretrained, pretrained_info, pretrained_path, transfer_weights
-
-    candidates = [f"{arch}.{tag}"] if tag else list_pretrained(arch)
-    if not candidates:
-        raise UsageError(f"no shipped weights for {arch}; shipped: {', '.join(list_pretrained()) or 'none'}")
-    problems = []
-    for full in candidates:
-        info = pretrained_info(full)  # an unknown name: one error listing the shipped ones
-        model = _MODELS[arch](**{**info.get("model_kwargs", {}), **kwargs})
-        shipped = load(pretrained_path(full))
-        try:
-            note = transfer_weights(model, shipped.state_dict(), full)
-        except UsageError as e:
-            problems.append(f"{full} ({info.get('model_kwargs')}): {str(e).split(': ', 1)[-1]}")
-            continue
-        if model.num_classes == shipped.num_classes and model.in_chans == shipped.in_chans:
-            model.classes, model.meta = shipped.classes, shipped.meta
-        if note:
-            import warnings
-
-            warnings.warn(f"{full}: {note}", stacklevel=2)
-        return model
-    raise UsageError(f"no shipped weights of {arch} fit {kwargs}: " + "; ".join(problems)
-                     + ". Give the weights' own options, or pretrained=False for an untrained model")
+    return _MODELS[name](**kwargs)
 
 
 # --- the networks -------------------------------------------------------------------------
@@ -292,7 +250,7 @@ def check_input_size(model: NiN, input_size: tuple[int, int, int], name: str = "
 
 def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwargs) -> ModelInfo:
     """Per-layer output shapes, parameter count and forward FLOPs of a registered model."""
-    return describe(create_model(name, **kwargs), input_size, name=name)
+    return describe(build_model(name, **kwargs), input_size, name=name)
 
 
 def describe(model: NiN, input_size: tuple[int, int, int] | None = None, *, name: str | None = None) -> ModelInfo:

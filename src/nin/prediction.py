@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, image_header, read_image, read_input, small_input_note
+from .data.images import IMAGE_SUFFIXES, MAX_PIXELS, image_header, read_image, read_input, small_input_note
 
 __all__ = ["collect_files", "Prediction", "predict_files", "probabilities", "read_image", "read_input", "ImageError",
            "IMAGE_SUFFIXES", "STDIN"]
@@ -71,7 +71,7 @@ def probabilities(model, images, *, batch_size: int = 64, tta: str | None = None
     """Class probabilities (N x K, float32) for uint8 images N x C x H x W already fitted to the model,
     with the run's own test-time augmentation unless ``tta`` says otherwise (a row is NaN where the
     model gave non-finite logits).  The one computation behind ``nin predict`` and ``nin serve``."""
-    from .evaluation import predict_logits
+    from .inference import predict_logits
 
     if tta is None:
         tta = getattr(getattr(model, "meta", None), "tta", "none")

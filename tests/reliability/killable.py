@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import nin.runfolder as runfolder
-import nin.trainer as train
+import nin.training.runfolder as runfolder
+import nin.training.trainer as train
 from nin.cli import main
 
 _log = open(os.environ["NIN_TEST_EVENTS"], "a", buffering=1)

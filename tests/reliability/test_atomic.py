@@ -19,7 +19,7 @@ import torch
 
 from nin.cli import main
 from nin.fsutil import atomic_write
-from nin.runfolder import load_checkpoint, save_checkpoint
+from nin.training.runfolder import load_checkpoint, save_checkpoint
 
 from .common import TINY_ARGS, one_error_line
 
@@ -64,7 +64,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from nin import runfolder
+    from nin.training import runfolder
     path = Path(sys.argv[1])
     runfolder.save_checkpoint(path, {"model": {"w": torch.full((50_000,), 1.0)}, "version": 1})
     real = Path.write_bytes
@@ -133,7 +133,7 @@ FULL_DISK = """
 mount -t tmpfs -o size=120k tmpfs "$MNT" || exit 99
 "$PY" -m nin train --data-dir "$DATA" --out "$MNT/run" "$@" >/dev/null 2>"$LOGS/err1"; echo "rc1=$?"
 ls -A "$MNT/run" | tr '\\n' ' '; echo
-"$PY" -c "import sys; from nin.runfolder import load_checkpoint; print('step', load_checkpoint(sys.argv[1])['step'])" \\
+"$PY" -c "import sys; from nin.training.runfolder import load_checkpoint; print('step', load_checkpoint(sys.argv[1])['step'])" \\
     "$MNT/run/last.ckpt"
 mount -o remount,size=20m "$MNT" || exit 98
 "$PY" -m nin train --resume "$MNT/run" --quiet >/dev/null 2>"$LOGS/err2"; echo "rc2=$?"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from nin.cli import main
-from nin.models import create_model
+from nin.hub import create_model
 
 from ..fakedata import idx_bytes, learnable_images
 from .common import TINY_ARGS, one_error_line, snapshot

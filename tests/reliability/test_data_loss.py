@@ -61,7 +61,7 @@ def test_pack_refuses_a_folder_that_is_not_empty(earlier_pack, capsys):
 # issue 32 item 5: --overwrite replaces the earlier pack's shards and index (no stale shard stays beside the
 # new index) and keeps the user's other files
 def test_pack_overwrite_replaces_only_its_own_files(earlier_pack, capsys):
-    from nin.shards import open_shards
+    from nin.data.shards import open_shards
 
     src, out = earlier_pack
     assert len(list(out.glob("train-*.tar"))) == 5
@@ -76,12 +76,12 @@ def test_pack_overwrite_replaces_only_its_own_files(earlier_pack, capsys):
 
 # issue 32 item 5: an --overwrite pack that fails while writing leaves the earlier pack as it was
 def test_pack_overwrite_that_fails_keeps_the_earlier_pack(earlier_pack, capsys, monkeypatch):
-    import nin.shards
+    import nin.data.shards as shards
     from nin.errors import NinError
 
     src, out = earlier_pack
     before = snapshot(out)
-    real, calls = nin.shards._write_shard, []
+    real, calls = shards._write_shard, []
 
     def fail_on_the_second(*args, **kw):
         calls.append(1)
@@ -89,7 +89,7 @@ def test_pack_overwrite_that_fails_keeps_the_earlier_pack(earlier_pack, capsys, 
             raise NinError("disk full (injected)")
         return real(*args, **kw)
 
-    monkeypatch.setattr(nin.shards, "_write_shard", fail_on_the_second)
+    monkeypatch.setattr(shards, "_write_shard", fail_on_the_second)
     assert main(["data", "pack", f"folder:{src}", "--out", str(out), "--shard-size", "5", "--overwrite"]) == 1
     assert "injected" in one_error_line(capsys.readouterr().err, "data")
     assert snapshot(out) == before

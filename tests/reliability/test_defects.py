@@ -68,7 +68,7 @@ import nin, importlib
 from nin import *
 for name in nin.__all__:
     assert getattr(nin, name) is not None, name
-for mod in ("nin.trainer", "nin.evaluation", "nin.export", "nin.recipes", "nin.data", "nin.models", "nin.prediction"):
+for mod in ("nin.training.trainer", "nin.evaluation", "nin.modelfile", "nin.training.recipes", "nin.data", "nin.models", "nin.prediction"):
     importlib.import_module(mod)
 for name in nin.__all__:
     obj = getattr(nin, name)
@@ -87,7 +87,7 @@ print("ok")
 @given(steps=st.integers(1, 400), epochs=st.integers(1, 12), warm=st.floats(0, 12),
        schedule=st.sampled_from(["constant", "onecycle", "cosine", "step"]), peak=st.floats(1e-4, 10))
 def test_3_lr_never_exceeds_the_peak(steps, epochs, warm, schedule, peak):
-    from nin.recipes import TrainConfig, lr_at
+    from nin.training.recipes import TrainConfig, lr_at
 
     cfg = TrainConfig(epochs=epochs, warmup_epochs=min(warm, epochs), schedule=schedule, step_epochs=(1,))
     lrs = [lr_at(cfg, s, steps, peak) for s in range(epochs * steps)]
@@ -95,7 +95,7 @@ def test_3_lr_never_exceeds_the_peak(steps, epochs, warm, schedule, peak):
 
 
 def test_3_fractional_warmup_examples():
-    from nin.recipes import get_recipe, lr_at
+    from nin.training.recipes import get_recipe, lr_at
 
     cfg = get_recipe("fast")  # warm-up 0.5 epoch, peak 0.2
     for spe in (1, 3, 235):
@@ -171,7 +171,7 @@ def test_6_files_honour_the_umask(tmp_path, data_dir):
 def test_7_second_writer_is_refused_then_takes_over(finished_run, capsys):
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
-from nin.runfolder import lock
+from nin.training.runfolder import lock
 f = lock({str(finished_run)!r}); print("locked", flush=True); time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
@@ -230,7 +230,7 @@ def _numeric_cases():
         "export": (["export", run, "--out", "{tmp}/x.onnx"], ["--opset"]),
         "data": (["data", "info", "--data-dir", "{data}"], ["--seed"]),
     }
-    from nin.recipes import TrainConfig
+    from nin.training.recipes import TrainConfig
     import dataclasses
     train_flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
                    if str(f.type).split(" ")[0] in ("int", "float") and f.name != "recipe"]
@@ -306,7 +306,7 @@ def test_14_summary_of_a_huge_input_talks_about_memory(capsys):
 
 # 15: a server that accepts but never answers: a timeout and a progress line, not a hang
 def test_15_download_times_out(tmp_path, monkeypatch, capsys):
-    import nin.datasets as datasets
+    import nin.data.datasets as datasets
     from nin.errors import DatasetError
 
     srv = socket.socket()
@@ -340,7 +340,7 @@ def test_16_17_cam_grid_cap_and_no_warning(finished_run, data_dir, tmp_path, cap
 
 # 18: a .safetensors with its own description is read by it, whatever model.json lies beside it
 def test_18_embedded_metadata_wins(finished_run, tmp_path):
-    from nin.export import load
+    from nin.hub import load
 
     out = tmp_path / "mine.safetensors"
     assert main(["export", str(finished_run), "--format", "safetensors", "--out", str(out)]) == 0
@@ -352,7 +352,7 @@ def test_18_embedded_metadata_wins(finished_run, tmp_path):
 
 # 19: an empty class folder is an error, nested images a warning; predict warns about symlinked folders
 def test_19_folder_surprises_are_said(tmp_path, capsys):
-    from nin.data import load_dataset
+    from nin.data.datasets import load_dataset
     from nin.errors import DatasetError
     from nin.prediction import collect_files
 

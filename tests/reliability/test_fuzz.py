@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nin.datasets import read_idx
+from nin.data.datasets import read_idx
 from nin.errors import DatasetError
 from nin.prediction import ImageError, read_image
 

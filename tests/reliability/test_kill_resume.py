@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nin.runfolder import load_checkpoint
+from nin.training.runfolder import load_checkpoint
 
 from ..fakedata import fake_fashion_dir
 

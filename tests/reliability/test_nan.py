@@ -7,7 +7,7 @@ import torch
 
 import nin.models
 from nin.cli import main
-from nin.runfolder import load_checkpoint
+from nin.training.runfolder import load_checkpoint
 
 from .common import TINY_ARGS, one_error_line
 
@@ -16,7 +16,7 @@ from .common import TINY_ARGS, one_error_line
 def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, monkeypatch, capsys, bad_step):
     """Gradients turn NaN at one step while that step's loss is still finite; a checkpoint is due
     after every step (--save-every 0.00001 minutes).  The NaN weights must not be saved."""
-    real = nin.models.create_model
+    real = nin.models.build_model
     seen = []
 
     def poisoned(*args, **kwargs):
@@ -29,7 +29,7 @@ def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, monkeypatch, cap
         next(model.parameters()).register_hook(hook)
         return model
 
-    monkeypatch.setattr(nin.models, "create_model", poisoned)
+    monkeypatch.setattr(nin.models, "build_model", poisoned)
     out = tmp_path / "run"
     rc = main(["train", "--data-dir", str(data_dir), "--out", str(out), "--save-every", "0.00001",
                *TINY_ARGS[:TINY_ARGS.index("--epochs")], "--epochs", "2", *TINY_ARGS[TINY_ARGS.index("--epochs") + 2:]])

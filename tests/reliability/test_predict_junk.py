@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from nin.cli import main
-from nin.export import ModelMeta, save_model
-from nin.models import create_model
+from nin.modelfile import ModelMeta, save_model
+from nin.hub import create_model
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ class ServedModel:
     cam_model: object | None
     backend: str  # shown in /v1/model and the page: "onnxruntime (CPU)", "pytorch (cuda:0)", ...
     source: str
+    loaded_from: str | None = None  # MODEL as given to load_served
 
     @property
     def meta(self):
@@ -32,10 +33,11 @@ class ServedModel:
     def classes(self) -> list[str]:
         return self.meta.classes
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, tta: str | None = None) -> np.ndarray:
         """uint8 N x C x H x W (already fitted by images.read_image) -> N x K probabilities.
 
-        The same computation as ``nin predict`` (predict.probabilities), one forward pass."""
+        The same computation as ``nin predict`` (predict.probabilities): the model's own TTA unless
+        ``tta`` names one, one forward pass per view."""
         import torch
 
         from ..prediction import probabilities
@@ -43,13 +45,46 @@ class ServedModel:
         x = torch.from_numpy(images)
         if self.cam_model is not None and self.predictor is self.cam_model:
             x = x.to(next(self.cam_model.parameters()).device)
-        return probabilities(self.predictor, x, batch_size=max(1, len(x))).cpu().numpy()
+        return probabilities(self.predictor, x, batch_size=max(1, len(x)), tta=tta).cpu().numpy()
+
+    def recipe(self, *, threads: int) -> "ModelRecipe":
+        """What a worker process needs to load this same model again (the checked ONNX file, if any)."""
+        onnx = str(self.predictor.path) if self.backend.startswith("onnxruntime") else None
+        device = str(next(self.cam_model.parameters()).device) if self.cam_model is not None else "cpu"
+        return ModelRecipe(self.loaded_from, self.source, onnx, self.cam_model is not None, device, threads)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A served model as a worker process loads it: the parent loaded, exported and checked it once."""
+
+    loaded_from: str | None  # MODEL as given (None: the default pretrained)
+    source: str
+    onnx: str | None  # the ONNX file onnxruntime runs (kept by the parent while it serves)
+    cam: bool  # load the PyTorch model too (class maps; or the predictor when onnx is None)
+    device: str
+    threads: int
+
+    def load(self) -> ServedModel:
+        import torch
+
+        from ..onnx import OnnxModel
+        from ..hub import load_any
+
+        torch.set_num_threads(self.threads)
+        model = None
+        if self.cam:
+            model = load_any(self.loaded_from, self.device) if self.loaded_from is not None else load_any(None)
+        if self.onnx is None:
+            return ServedModel(model, model, f"pytorch ({self.device})", self.source, self.loaded_from)
+        return ServedModel(OnnxModel(self.onnx, threads=self.threads), model, "onnxruntime (CPU)", self.source,
+                           self.loaded_from)
 
 
 def weights_name(source: str | None) -> str:
     """What ``source`` names, for the start-up lines and /health: the shipped weights' full name
     (``nin_fmnist.fashion_mnist_fast`` for None or ``nin_fmnist``), else the run folder or file as given."""
-    from ..pretrained import DEFAULT, is_pretrained_name, resolve_name
+    from ..hub import DEFAULT, is_pretrained_name, resolve_name
 
     if source is None:
         return DEFAULT
@@ -86,30 +121,65 @@ def reported_accuracy(meta) -> dict | None:
     return None
 
 
-def default_threads() -> int:
-    """Compute threads: all cores but one, which the event loop (HTTP, decoding) keeps for itself.
-
-    On 2 cores, onnxruntime with 1 thread answered 1.0-1.6x the requests/s of its default (2 threads,
-    spinning while they wait) at 64 clients: the forward pass and the event loop no longer fight."""
+def cores() -> int:
+    """The cores this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return os.cpu_count() or 1
+
+
+def default_threads(workers: int = 1) -> int:
+    """Compute threads per worker process.  One worker: all cores but one, which the event loop (HTTP,
+    decoding) keeps for itself (onnxruntime's default, 2 spinning threads on 2 cores, lost to 1 thread);
+    several workers: the cores shared out, each worker's event loop and compute thread taking turns."""
+    if workers <= 1:
+        return max(1, cores() - 1)
+    return max(1, cores() // workers)
+
+
+def choose_max_batch(served: ServedModel, candidates: tuple[int, ...] = (16, 8, 4), gain: float = 1.25) -> int:
+    """The batch size for ``--max-batch auto``: the largest candidate whose forward pass costs at most
+    1/``gain`` of batch 1's time per image, measured here (best of 3 after a warm-up), else 1.
+
+    Batching pays when one image leaves the compute threads idle (small inputs: the fast model) and
+    loses when one image already fills them (nin_d2l's 224x224 on a 2-core CPU)."""
+    import time
+
+    c, h, w = served.meta.input_size
+
+    def per_image(n: int) -> float:
+        x = np.zeros((n, c, h, w), np.uint8)
+        served.probabilities(x)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            served.probabilities(x)
+            best = min(best, time.perf_counter() - t)
+        return best / n
+
+    one = per_image(1)
+    for n in sorted(candidates, reverse=True):
+        if per_image(n) * gain <= one:
+            return n
+    return 1
 
 
 def load_served(source: str | None, *, backend: str = "auto", device: str = "auto",
-                threads: int | None = None, log=None) -> ServedModel:
+                threads: int | None = None, log=None, onnx_dir: str | os.PathLike | None = None) -> ServedModel:
     """Load MODEL (a run folder, .safetensors, .onnx or pretrained name; None: the default pretrained).
 
-    On CPU with ``backend`` auto or onnx, a PyTorch model is exported once to ONNX (dynamic batch)
-    in a temporary folder, checked against PyTorch by export.export_model, and served by onnxruntime:
-    BENCHMARKS.md measures it 4.5x faster than PyTorch eager for the fast model.  ``auto`` falls back
-    to PyTorch when onnxruntime is missing or the export fails; class maps always use PyTorch.
+    On CPU with ``backend`` auto or onnx, a PyTorch model is exported once to ONNX (dynamic batch),
+    checked against PyTorch by export.export_model, and served by onnxruntime (BENCHMARKS.md compares
+    it with PyTorch eager).  The file goes to a temporary folder that is removed at once (the session
+    holds the graph), or to ``onnx_dir``, kept there for worker processes (``ServedModel.recipe``).
+    ``auto`` falls back to PyTorch when onnxruntime is missing or the export fails; class maps always
+    use PyTorch.
     """
     import torch
 
-    from ..export import OnnxModel, export_model, load_any
+    from ..onnx import OnnxModel
+    from ..hub import load_any
 
     log = log or (lambda m: print(m, file=sys.stderr))
     threads = threads or default_threads()
@@ -122,29 +192,39 @@ def load_served(source: str | None, *, backend: str = "auto", device: str = "aut
     if isinstance(model, OnnxModel):
         if backend == "torch":
             raise UsageError(f"{source}: an .onnx file runs on onnxruntime; give the run folder for --backend torch")
-        model = OnnxModel(model.path, threads=threads)
-        return ServedModel(model, None, "onnxruntime (CPU)", name)
+        return ServedModel(OnnxModel(model.path, threads=threads), None, "onnxruntime (CPU)", name, source)
     torch.set_num_threads(threads)
     dev = next(model.parameters()).device
     if backend == "torch" or dev.type != "cpu":
         if backend == "onnx":
             raise UsageError("--backend onnx runs on the CPU; leave out --device or use --backend torch")
-        return ServedModel(model, model, f"pytorch ({dev})", name)
+        return ServedModel(model, model, f"pytorch ({dev})", name, source)
+    onnx_model = _onnx_of(model, backend, threads, log, onnx_dir)
+    if onnx_model is None:
+        return ServedModel(model, model, "pytorch (cpu)", name, source)
+    return ServedModel(onnx_model, model, "onnxruntime (CPU)", name, source)
+
+
+def _onnx_of(model, backend: str, threads: int, log, keep_in: str | os.PathLike | None):
+    """``model`` exported to ONNX (checked equal to PyTorch) and opened in onnxruntime; None when auto
+    falls back to PyTorch (onnxruntime missing, export failed)."""
+    from ..onnx import OnnxModel
+    from ..export import export_model
+
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         if backend == "onnx":
             raise UsageError("--backend onnx needs onnxruntime: pip install 'nin[onnx]'") from None
         log("note: onnxruntime is not installed; serving with PyTorch (pip install 'nin[onnx]' is faster on CPU)")
-        return ServedModel(model, model, "pytorch (cpu)", name)
+        return None
     try:
         with tempfile.TemporaryDirectory(prefix="nin-serve-") as tmp:
-            path = Path(tmp) / "model.onnx"
+            path = Path(keep_in or tmp) / f"{id(model):x}.onnx"
             export_model(model, path, format="onnx", dynamic_batch=True)  # removed, with ExportError, unless equal
-            onnx_model = OnnxModel(path, threads=threads)  # the session holds the graph; the file can go
+            return OnnxModel(path, threads=threads)
     except NinError as e:
         if backend == "onnx":
             raise
         log(f"note: serving with PyTorch, the ONNX export did not work ({e})")
-        return ServedModel(model, model, "pytorch (cpu)", name)
-    return ServedModel(onnx_model, model, "onnxruntime (CPU)", name)
+        return None

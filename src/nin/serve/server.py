@@ -1,11 +1,20 @@
-"""Running the app under uvicorn: one process, SIGTERM/SIGINT drain the in-flight requests, exit 0."""
+"""Running the app under uvicorn: in this process, or in several worker processes on one port.
+
+``run_server``: one process; SIGTERM/SIGINT drain the in-flight requests, exit 0.
+``run_workers``: N processes (spawned, each with its own model, batch queue and event loop) accept on the
+same listening sockets, made here once; SIGTERM/SIGINT to this process drain every worker, exit 0.
+"""
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import queue
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 
 from ..errors import UsageError
 
@@ -59,7 +68,8 @@ def _bind_error(e: OSError, host: str, port: int) -> UsageError:
 
 
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-               drain_seconds: float = 30, ready=None, sockets: list[socket.socket] | None = None) -> int:
+               drain_seconds: float = 30, ready=None, sockets: list[socket.socket] | None = None,
+               signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> int:
     """Serve ``app`` until SIGTERM or Ctrl+C; returns 0 after the requests in flight are answered.
 
     ``sockets``: already listening ones (``listen``); by default they are made here.
@@ -71,7 +81,7 @@ def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str
         def capture_signals(self):
             # uvicorn re-raises the signal after its graceful shutdown, so the process would die
             # by SIGTERM (exit -15); a drained shutdown is a clean exit here.
-            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            old = {s: signal.signal(s, self.handle_exit) for s in signals}
             try:
                 yield
             finally:
@@ -101,3 +111,99 @@ def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str
         print("nin serve: error: the server did not start (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def run_workers(recipes: list, options: dict, *, workers: int, sockets: list[socket.socket], log_level: str = "warning",
+                drain_seconds: float = 30, ready=None) -> int:
+    """Serve with ``workers`` processes until SIGTERM or Ctrl+C; 0 once every worker has drained.
+
+    ``recipes``: ModelRecipe per model (each worker loads its own copy); ``options``: create_app's keyword
+    arguments.  ``ready(host, port)`` once every worker has warmed up and listens.  A worker that dies
+    stops the others (exit 1): a server that answers only sometimes is worse than one that is down."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from .metrics import MULTIPROC
+
+    ctx = multiprocessing.get_context("spawn")  # fork after torch/onnxruntime made their threads is unsafe
+    metrics_dir = tempfile.mkdtemp(prefix="nin-serve-metrics-")
+    started = ctx.Queue()
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+    procs = [ctx.Process(target=_worker, name=f"nin-serve-{i}", daemon=False,
+                         args=(recipes, options, sockets, log_level, drain_seconds, started)) for i in range(workers)]
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.environ[MULTIPROC] = metrics_dir  # read by each worker's prometheus_client as it starts
+    try:
+        for p in procs:
+            p.start()
+        os.environ.pop(MULTIPROC, None)
+        if _wait_started(procs, started, stopping) and ready:
+            ready(*sockets[0].getsockname()[:2])
+        while not stopping and all(p.is_alive() for p in procs):
+            wait([p.sentinel for p in procs], timeout=1)
+        died = not stopping
+        if died:
+            dead = next(p for p in procs if not p.is_alive())
+            print(f"nin serve: error: worker {dead.name} (pid {dead.pid}) exited with {dead.exitcode}; stopping",
+                  file=sys.stderr, flush=True)
+            stop(None, None)
+        code = _join(procs, drain_seconds)
+        return 1 if died else code
+    finally:
+        os.environ.pop(MULTIPROC, None)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in sockets:
+            s.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _wait_started(procs, started, stopping) -> bool:
+    """True once every worker said it listens; False if one died first or a signal came."""
+    pending = len(procs)
+    while pending and not stopping:
+        try:
+            started.get(timeout=0.2)
+            pending -= 1
+        except queue.Empty:
+            if not all(p.is_alive() for p in procs):
+                return False
+    return not pending
+
+
+def _join(procs, drain_seconds: float) -> int:
+    """Wait for every worker to drain and exit; 0 when all exited 0."""
+    for p in procs:
+        p.join(drain_seconds + 10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return 0 if all(p.exitcode == 0 for p in procs) else 1
+
+
+def _worker(recipes, options, sockets, log_level, drain_seconds, started) -> None:
+    """One worker process: load the models, serve on the inherited sockets until SIGTERM (from the parent)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the parent, which sends SIGTERM once
+    from .app import create_app
+
+    app = create_app([r.load() for r in recipes], **options)
+    code = run_server(app, sockets=sockets, log_level=log_level, drain_seconds=drain_seconds,
+                      ready=lambda host, port: started.put(os.getpid()), signals=(signal.SIGTERM,))
+    sys.exit(code)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM (a drain) when the parent dies, even by SIGKILL, so that no orphan keeps the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

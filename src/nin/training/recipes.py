@@ -8,7 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..vocab import TTA_CHOICES
 
 
 def opt(default, help: str, *, lo=None, hi=None, lo_open: bool = False, interval: bool = False, unit: str = "",
@@ -103,7 +104,7 @@ class TrainConfig:
                      lo=0, hi=1, interval=True)
     # evaluation
     tta_flip: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror")
-    final_tta: Literal["same", "none", "flip", "shift"] = opt(
+    final_tta: Literal[("same", *TTA_CHOICES)] = opt(
         "same", "test-time augmentation of the saved model's one closing evaluation on the test set, which "
         "model.json records so that nin eval, predict and serve use it by default: none, flip, shift (the image "
         "and its mirror each moved by up to one pixel, 18 views: 9x the cost of flip, too slow for every "
@@ -152,6 +153,10 @@ class TrainConfig:
         return cls(**d)
 
 
+# options a resumed run may change (it keeps every other one); --epochs only upwards (trainer._resumed_config)
+RESUMABLE = ("max_steps", "epochs")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -184,7 +189,6 @@ def check_option(f: dataclasses.Field, value) -> None:
         raise UsageError(f"{name} must be <= {hi}{unit}, got {value}")
 
 
-SCHEDULES = typing.get_args(Schedule)
 MIN_STEPS_PER_EPOCH = 20  # --min-steps-per-epoch's default for a user's own collection (folder:, wds:)
 
 

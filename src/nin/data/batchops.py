@@ -1,16 +1,13 @@
-"""Datasets and the on-device batch loader.
+"""Operations on whole uint8 batches, shared by every loader: resize + normalise, augment, epoch order.
 
-Each split lives on the target device as uint8 (as in airbench): an epoch is one ``randperm``,
-a batch is an index into that tensor, and augmentation, conversion, resizing and normalisation
-run on the whole batch.  No DataLoader workers, no per-image PIL calls.
+This is the data folder's basement: it imports nothing else of nin.  Augmentation, conversion,
+resizing and normalisation run on the whole batch, on its device (as in airbench): no per-image PIL calls.
 
 Resizing is two matrix products, ``A_h @ x @ A_w^T`` (the second by row blocks that skip A_h's
 zeros), with the weights of PIL's bilinear
 filter (the same weights as ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)``),
 so ``to_float_batch(x, resize=224)`` matches the book's ``Resize(224)`` + ``ToTensor()``.  Scaling
 by 1/255 and the mean/std normalisation are folded into ``A_h`` and one bias add.
-
-Finding and parsing the files is in ``datasets.py``; its public names are re-exported here.
 """
 from __future__ import annotations
 
@@ -19,10 +16,8 @@ from functools import lru_cache
 
 import torch
 
-from .datasets import DATASETS, Dataset, Split, find_dataset, load_dataset, search_dirs
-
-__all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs", "to_float_batch",
-           "resize_matrix", "augment", "alternating_flips", "BatchLoader", "epoch_order", "num_batches", "make_loader"]
+__all__ = ["to_float_batch", "resize_matrix", "erase_boxes", "augment", "alternating_flips", "seed_mix", "epoch_order",
+           "num_batches"]
 
 
 @lru_cache(maxsize=64)
@@ -169,11 +164,11 @@ def alternating_flips(ids: torch.Tensor, epoch: int, seed: int, n: int) -> torch
     """airbench's alternating flip: sample ``i`` of ``n`` is mirrored in epoch ``e`` iff its own coin (fixed
     by ``seed``) XOR ``e`` is odd, so every image is seen both ways round in any two consecutive epochs
     instead of by chance.  ``ids``: int64 sample indices (CPU); returns one bool per id."""
-    coins = torch.rand(n, generator=torch.Generator().manual_seed(_mix(seed, 0x464C4950))) < 0.5  # "FLIP"
+    coins = torch.rand(n, generator=torch.Generator().manual_seed(seed_mix(seed, 0x464C4950))) < 0.5  # "FLIP"
     return coins[ids] ^ bool(epoch % 2)
 
 
-def _mix(*values: int) -> int:
+def seed_mix(*values: int) -> int:
     """A 63-bit seed from several integers (distinct tuples give unrelated seeds)."""
     s = 0x9E3779B97F4A7C15
     for v in values:
@@ -204,110 +199,3 @@ def num_batches(n: int, batch_size: int, *, drop_last: bool, rank: int = 0, worl
     return math.ceil(len(range(rank, n, world_size)) / batch_size)
 
 
-class BatchLoader:
-    """Batches of one split, held on ``device`` as uint8: ``for x, y in loader`` yields float x, int64 y.
-
-    Epoch ``e`` is ``randperm`` from a CPU generator seeded with ``seed + 1000003 * e`` (or 0..N-1 without
-    ``shuffle``); batch ``b``'s augmentation draws come from a generator seeded from (seed, e, b, rank).
-    So ``iterate(e, start_batch=k)`` yields exactly the tail of ``iterate(e)`` (resume mid-epoch).
-
-    Sharding: every rank computes the same order and takes ``order[rank::world_size]``.  With
-    ``drop_last`` the order is first cut to a multiple of ``world_size`` (every rank gets the same
-    number of samples and batches, as DDP training needs); without it nothing is dropped or repeated
-    and shards differ by at most one sample (what evaluation needs: each sample counted once).
-    """
-
-    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, erase: float = 0.0, alt_flip: bool = False, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.resize, self.mean, self.std, self.dtype = resize, mean, std, dtype
-        self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
-        self.erase, self.alt_flip = erase, alt_flip and flip
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return num_batches(len(self.labels), self.batch_size, drop_last=self.drop_last, rank=self.rank,
-                           world_size=self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """The sample indices (int64, CPU) this rank sees in ``epoch``, in order."""
-        return epoch_order(len(self.labels), epoch, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
-                           rank=self.rank, world_size=self.world_size)
-
-    def iterate(self, epoch: int, start_batch: int = 0):
-        """Yields (x float on device, y int64 on device) for batches ``start_batch..len(self)-1``."""
-        order = self.epoch_indices(epoch)
-        idx = order.to(self.device)
-        flips = alternating_flips(order, epoch, self.seed, len(self.labels)) if self.alt_flip else None
-        b_size = self.batch_size
-        for b in range(start_batch, len(self)):
-            i = idx[b * b_size:(b + 1) * b_size]
-            x = self.images[i]
-            if self.crop_padding or self.flip or self.erase:
-                g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, self.rank))
-                x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase,
-                            flips=None if flips is None else flips[b * b_size:(b + 1) * b_size])
-            x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[i]
-
-    def __iter__(self):
-        return self.iterate(self.epoch)
-
-
-# --- one entry point for every dataset and loader -----------------------------------------------
-_STREAM_ONLY = ("in_chans", "size", "transform", "eval_resize", "workers", "max_bad", "on_bad", "prefetch")
-
-
-def open_dataset(name: str, data_dir=None, *, seed: int = 0, stream: bool | None = None, memory_budget=None,
-                 device="cpu", download: bool = False):
-    """The dataset in memory (``Dataset``: uint8 tensors) or as files to stream (``stream.StreamDataset``).
-
-    ``wds:DIR`` always streams; ``folder:PATH`` streams with ``stream=True``, or with ``stream=None`` when
-    its decoded size exceeds ``memory_budget`` (``stream.choose_path``); the built-in datasets load."""
-    if name.startswith("wds:"):
-        from .shards import open_shards
-        return open_shards(name)
-    if name.startswith("folder:"):
-        from .stream import choose_path, open_folder
-        if stream or (stream is None and choose_path(name, memory_budget, device=device, seed=seed) == "stream"):
-            return open_folder(name[len("folder:"):], seed)
-    elif stream:
-        from .errors import UsageError
-        raise UsageError(f"--stream reads folder:PATH or wds:DIR; {name} is loaded into memory")
-    return load_dataset(name, data_dir, download=download, seed=seed)
-
-
-def make_loader(split, batch_size: int, **kw):
-    """``BatchLoader`` for an in-memory ``Split``, ``stream.StreamLoader`` for a ``FileSplit``,
-    ``shards.ShardLoader`` for a ``ShardSplit``: the same keyword arguments (the streaming ones, listed
-    in ``_STREAM_ONLY``, are ignored in memory, where only the "fit" transform exists)."""
-    from .stream import FileSplit, StreamLoader
-
-    if isinstance(split, Split):
-        if kw.get("transform", "fit") != "fit":
-            from .errors import UsageError
-            raise UsageError(f"the {kw['transform']} transform needs the streaming path (--stream)")
-        return BatchLoader(split, batch_size, **{k: v for k, v in kw.items() if k not in _STREAM_ONLY})
-    if kw.pop("alt_flip", False):
-        from .errors import UsageError
-        raise UsageError("--alt-flip needs the images in memory; a streamed collection draws a flip per image "
-                         "(drop --alt-flip, or --no-stream for a folder that fits --memory-budget)")
-    if isinstance(split, FileSplit):
-        return StreamLoader(split, batch_size, **kw)
-    from .shards import ShardLoader
-    return ShardLoader(split, batch_size, **kw)

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import _mix, augment, epoch_order, num_batches, to_float_batch
-from .errors import DatasetError, ImageError, UsageError
+from .batchops import seed_mix, augment, epoch_order, num_batches, to_float_batch
+from ..errors import DatasetError, ImageError, UsageError
 from .images import center_crop_box, decode_image, image_header, read_image, resized_crop
 from .images import eval_resize as default_eval_resize
 
@@ -236,7 +236,7 @@ class _BatchDecoder(torch.utils.data.Dataset):
         b, idx = task
         return decode_batch([self.paths[int(i)] for i in idx], idx, self.labels[idx], self.in_chans, self.size,
                             self.transform, flip=self.flip, eval_resize=self.eval_resize,
-                            seeds=[_mix(self.seed, self.epoch, b, self.rank, j) for j in range(len(idx))],
+                            seeds=[seed_mix(self.seed, self.epoch, b, self.rank, j) for j in range(len(idx))],
                             known_bad=self.known_bad, batch=b)
 
 
@@ -456,7 +456,7 @@ class StreamLoader:
                 continue
             x, y = xy
             if self.transform == "fit" and (self.crop_padding or self.flip or self.erase):
-                g = torch.Generator().manual_seed(_mix(self.seed, epoch, item["batch"], self.rank))
+                g = torch.Generator().manual_seed(seed_mix(self.seed, epoch, item["batch"], self.rank))
                 x = augment(x, g, crop_padding=self.crop_padding, flip=self.flip, erase=self.erase)
             x = to_float_batch(x, resize=self.resize, mean=self.mean, std=self.std, dtype=self.dtype)
             if self.channels_last:
@@ -470,7 +470,7 @@ class StreamLoader:
 def write_bad_files(path: str | os.PathLike, entries) -> None:
     """Write (or extend) ``bad_files.txt``: one ``path<TAB>reason`` line per file, sorted, atomically;
     lines already in the file (from before a resume) are kept."""
-    from .fsutil import atomic_write
+    from ..fsutil import atomic_write
 
     path = Path(path)
     lines = set(path.read_text(encoding="utf-8").splitlines()) if path.exists() else set()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError, ImageError, NinError, UsageError
+from ..errors import DatasetError, ImageError, NinError, UsageError
 from .stream import MAX_BAD, StreamDataset, StreamLoader, _BadFiles, decode_batch, open_folder, worker_init
 
 __all__ = ["pack", "open_shards", "ShardSplit", "ShardLoader", "INDEX"]
@@ -107,7 +107,7 @@ def pack(dataset: str, out: str | os.PathLike, *, shard_size: int = 1000, seed: 
     import shutil
     import tempfile
 
-    from .fsutil import atomic_write
+    from ..fsutil import atomic_write
     from .images import image_header
 
     wds = _wds()
@@ -399,7 +399,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 yield int(self.loader.split.starts[s] + k), (url, sample)
 
     def _decode(self, b: int, batch):
-        from .data import _mix
+        from .batchops import seed_mix
 
         L = self.loader
         sources, labels, names = [], [], []
@@ -414,7 +414,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                          + (f" ({sample['path'].decode(errors='replace')})" if "path" in sample else ""))
         item = decode_batch(sources, None, labels, L.in_chans, L.size, L.transform,
                             flip=L.flip and L.transform == "random-resized-crop", eval_resize=L.eval_resize,
-                            seeds=[_mix(L.seed, self.epoch, b, L.rank, j) for j in range(len(batch))],
+                            seeds=[seed_mix(L.seed, self.epoch, b, L.rank, j) for j in range(len(batch))],
                             known_bad=self.known_bad, names=names, batch=b)
         for j, y in enumerate(labels):  # a label outside the classes makes the sample bad, not the run crash
             if y < 0 and item["good"][j]:

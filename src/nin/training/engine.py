@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
-from .recipes import TrainConfig
+from ..errors import UsageError
 
 
 # --- engine choices -----------------------------------------------------------------------
@@ -29,20 +28,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast only pays on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+        from .. import devices  # looked up at call time (the tests stand in for the CPU there)
+
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else devices.cpu_supports_bf16()
         return torch.bfloat16 if ok else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
@@ -88,8 +79,9 @@ def input_dtype(amp_dtype: torch.dtype | None) -> torch.dtype:
     return torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, base_lr: float, device: torch.device) -> torch.optim.SGD:
-    """SGD with weight decay on weights only; the fused kernel (one pass over all parameters) on CPU/CUDA."""
+def make_optimizer(model: nn.Module, cfg, base_lr: float, device: torch.device) -> torch.optim.SGD:
+    """SGD with weight decay on weights only; the fused kernel (one pass over all parameters) on CPU/CUDA.
+    ``cfg``: anything with ``momentum``, ``nesterov`` and ``weight_decay`` (a TrainConfig)."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN affine

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runfolder
-from .engine import (Dist, Ema, all_reduce_sum, debug_dump, init_weights, input_dtype, keep_freed_memory,
-                     make_optimizer, resolve_precision, setup_distributed, step_seed, train_step, weights_finite)
-from .errors import CheckpointError, TrainingDiverged, UsageError
+from .engine import (Dist, Ema, all_reduce_sum, debug_dump, init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_precision, setup_distributed, step_seed, train_step, weights_finite)
+from ..errors import CheckpointError, TrainingDiverged, UsageError
 from .recipes import TrainConfig, lr_at, min_steps_per_epoch
 
 __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader_accuracy", "loader_eval",
@@ -42,7 +41,7 @@ __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader
 def loader_eval(model: nn.Module, loader, amp_dtype, tta: str = "none",
                 max_batches: int | None = None) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` over a loader's batches, with ``tta`` as nin eval does."""
-    from .evaluation import tta_logits
+    from ..inference import tta_logits
 
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
@@ -78,6 +77,7 @@ class TrainState:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
     warned_chance: bool = False  # the at-chance warning was given (once a run)
+    lr: float | None = None   # the lr the last optimizer step applied (what the metrics row records)
 
     def to_checkpoint(self) -> dict:
         return {f.name: (self.sums.cpu() if f.name == "sums" else getattr(self, f.name))
@@ -86,7 +86,7 @@ class TrainState:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The keys a checkpoint must hold (best_epoch is newer than the first checkpoints: optional)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("best_epoch", "warned_chance"))
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("best_epoch", "warned_chance", "lr"))
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: torch.device, main: bool) -> "TrainState":
@@ -135,6 +135,33 @@ class Setup:
         return "flip" if self.cfg.tta_flip else "none"
 
     @property
+    def streamed(self) -> bool:
+        """Whether the training images are read from files during training (not held in memory)."""
+        return hasattr(self.train_loader, "on_bad")
+
+    def on_bad_files(self, callback) -> None:
+        """Have every streamed loader (train, validation, test) report the files it could not read."""
+        for loader in (self.train_loader, self.val_loader, self.test_loader):
+            if loader is not None and hasattr(loader, "on_bad"):
+                loader.on_bad = callback
+
+    def state_dict(self, st: "TrainState") -> dict | None:
+        """What a checkpoint holds and ``restore`` puts back: weights, optimizer, scaler, EMA, the run's
+        position (TrainState) and config.  None when the weights are not finite: a step can leave NaN weights
+        while its own loss was finite, and those must never replace the last good checkpoint (the loss check
+        stops the run at the next step)."""
+        if not weights_finite(self.model):
+            return None
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict(), **st.to_checkpoint(), "world_size": self.d.world_size,
+                 "config": self.cfg.to_dict(),
+                 "rng": {"scheme": "torch.manual_seed(step_seed(seed, epoch, batch, rank)) before every step",
+                         "seed": self.cfg.seed}}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    @property
     def final_tta(self) -> str:
         """The TTA of the saved model's closing evaluation (model.json's ``tta``)."""
         return self.tta if self.cfg.final_tta == "same" else self.cfg.final_tta
@@ -159,7 +186,7 @@ def stratified_mask(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def split_validation(split, n: int, seed: int):
     """(train, val): ``n`` images held out stratified by class (each class its share, rounded so the
     total is n), chosen by ``seed``.  Both keep the original order."""
-    from .data import Split
+    from ..data.datasets import Split
 
     labels = split.labels
     if not 0 < n < len(labels):
@@ -172,8 +199,8 @@ def limit_train(split, n: int, seed: int):
     """--limit-train: ``n`` training images stratified by class and drawn by ``seed`` (in their original
     order), for an in-memory Split or a streamed folder's files; shards, read in order, give their first
     ``n`` (``nin data pack`` wrote them in a shuffled order)."""
-    from .data import Split
-    from .stream import FileSplit
+    from ..data.datasets import Split
+    from ..data.stream import FileSplit
 
     if n >= len(split):
         return split
@@ -189,8 +216,8 @@ def limit_train(split, n: int, seed: int):
 def init_from(model: nn.Module, cfg: TrainConfig, classes: list[str] | None = None) -> None:
     """--init-from: copy the weights of a trained model of the same architecture into ``model``, its
     class maps matched to ``classes`` (the dataset's) by name (see pretrained.transfer_weights)."""
-    from .export import load
-    from .pretrained import transfer_weights
+    from ..hub import load
+    from ..hub import transfer_weights
 
     src = load(cfg.init_from)
     if src.meta.model != cfg.model:
@@ -206,7 +233,7 @@ def init_from_kwargs(cfg: TrainConfig) -> dict:
     itself: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it holds."""
     if not cfg.init_from or cfg.model_kwargs:
         return {}
-    from .export import load
+    from ..hub import load
 
     src = load(cfg.init_from)
     return {k: v for k, v in src.meta.model_kwargs.items() if k not in ("num_classes", "in_chans")} \
@@ -229,11 +256,11 @@ def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
 
 def _splits(cfg: TrainConfig, ds):
     """(train, validation or None) after --val-split and --limit-train."""
-    from .data import Split
+    from ..data.datasets import Split
 
     train_split, val_split = ds.train, None
     if cfg.val_split:
-        from .stream import FileSplit
+        from ..data.stream import FileSplit
 
         if isinstance(train_split, FileSplit):  # a streamed folder: the very files held out in memory
             index = Split(torch.arange(len(train_split)), torch.from_numpy(train_split.labels))
@@ -253,11 +280,12 @@ def _splits(cfg: TrainConfig, ds):
 def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device,
            classes: list[str] | None = None) -> nn.Module:
     """The initialised model on ``device`` (seeded by --seed), checked against the input size."""
-    from .models import check_input_size, create_model
+    from ..models import check_input_size
+    from ..models import build_model
 
     torch.manual_seed(cfg.seed)
     try:
-        model = create_model(cfg.model, **model_kwargs)
+        model = build_model(cfg.model, **model_kwargs)
     except UsageError:
         raise
     except (TypeError, ValueError) as e:  # an argument the builder does not take, or a bad value
@@ -276,70 +304,87 @@ def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int
 
 def set_up(cfg: TrainConfig) -> Setup:
     """Validate ``cfg`` and build the process group, data, model, optimizer and loaders it describes."""
-    from .data import Split, make_loader, open_dataset
-    from .export import ModelMeta
+    from ..data import open_dataset
 
     cfg.validate()
     d, device, amp_dtype = _engine(cfg)
     ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
                       device=device)
     train_split, val_split = _splits(cfg, ds)
-    min_steps = min_steps_per_epoch(cfg)
-    batch = fitted_batch_size(cfg.batch_size, len(train_split) // d.world_size, min_steps)
-    if batch != cfg.batch_size:  # recorded in config.json, so a resumed run takes the same steps
-        # the lr follows the batch by its square root: on 480 images the fast recipe's 0.2 and 0.05 reached the
-        # same held-out accuracy from scratch (0.775), and fine-tuning shipped weights kept more at 0.05 (0.875
-        # against 0.708 after 2 epochs at 0.2)
-        lr = cfg.lr * math.sqrt(batch / cfg.batch_size)
-        if d.main:
-            print(f"note: {len(train_split):,} training images: batch size {batch} instead of {cfg.batch_size} and "
-                  f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {min_steps} "
-                  "steps (--min-steps-per-epoch 0 keeps --batch-size and --lr)", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, batch_size=batch, lr=lr)
+    cfg = _fit_batch(cfg, len(train_split), d)
     imagenet = cfg.transform == "imagenet"
     in_chans, h, w = ds.image_size
     if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
         h = w = cfg.crop_size if imagenet else cfg.resize
     model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **init_from_kwargs(cfg), **cfg.model_kwargs}
     model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes))
-
-    mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
-    common = dict(device=device, resize=None if imagenet else cfg.resize, mean=mean, std=std,
-                  channels_last=cfg.channels_last, dtype=input_dtype(amp_dtype))
-    if not isinstance(ds.train, Split):  # streamed: decoded per sample in worker processes
-        common.update(in_chans=in_chans, size=(h, w) if imagenet else tuple(ds.image_size[1:]), workers=cfg.workers,
-                      max_bad=cfg.max_bad)
-    # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
-    train_loader = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
-                               crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, erase=cfg.erase,
-                               alt_flip=cfg.alt_flip,
-                               rank=d.rank, world_size=d.world_size,
-                               transform="random-resized-crop" if imagenet else "fit", **common)
-    test_loader = make_loader(ds.test, cfg.eval_batch_size, shuffle=False,
-                              transform="resize-center-crop" if imagenet else "fit", **common)
-    val_loader = make_loader(val_split, cfg.eval_batch_size, shuffle=False, **common) if val_split else None
-    # up to CALIBRATION_IMAGES training images, unaugmented: what recalibrate_bn reads (see there)
-    calib = limit_train(train_split, CALIBRATION_IMAGES, cfg.seed + 1) if bn_layers(model) else None
-    calib_loader = make_loader(calib, cfg.eval_batch_size, shuffle=False,
-                               transform="resize-center-crop" if imagenet else "fit", **common) if calib else None
-
+    loaders = _loaders(cfg, ds, train_split, val_split, model, d, device, amp_dtype, (h, w))
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
     net = model
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    preprocess = {"resize": cfg.resize, "mean": list(mean) if mean else None, "std": list(std) if std else None}
-    if imagenet:
-        preprocess["transform"] = "imagenet"  # evaluated and predicted with resize + centre crop
-    meta = ModelMeta(model=cfg.model, model_kwargs=model_kwargs, classes=list(ds.classes),
-                     input_size=[int(in_chans), int(h), int(w)], dataset=ds.name, preprocess=preprocess,
-                     tta="flip" if cfg.tta_flip else "none", split=ds.split,
-                     precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
+    meta = _model_meta(cfg, ds, model_kwargs, [int(in_chans), int(h), int(w)], amp_dtype)
+    train_loader, test_loader, val_loader, calib_loader = loaders
     return Setup(cfg, d, device, amp_dtype, ds, model, net, make_optimizer(model, cfg, base_lr, device),
                  torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                  Ema(model, cfg.ema) if cfg.ema else None, train_loader, test_loader, val_loader, meta, base_lr,
                  len(train_split), calib_loader)
+
+
+def _fit_batch(cfg: TrainConfig, n_train: int, d: Dist) -> TrainConfig:
+    """``cfg`` with --batch-size (and the lr) lowered for a small training set (fitted_batch_size)."""
+    min_steps = min_steps_per_epoch(cfg)
+    batch = fitted_batch_size(cfg.batch_size, n_train // d.world_size, min_steps)
+    if batch == cfg.batch_size:
+        return cfg
+    # the lr follows the batch by its square root: on 480 images the fast recipe's 0.2 and 0.05 reached the
+    # same held-out accuracy from scratch (0.775), and fine-tuning shipped weights kept more at 0.05 (0.875
+    # against 0.708 after 2 epochs at 0.2).  Recorded in config.json, so a resumed run takes the same steps.
+    lr = cfg.lr * math.sqrt(batch / cfg.batch_size)
+    if d.main:
+        print(f"note: {n_train:,} training images: batch size {batch} instead of {cfg.batch_size} and "
+              f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {min_steps} "
+              "steps (--min-steps-per-epoch 0 keeps --batch-size and --lr)", file=sys.stderr)
+    return dataclasses.replace(cfg, batch_size=batch, lr=lr)
+
+
+def _loaders(cfg: TrainConfig, ds, train_split, val_split, model, d: Dist, device, amp_dtype, size):
+    """(train, test, validation or None, batch-norm calibration or None) loaders."""
+    from ..data import Split, make_loader
+
+    imagenet = cfg.transform == "imagenet"
+    mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
+    common = dict(device=device, resize=None if imagenet else cfg.resize, mean=mean, std=std,
+                  channels_last=cfg.channels_last, dtype=input_dtype(amp_dtype))
+    if not isinstance(ds.train, Split):  # streamed: decoded per sample in worker processes
+        common.update(in_chans=ds.image_size[0], size=size if imagenet else tuple(ds.image_size[1:]),
+                      workers=cfg.workers, max_bad=cfg.max_bad)
+    held_out = dict(shuffle=False, transform="resize-center-crop" if imagenet else "fit", **common)
+    # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
+    train = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
+                        crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, erase=cfg.erase,
+                        alt_flip=cfg.alt_flip, rank=d.rank, world_size=d.world_size,
+                        transform="random-resized-crop" if imagenet else "fit", **common)
+    test = make_loader(ds.test, cfg.eval_batch_size, **held_out)
+    val = make_loader(val_split, cfg.eval_batch_size, **held_out) if val_split else None
+    # up to CALIBRATION_IMAGES training images, unaugmented: what recalibrate_bn reads (see there)
+    calib = limit_train(train_split, CALIBRATION_IMAGES, cfg.seed + 1) if bn_layers(model) else None
+    return train, test, val, make_loader(calib, cfg.eval_batch_size, **held_out) if calib else None
+
+
+def _model_meta(cfg: TrainConfig, ds, model_kwargs: dict, input_size: list[int], amp_dtype):
+    """The ModelMeta the run's model files carry (how to rebuild it and feed it)."""
+    from ..modelfile import ModelMeta
+
+    mean, std = (ds.mean, ds.std) if cfg.normalize else (None, None)
+    preprocess = {"resize": cfg.resize, "mean": list(mean) if mean else None, "std": list(std) if std else None}
+    if cfg.transform == "imagenet":
+        preprocess["transform"] = "imagenet"  # evaluated and predicted with resize + centre crop
+    return ModelMeta(model=cfg.model, model_kwargs=model_kwargs, classes=list(ds.classes), input_size=input_size,
+                     dataset=ds.name, preprocess=preprocess, tta="flip" if cfg.tta_flip else "none", split=ds.split,
+                     precision="bf16" if amp_dtype == torch.bfloat16 else "fp32")
 
 
 def fitted_batch_size(batch_size: int, n_train: int, min_steps: int) -> int:
@@ -441,6 +486,7 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
         loss, _ = train_step(s.net, s.opt, s.scaler, x, y, lr=lr, amp_dtype=s.amp_dtype,
                              label_smoothing=cfg.label_smoothing, sums=st.sums,
                              clip_grad_norm=cfg.clip_grad_norm)
+        st.lr = lr  # the lr this step applied: the one the epoch's row records
         if s.ema is not None:
             s.ema.update(s.model, st.step)
         st.step += 1
@@ -459,7 +505,7 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
         if cfg.save_every and run is not None and time.monotonic() - last_save > cfg.save_every * 60:
             st.epoch_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            run.checkpoint(s, st)
+            run.checkpoint(s.state_dict(st))
             last_save = time.monotonic()
     bar.close()
     st.epoch_seconds += time.perf_counter() - t0
@@ -481,7 +527,7 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit)
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
-           "lr": lr_at(s.cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
+           "lr": st.lr if st.lr is not None else lr_at(s.cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
            "seconds": st.epoch_seconds, "images": int(seen)}
     if s.val_loader is not None:
         row["val_acc"], row["val_loss"] = loader_eval(s.eval_model, s.val_loader, s.amp_dtype, s.tta, limit)
@@ -595,7 +641,7 @@ def _extended(s: Setup, st: TrainState, run, was: int) -> None:
               file=sys.stderr)
     if run is None:
         return
-    from .fsutil import atomic_write
+    from ..fsutil import atomic_write
 
     path = run.path / "config.json"
     try:
@@ -605,7 +651,7 @@ def _extended(s: Setup, st: TrainState, run, was: int) -> None:
         doc = {"config": cfg.to_dict()}
     doc.setdefault("epochs_raised", []).append({"from": was, "to": cfg.epochs, "at_step": step})
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
-    run.checkpoint(s, st)
+    run.checkpoint(s.state_dict(st))
 
 
 def _print_or_drop(*args) -> None:
@@ -676,14 +722,9 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
     if run is not None:
         run.status("running", "")
         if not resumed:
-            run.checkpoint(s, st)  # so a run killed before its first save can still be resumed
+            run.checkpoint(s.state_dict(st))  # so a run killed before its first save can still be resumed
     if d.main and not quiet:
-        log(f"training {cfg.model} ({sum(p.numel() for p in s.model.parameters()):,} params) on {cfg.dataset} "
-            f"{s.n_train:,}/{len(s.ds.test):,} images"
-            + (f" (+{len(s.val_loader.labels):,} validation)" if s.val_loader is not None else "")
-            + f", {'x'.join(map(str, s.meta.input_size))}, {s.device}, "
-            f"{'fp32' if s.amp_dtype is None else str(s.amp_dtype).replace('torch.', '')}, world size {d.world_size}"
-            + (f", resuming at epoch {st.epoch + 1} batch {st.batch}" if resumed else ""))
+        log(_start_line(s, st, resumed))
     ran, tallies = [], {}  # for debug_dump: (epoch, first batch, end batch) stepped through; this rank's sums
     while st.epoch < cfg.epochs:
         first = st.batch
@@ -707,24 +748,41 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
         if stopped:
             break
     debug_dump(s.model, s.train_loader, ran, d, tallies)
+    return _finish(s, st, run, quiet=quiet, log=log)
+
+
+def _start_line(s: Setup, st: TrainState, resumed: bool) -> str:
+    cfg, d = s.cfg, s.d
+    return (f"training {cfg.model} ({sum(p.numel() for p in s.model.parameters()):,} params) on {cfg.dataset} "
+            f"{s.n_train:,}/{len(s.ds.test):,} images"
+            + (f" (+{len(s.val_loader.labels):,} validation)" if s.val_loader is not None else "")
+            + f", {'x'.join(map(str, s.meta.input_size))}, {s.device}, "
+            f"{'fp32' if s.amp_dtype is None else str(s.amp_dtype).replace('torch.', '')}, world size {d.world_size}"
+            + (f", resuming at epoch {st.epoch + 1} batch {st.batch}" if resumed else ""))
+
+
+def _finish(s: Setup, st: TrainState, run, *, quiet: bool, log) -> dict:
+    """After the last epoch (or --max-steps at an epoch's end): the closing evaluation, the status, the
+    book's closing lines; returns the final metrics."""
     final = dict(st.history[-1])
     total_seen = sum(r["images_per_sec"] * r["seconds"] for r in st.history)
     final["examples_per_sec"] = total_seen / max(st.train_seconds, 1e-9)
     final["run_dir"] = str(run.path) if run else None
-    if run is not None:
-        done = st.epoch >= cfg.epochs
-        if done and closing_eval_pending(s, run):
-            final.update(closing_eval(s, run, log=log if not quiet else None))
-        run.status("finished" if done else "stopped", "" if done else f"--max-steps {cfg.max_steps}")
-        # the book's own two closing lines
-        log(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}")
-        log(f"{final['examples_per_sec']:.1f} examples/sec on {s.device}")
-        if not quiet:
-            log(f"saved model: {run.path / 'best.safetensors'} ({run.selected})")
-            if "tta_test_acc" in final:
-                log(f"saved model's test acc with {final['tta']} TTA: {final['tta_test_acc']:.4f} (what nin eval "
-                    "reports for it; evaluated once, after the model was chosen)")
-            log(f"run folder: {run.path}")
+    if run is None:
+        return final
+    done = st.epoch >= s.cfg.epochs
+    if done and closing_eval_pending(s, run):
+        final.update(closing_eval(s, run, log=log if not quiet else None))
+    run.status("finished" if done else "stopped", "" if done else f"--max-steps {s.cfg.max_steps}")
+    # the book's own two closing lines
+    log(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}")
+    log(f"{final['examples_per_sec']:.1f} examples/sec on {s.device}")
+    if not quiet:
+        log(f"saved model: {run.path / 'best.safetensors'} ({run.selected})")
+        if "tta_test_acc" in final:
+            log(f"saved model's test acc with {final['tta']} TTA: {final['tta_test_acc']:.4f} (what nin eval "
+                "reports for it; evaluated once, after the model was chosen)")
+        log(f"run folder: {run.path}")
     return final
 
 
@@ -744,7 +802,8 @@ def closing_eval(s: Setup, run, *, log=None) -> dict:
     """Evaluate the saved model (whichever epoch was chosen) once on the test set with ``--final-tta``
     and record that TTA and accuracy in its model.json, so nin eval/predict/serve use the same TTA.
     The test set chooses nothing here: the weights were fixed before."""
-    from .export import load, save_model
+    from ..hub import load
+    from ..modelfile import save_model
 
     model = load(run.path).to(s.device)
     if s.cfg.channels_last:

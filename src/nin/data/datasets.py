@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError, ImageError
+from ..errors import DatasetError, ImageError
 from .images import IMAGE_SUFFIXES, fit_image, is_grey, load_image
 
 __all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "read_idx", "read_cifar_bin", "search_dirs"]
@@ -180,7 +180,10 @@ def _cat(splits: list[Split]) -> Split:
 
 def read_svhn_mat(path: str | os.PathLike) -> Split:
     """SVHN's cropped-digit .mat file: X is H x W x 3 x N uint8, y is N x 1 with 10 meaning digit 0."""
-    import scipy.io
+    try:
+        import scipy.io
+    except ImportError:  # the one reader that needs scipy: an extra, not a core dependency
+        raise DatasetError(f"{path}: SVHN's .mat files need scipy: pip install 'nin[svhn]'") from None
 
     path = Path(path)
     try:
@@ -499,7 +502,7 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
             train, test = (read_svhn_mat(folder / f) for f in ("train_32x32.mat", "test_32x32.mat"))
             classes = DIGITS
     else:
-        from .errors import UsageError
+        from ..errors import UsageError
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or folder:PATH")
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DatasetError(f"{source}: train images are {tuple(train.images.shape[1:])} but test images are "

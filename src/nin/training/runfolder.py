@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, RunLocked, UsageError
-from .fsutil import atomic_write
+from ..errors import CheckpointError, RunLocked, UsageError
+from ..fsutil import atomic_write
 
 CKPT_FORMAT = "nin-ckpt/1"
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
@@ -53,7 +53,7 @@ def _git_commit() -> str | None:
 
 
 def write_config(out: Path, cfg: dict, extra: dict) -> None:
-    from . import __version__
+    from .. import __version__
 
     doc = {"config": cfg, **extra,
            "versions": {"nin": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -276,18 +276,17 @@ class Run:
             run = cls(path, None, cannot_write=e.strerror or str(e))
         if not fresh and run.cannot_write is None:
             run.cannot_write = _unwritable(path)  # .lock opened, but new files may still be refused
-        for loader in (s.train_loader, s.test_loader):  # streamed collections: list unreadable images
-            if hasattr(loader, "on_bad"):
-                from .stream import write_bad_files
+        if s.streamed:  # streamed collections: list unreadable images
+            from ..data.stream import write_bad_files
 
-                loader.on_bad = lambda bad: write_bad_files(path / "bad_files.txt", bad)
+            s.on_bad_files(lambda bad: write_bad_files(path / "bad_files.txt", bad))
         if fresh:
             cfg = s.cfg.to_dict()
             if cfg.get("data_dir"):
                 cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
             write_config(path, cfg, {"device": str(s.device), "precision": str(s.amp_dtype or "fp32"),
                                      "world_size": s.d.world_size, "data_source": s.ds.source,
-                                     "data_path": "stream" if hasattr(s.train_loader, "on_bad") else "memory",
+                                     "data_path": "stream" if s.streamed else "memory",
                                      "model_kwargs": s.meta.model_kwargs})
         if tensorboard:
             try:
@@ -302,27 +301,17 @@ class Run:
         last = self.path / "last.ckpt"
         return f"; the last good checkpoint {last} is kept" if last.exists() else ""
 
-    def checkpoint(self, s, st) -> None:
-        # A step can leave NaN weights while its own loss was finite: never save those over the last good
-        # checkpoint.  The loss check stops the run at the next step (no collective here: rank 0 only).
-        from .engine import weights_finite
-
-        if not weights_finite(s.model):
-            return
-        state = {"model": s.model.state_dict(), "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
-                 **st.to_checkpoint(), "world_size": s.d.world_size, "config": s.cfg.to_dict(),
-                 "rng": {"scheme": "torch.manual_seed(step_seed(seed, epoch, batch, rank)) before every step",
-                         "seed": s.cfg.seed}}
-        if s.ema is not None:
-            state["ema"] = s.ema.state_dict()
-        save_checkpoint(self.path / "last.ckpt", state)
+    def checkpoint(self, state: dict | None) -> None:
+        """Write ``state`` (``Setup.state_dict``: None when the weights are not finite) as last.ckpt."""
+        if state is not None:
+            save_checkpoint(self.path / "last.ckpt", state)
 
     def save_model(self, s, st, why: str, row: dict | None = None) -> None:
         """The model a user gets (best.safetensors + model.json): the weights evaluated (EMA when on).
         ``row`` is the metrics of those weights (default: the last finished epoch's)."""
         import dataclasses
 
-        from .export import save_model
+        from ..modelfile import save_model
 
         last = row if row is not None else (st.history[-1] if st.history else {})
         info = {"selected": why, "epoch": last.get("epoch"), "step": st.step, "recipe": s.cfg.recipe,
@@ -333,7 +322,7 @@ class Run:
     def epoch_done(self, s, st, row: dict) -> None:
         write_metrics(self.path, st.history)
         plot_curves(self.path, st.history, f"{s.cfg.recipe}: {s.cfg.model} on {s.cfg.dataset}")
-        self.checkpoint(s, st)
+        self.checkpoint(s.state_dict(st))
         if self.writer is not None:
             for k in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "images_per_sec"):
                 if row.get(k) is not None:
@@ -342,7 +331,7 @@ class Run:
 
     def stopped_at_max_steps(self, s, st, row: dict) -> None:
         """--max-steps ended the run mid-epoch: keep the exact point and a usable model."""
-        self.checkpoint(s, st)
+        self.checkpoint(s.state_dict(st))
         if s.val_loader is None or not (self.path / "best.safetensors").exists():
             self.save_model(s, st, f"step {st.step} (stopped by --max-steps)", {**row, "epoch": None})
         self.status("stopped", f"--max-steps {s.cfg.max_steps} at epoch {st.epoch + 1}, batch {st.batch}",

@@ -1,23 +1,22 @@
-"""Trained weights that ship inside the package: ``nin_fmnist.fashion_mnist_fast`` and friends.
+"""Where models come from: the weights that ship inside the package (``nin_fmnist.fashion_mnist_fast`` and
+friends), ``create_model(name, pretrained=...)``, and ``load``/``load_any`` for names, files and ONNX.
 
 Names follow timm's ``architecture.tag``.  Each file is a self-contained safetensors (the model
 description embedded, as ``nin export --format safetensors`` writes it) in ``nin/weights/``;
 ``weights/index.json`` lists them with their sha256, size, accuracy and the command that made them,
 so listing needs no tensor.  Nothing is downloaded and nothing is unpickled.
 
-``publish(run_dir, name, command)`` is how a file gets here: it evaluates the run's model on the
-real test set (without TTA, with flip TTA and with the model's own, in fp32 and bf16) and writes the file and
-its index entry; ``make weights`` runs the recipes and publishes them.
+``tools/publish_weights.py`` is how a file gets here (``make weights`` runs the recipes and publishes them).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from datetime import date
 from pathlib import Path
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UnknownModelError, UsageError
+from .models import build_model, list_models
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 INDEX = WEIGHTS_DIR / "index.json"
@@ -78,63 +77,6 @@ def pretrained_path(name: str, *, verify: bool = True) -> Path:
     return path
 
 
-def load_pretrained(name: str | None = None, device="cpu"):
-    """The shipped model ``name`` (default: DEFAULT) in eval mode, as ``nin.load`` returns a run's."""
-    from .export import load
-
-    return load(pretrained_path(name or DEFAULT), device)
-
-
-def publish(run_dir: str | os.PathLike, name: str, command: str, *, default: bool = False,
-            data_dir: str | None = None) -> dict:
-    """Copy a finished run's model into the package as ``name`` with its provenance and accuracy."""
-    import dataclasses
-
-    from .data import load_dataset
-    from .engine import cpu_supports_bf16
-    from .evaluation import evaluate
-    from .export import load, write_safetensors
-    from .fsutil import atomic_write
-    from .runfolder import _git_commit
-    from . import __version__
-
-    run_dir = Path(run_dir)
-    model = load(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    ds = load_dataset(model.meta.dataset, data_dir)
-    accuracy = {}
-    for precision in ("fp32", "bf16"):
-        # the model's own TTA too (shift: 18 views, measured in bf16 only where the CPU runs it natively)
-        own = (model.meta.tta,) if precision == "fp32" or cpu_supports_bf16() else ()
-        accuracy[precision] = {tta: evaluate(model, ds.test, tta=tta, precision=precision).accuracy
-                               for tta in dict.fromkeys(("none", "flip", *own))}
-    arch = name.split(".")[0]
-    if arch != model.meta.model:
-        raise UsageError(f"{name}: the name's architecture is {arch!r} but the run trained {model.meta.model!r}")
-    params = sum(p.numel() for p in model.parameters())
-    info = {**model.meta.info, "name": name, "dataset": model.meta.dataset, "recipe": config["config"]["recipe"],
-            "config": config["config"], "command": command, "nin_version": __version__,
-            "git_commit": config.get("git_commit") or _git_commit(), "date": date.today().isoformat(),
-            "test_images": len(ds.test), "accuracy": accuracy, "params": params}
-    meta = dataclasses.replace(model.meta, dataset=model.meta.dataset.split(":")[0], split=None, info=info)
-    WEIGHTS_DIR.mkdir(exist_ok=True)
-    path = write_safetensors(model, meta, WEIGHTS_DIR / f"{name}.safetensors")
-    entry = {"name": name, "file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-             "bytes": path.stat().st_size, "model": model.meta.model, "model_kwargs": model.meta.model_kwargs,
-             "params": params, "input_size": model.meta.input_size, "dataset": meta.dataset,
-             "recipe": info["recipe"], "command": command, "accuracy": accuracy, "tta": model.meta.tta,
-             "precision": model.meta.precision, "date": info["date"], "git_commit": info["git_commit"],
-             "default": default}
-    idx = _index()
-    if default:
-        for other in idx.values():
-            if other["model"] == entry["model"]:
-                other["default"] = False
-    idx[name] = entry
-    atomic_write(INDEX, lambda tmp: Path(tmp).write_text(json.dumps(idx, indent=2) + "\n"))
-    return entry
-
-
 def _class_map_and_input_keys(model) -> tuple[set[str], set[str]]:
     """(keys of the class-map layers, keys of the first conv) in ``model.state_dict()``: the last conv with
     the batch norms after it (their first dimension is the class), and the conv that reads the input."""
@@ -160,6 +102,29 @@ def _last_block_keys(model) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(prefix)}
 
 
+def _class_rows(model, state, own, class_keys, source, source_classes, classes, class_map):
+    """(note, rows): the weights' class-map rows for ``classes`` by name (rows None: as they are), or a note
+    that the class-map layer starts fresh (none of ``classes`` is the weights', or another number of them
+    with no names to match)."""
+    import torch
+
+    from .classes import ClassMismatch, match_classes, normalize, read_class_map
+
+    if source_classes is not None and classes is not None:
+        known = {normalize(c) for c in source_classes} | {normalize(k) for k in read_class_map(class_map)}
+        if not any(normalize(c) in known for c in classes):
+            return (f"none of the {len(classes)} classes is a class of {source} ({', '.join(source_classes)}): "
+                    "its class-map layer starts fresh (a new task)"), None
+        try:
+            return "", torch.tensor(match_classes(list(classes), list(source_classes), class_map,
+                                                  where="the dataset"), dtype=torch.long)
+        except ClassMismatch as e:
+            raise ClassMismatch(f"{source}: {e}") from None
+    if any(state[k].shape != own[k].shape for k in class_keys):
+        return f"the class-map layer starts fresh: {model.num_classes} classes, the weights have another number", None
+    return "", None
+
+
 def transfer_weights(model, state: dict, source: str, *, source_classes: list[str] | None = None,
                      classes: list[str] | None = None, class_map=None) -> str:
     """Copy ``state`` (a trained model of the same architecture) into ``model``; returns a note for the
@@ -174,30 +139,13 @@ def transfer_weights(model, state: dict, source: str, *, source_classes: list[st
     - any other tensor of another shape is an error (UsageError) naming it: another width or depth."""
     import torch
 
-    from .classes import ClassMismatch, match_classes, normalize
-
     own = model.state_dict()
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise UsageError(f"{source}: its weights are not of this architecture ({len(missing)} tensor(s) missing, "
                          f"e.g. {(missing or extra)[0]!r}; {len(extra)} unknown)")
     class_keys, input_keys = _class_map_and_input_keys(model)
-    note, rows = "", None
-    if source_classes is not None and classes is not None:
-        known = {normalize(c) for c in source_classes}
-        from .classes import read_class_map
-        mapped = {normalize(k) for k in read_class_map(class_map)}
-        if not any(normalize(c) in known or normalize(c) in mapped for c in classes):
-            note = (f"none of the {len(classes)} classes is a class of {source} ({', '.join(source_classes)}): "
-                    "its class-map layer starts fresh (a new task)")
-        else:
-            try:
-                rows = torch.tensor(match_classes(list(classes), list(source_classes), class_map,
-                                                  where="the dataset"), dtype=torch.long)
-            except ClassMismatch as e:
-                raise ClassMismatch(f"{source}: {e}") from None
-    elif any(state[k].shape != own[k].shape for k in class_keys):
-        note = f"the class-map layer starts fresh: {model.num_classes} classes, the weights have another number"
+    note, rows = _class_rows(model, state, own, class_keys, source, source_classes, classes, class_map)
     # a fresh class-map layer: so does every tensor of its block whose size is the number of classes
     fresh = class_keys | {k for k in _last_block_keys(model) if state[k].shape != own[k].shape} if note else set()
     copied = {}
@@ -226,22 +174,72 @@ def transfer_weights(model, state: dict, source: str, *, source_classes: list[st
     return note
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m nin.pretrained RUN NAME --command "..." [--default]``: publish a run's model (make weights)."""
-    import argparse
+# --- models from names, files and ONNX ----------------------------------------------------------
+def create_model(name: str, *, pretrained: bool | str = False, **kwargs):
+    """Build a registered model.  ``pretrained=True`` loads nin's shipped weights (``nin models`` lists
+    them): for a full name like "nin_fmnist.fashion_mnist_best" those, for an architecture the shipped
+    weights that fit the requested options (the default first: ``width=64`` finds the width-64 weights);
+    ``pretrained="fashion_mnist_best"`` (a tag, or a full name) names them.  The model is then built with
+    the weights' options, overridden by ``kwargs``.  Another ``num_classes`` starts the class-map layer
+    fresh (a fine-tuning start); ``in_chans=3`` adapts a grey first conv as timm does.  Weights that do
+    not fit the requested model are an error: ``pretrained`` never returns random weights."""
+    arch, _, tag = name.partition(".")
+    if arch not in list_models():
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    if isinstance(pretrained, str) and pretrained:
+        wanted = pretrained if "." in pretrained else f"{arch}.{pretrained}"
+        if tag and wanted != name:
+            raise UsageError(f"create_model({name!r}, pretrained={pretrained!r}): two different weights named")
+        tag = wanted.partition(".")[2]
+        if wanted.partition(".")[0] != arch:
+            raise UsageError(f"pretrained={pretrained!r} are not weights of {arch}")
+    elif tag and not pretrained:
+        raise UsageError(f"{name!r} names shipped weights: create_model({name!r}, pretrained=True), or "
+                         f"create_model({arch!r}) for an untrained {arch}")
+    if not pretrained:
+        return build_model(arch, **kwargs)
 
-    p = argparse.ArgumentParser(prog="python -m nin.pretrained", description=main.__doc__)
-    p.add_argument("run")
-    p.add_argument("name", help="architecture.tag, e.g. nin_fmnist.fashion_mnist_fast")
-    p.add_argument("--command", required=True, help="the command that trained the run (recorded)")
-    p.add_argument("--default", action="store_true", help="the architecture's default weights")
-    args = p.parse_args(argv)
-    entry = publish(args.run, args.name, args.command, default=args.default)
-    acc = entry["accuracy"]
-    print(f"{entry['file']}: {entry['bytes']:,} bytes, test accuracy fp32 {acc['fp32']['none']:.4f} "
-          f"(flip TTA {acc['fp32']['flip']:.4f}), bf16 {acc['bf16']['none']:.4f} ({acc['bf16']['flip']:.4f})")
-    return 0
+    candidates = [f"{arch}.{tag}"] if tag else list_pretrained(arch)
+    if not candidates:
+        raise UsageError(f"no shipped weights for {arch}; shipped: {', '.join(list_pretrained()) or 'none'}")
+    problems = []
+    for full in candidates:
+        info = pretrained_info(full)  # an unknown name: one error listing the shipped ones
+        model = build_model(arch, **{**info.get("model_kwargs", {}), **kwargs})
+        shipped = load(pretrained_path(full))
+        try:
+            note = transfer_weights(model, shipped.state_dict(), full)
+        except UsageError as e:
+            problems.append(f"{full} ({info.get('model_kwargs')}): {str(e).split(': ', 1)[-1]}")
+            continue
+        if model.num_classes == shipped.num_classes and model.in_chans == shipped.in_chans:
+            model.classes, model.meta = shipped.classes, shipped.meta
+        if note:
+            import warnings
+
+            warnings.warn(f"{full}: {note}", stacklevel=2)
+        return model
+    raise UsageError(f"no shipped weights of {arch} fit {kwargs}: " + "; ".join(problems)
+                     + ". Give the weights' own options, or pretrained=False for an untrained model")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def load(path: str | os.PathLike, device="cpu"):
+    """A trained model in eval mode, with ``.classes`` and ``.meta``: a shipped weights name (see
+    ``nin models``), a run folder, a .safetensors or a model.json (modelfile.load_file)."""
+    from .modelfile import load_file
+
+    if is_pretrained_name(path):
+        path = pretrained_path(str(path))
+    return load_file(path, device)
+
+
+def load_any(path: str | os.PathLike | None = None, device="cpu"):
+    """``load`` for a name / run folder / .safetensors, an onnxruntime model (onnx.OnnxModel) for a .onnx file;
+    None: the default shipped model (DEFAULT)."""
+    if path is None:
+        path = DEFAULT
+    if Path(path).suffix == ".onnx":
+        from .onnx import OnnxModel
+
+        return OnnxModel(path)
+    return load(path, device)
