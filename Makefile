@@ -58,6 +58,7 @@ docs-serve: .venv/.installed
 	touch $@
 
 bench: setup .venv/.d2l-deps wrk
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 # Mutation testing of the training core (mutmut 3.8.1), outside CI's pass/fail like `make bench`: runs

@@ -1,19 +1,23 @@
 """Serving: requests/s and p50/p99 latency of `nin serve` under 1, 8 and 64 concurrent clients.
 
-Four servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
-  nin serve           backend auto (onnxruntime on CPU), dynamic batching (--max-batch 16)
-  nin serve batch 1   the same with --max-batch 1 (no batching)
+Five servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
+  nin serve           the default: a worker process per core, backend auto (onnxruntime on CPU),
+                      --max-batch auto (measured at start-up: 16 for the fast model, 1 where batching loses)
+  nin serve, 1 worker --workers 1: one process, the compute threads on all cores but one (the design before)
+  nin serve, 1 worker, --max-batch 1   the same without batching
+  LitServe            the `litserve` package (pip install 'nin[bench]'): a LitAPI with batching (max 16,
+                      2 ms), decoding with nin's reader and predicting with the same onnxruntime model as
+                      nin serve (LITSERVE below); one API server + a worker per core as its inference workers
   few-line FastAPI    the endpoint a user would write: `async def predict(file: UploadFile)`, PIL, PyTorch
                       eager, one image per request (FEW_LINES below), under plain `uvicorn`
-  ... torch 1 thread  the same with torch.set_num_threads(1): PyTorch's 2 OpenMP threads fight the event
-                      loop (and anything else running) for 2 cores, which made the plain one far slower
 Models: the fast model (nin_fmnist width 32, 1x28x28) and nin_d2l (1x224x224); untrained weights unless
 --fmnist-run gives a trained run (speed does not depend on the values).  Every request is the same
 multipart upload of one 28x28 Fashion-MNIST-like PNG (the d2l model letterboxes it to 224x224).
 Client: wrk (C, one thread, keep-alive connections, Lua script for the POST body); its CPU seconds and
-the server's are recorded for every cell, since both share the machine's cores.
+every server process's (workers included) are recorded for every cell, since they share the machine's cores.
+Measure on a quiet machine: numbers taken while other work runs say little.
 
-Usage:  python benchmarks/bench_serve.py [--seconds 5] [--rounds 3] [--json FILE] [--fmnist-run RUN]
+Usage:  python benchmarks/bench_serve.py [--seconds 5] [--rounds 3] [--clients 1,8,64] [--models ...] [--json FILE] [--fmnist-run RUN]
 Prints a markdown table (run_all.py's `serve` part puts it in BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -39,6 +43,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 CONCURRENCY = (1, 8, 64)
+NIN = "nin serve"
+LIT = "LitServe (LitAPI, batching, same onnxruntime model)"
+FEW = "few-line FastAPI (PyTorch, 1 image/request)"
+DEFAULTS = {"clients": list(CONCURRENCY), "models": ["nin_fmnist", "nin_d2l"]}
 BOUNDARY = "ninbenchboundary"
 
 FEW_LINES = '''
@@ -47,7 +55,6 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 from nin import load
 
-torch.set_num_threads(int(os.environ.get("FEW_THREADS", torch.get_num_threads())))  # (benchmark variant)
 model = load(os.environ["RUN"])
 c, h, w = model.meta.input_size
 mean, std = model.meta.preprocess["mean"][0], model.meta.preprocess["std"][0]
@@ -76,6 +83,48 @@ done = function(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout))
 end
 ''' % BOUNDARY
+
+
+LITSERVE = '''
+import os
+
+import litserve as ls
+import numpy as np
+
+from nin.data.images import read_input
+from nin.serve.model import load_served
+
+
+class NinAPI(ls.LitAPI):
+    def setup(self, device):
+        # the same model as nin serve: exported to ONNX, checked, run by onnxruntime, 1 thread per worker
+        self.served = load_served(os.environ["RUN"], threads=1)
+
+    def decode_request(self, request):
+        f = request["file"]
+        data = f.file.read() if hasattr(f, "file") else f
+        return read_input(self.served.meta, data)
+
+    def batch(self, inputs):
+        return np.stack(inputs)
+
+    def predict(self, x):
+        return self.served.probabilities(x)
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, p):
+        i = int(p.argmax())
+        return {"class": self.served.classes[i], "prob": float(p[i])}
+
+
+if __name__ == "__main__":
+    api = NinAPI(max_batch_size=16, batch_timeout=0.002)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=int(os.environ["WORKERS"]))
+    server.run(host="127.0.0.1", port=int(os.environ["PORT"]), num_api_servers=1, log_level="warning",
+               generate_client_file=False)
+'''
 
 
 def free_port() -> int:
@@ -148,10 +197,21 @@ class Server:
         raise RuntimeError(f"{self.label} did not start")
 
     def cpu_seconds(self) -> float:
+        """CPU seconds of the server and every process it started (workers), the living ones."""
         import psutil
 
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return t.user + t.system
+        total = 0.0
+        try:
+            me = psutil.Process(self.proc.pid)
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -165,19 +225,28 @@ def start_servers(run: Path, tmp: Path) -> list[Server]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "RUN": str(run)}
     (tmp / "few_lines.py").write_text(FEW_LINES)
+    (tmp / "lit.py").write_text(LITSERVE)
     servers = []
-    for label, extra in (("nin serve", []), ("nin serve, --max-batch 1", ["--max-batch", "1"])):
+    for label, extra in ((NIN, []), ("nin serve, 1 worker", ["--workers", "1"]),
+                         ("nin serve, 1 worker, --max-batch 1", ["--workers", "1", "--max-batch", "1"])):
         port = free_port()
         servers.append(Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], env,
                               "/v1/predict", port, tmp / f"server{len(servers)}.log"))
-    for label, threads in (("few-line FastAPI (PyTorch, 1 image/request)", None),
-                           ("few-line FastAPI, torch 1 thread", "1")):
-        port = free_port()
-        servers.append(Server(label, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
-                                      "warning", "--no-access-log", "--app-dir", str(tmp)],
-                              {**env, **({"FEW_THREADS": threads} if threads else {})}, "/predict", port,
-                              tmp / f"server{len(servers)}.log"))
+    port = free_port()
+    servers.append(Server(LIT, [PY, str(tmp / "lit.py")], {**env, "PORT": str(port), "WORKERS": str(cores())},
+                          "/predict", port, tmp / f"server{len(servers)}.log"))
+    port = free_port()
+    servers.append(Server(FEW, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
+                                "warning", "--no-access-log", "--app-dir", str(tmp)], env, "/predict", port,
+                          tmp / f"server{len(servers)}.log"))
     return servers
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def wrk(server: Server, conns: int, seconds: float, script: Path, body: Path) -> dict:
@@ -210,7 +279,8 @@ def measure(args) -> dict:
     if not shutil.which("wrk"):
         sys.exit("bench_serve: wrk is not installed (apt-get install wrk, or `make wrk`)")
     results = {"machine": machine(), "seconds": args.seconds, "rounds": args.rounds, "client": "wrk -t1 (Lua POST)",
-               "fmnist_run": args.fmnist_run, "models": {}}
+               "fmnist_run": args.fmnist_run, "clients": args.clients, "model_names": args.models.split(","),
+               "models": {}}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         runs = make_runs(tmp, args.fmnist_run)
@@ -226,7 +296,7 @@ def measure(args) -> dict:
                     wrk(s, 8, 2, script, body)
                 cells: dict[tuple[str, int], list[dict]] = {}
                 for rnd in range(args.rounds):
-                    for conns in CONCURRENCY:
+                    for conns in args.clients:
                         for s in servers:
                             r = wrk(s, conns, args.seconds, script, body)
                             cells.setdefault((s.label, conns), []).append(r)
@@ -266,13 +336,17 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['server']} | {r['clients']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                          f"| {r['errors']} | {r['server_cpu']:.2f} | {r['client_cpu']:.2f} |")
         at64 = {r["server"]: r for r in rows if r["clients"] == 64}
-        nin, few = at64.get("nin serve"), at64.get("few-line FastAPI (PyTorch, 1 image/request)")
+        nin, few, lit = at64.get(NIN), at64.get(FEW), at64.get(LIT)
         if nin and few:
             lines += ["", f"At 64 clients: nin serve answers {nin['rps'] / few['rps']:.1f}x the few-line endpoint's "
-                          f"requests/s, p99 {nin['p99_ms']:.0f} ms vs {few['p99_ms']:.0f} ms."]
+                          f"requests/s, p99 {nin['p99_ms']:.0f} ms vs {few['p99_ms']:.0f} ms"
+                      + (f"; {nin['rps'] / lit['rps']:.2f}x LitServe's (p99 {lit['p99_ms']:.0f} ms)." if lit else ".")]
         lines.append("")
+    extra = "".join(f" --{k} {','.join(map(str, v))}" for k, v in (("clients", res.get("clients")),
+                                                                    ("models", res.get("model_names")))
+                    if v and list(v) != DEFAULTS[k])
     lines.append("Command: `python benchmarks/bench_serve.py" + (f" --fmnist-run RUN" if res.get("fmnist_run") else "")
-                 + f" --seconds {res['seconds']:g} --rounds {res['rounds']}`.")
+                 + f" --seconds {res['seconds']:g} --rounds {res['rounds']}{extra}`.")
     return "\n".join(lines)
 
 
@@ -280,6 +354,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all cells; the table shows medians (default 3)")
+    p.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")], default=list(CONCURRENCY),
+                   help="comma-separated concurrent connections per cell (default 1,8,64)")
     p.add_argument("--models", default="nin_fmnist,nin_d2l", help="comma-separated (default nin_fmnist,nin_d2l)")
     p.add_argument("--fmnist-run", metavar="RUN", help="a trained fast-model run folder (default: untrained weights)")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")

@@ -1,7 +1,11 @@
-"""Streaming input: JPEG decode cost per core, loader throughput against torchvision's reference, and
+"""Streaming input: JPEG decoders side by side per core, loader throughput against torchvision's reference, and
 memory / time to first batch as a collection grows.  One run, side by side; medians.
 
     .venv/bin/python benchmarks/bench_stream.py [--images 2000] [--memory 5000,20000] [--out DIR]
+    .venv/bin/python benchmarks/bench_stream.py --skip throughput,memory   # the decoders alone
+
+Decoders: images/s on one core of TorchCodec, torchvision.io (deprecated) and Pillow on the same JPEGs
+(256x256 to 2000x1500), alternating within each round, medians (``bench_decode``).
 
 Throughput: decoded + augmented 224x224 training images per second (RandomResizedCrop + flip, uint8
 batches of 64, 2 workers), nin's StreamLoader and ShardLoader against torchvision's ImageNet reference
@@ -70,33 +74,86 @@ def timeit(f, n):
     return statistics.median(runs)
 
 
-def bench_decode() -> list[dict]:
-    """ms per image on one core: Pillow full / draft 1/2, 1/4, 1/8; torchvision.io.decode_jpeg."""
+def bench_decode(rounds: int = 5) -> list[dict]:
+    """JPEG decoders side by side on one core, on the same JPEGs: images/s, bytes -> uint8 C x H x W tensor,
+    the decoders alternating within each round, median over ``rounds`` (and each round's rate).
+
+    Full scale: TorchCodec's ``decode_jpeg`` (nin's decoder), torchvision.io's (deprecated since torchvision
+    0.29: nin's decoder before; its warning filtered here once, outside the timing, as nin did), Pillow
+    (open + convert), and nin's ``decode_image`` itself with and without TorchCodec (header + decode).
+    Reduced: Pillow's ``draft`` at 1/2, 1/4, 1/8 (nin's decoder when a crop allows a 2x reduction)."""
     import warnings
 
     from PIL import Image
+
+    from nin.data import images
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torchvision.io import decode_jpeg
+        from torchvision.io import decode_jpeg as tv_decode_jpeg
+    from torchcodec.decoders import decode_jpeg as tc_decode_jpeg
+
+    def tensor(data):  # a writable buffer, as nin passes it (torch.frombuffer warns on bytes)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def pillow(data, s=1):
+        im = Image.open(io.BytesIO(data))
+        if s > 1:
+            im.draft("RGB", (im.width // s, im.height // s))
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+    def nin(data, decoder):
+        saved, images._JPEG = images._JPEG, decoder
+        try:
+            return images.decode_image(data, 3)
+        finally:
+            images._JPEG = saved
+
+    decoders = {"torchcodec": lambda d: tc_decode_jpeg(tensor(d)),
+                "torchvision.io (deprecated)": lambda d: tv_decode_jpeg(tensor(d)),
+                "pillow": pillow,
+                "nin decode_image (torchcodec)": lambda d: nin(d, tc_decode_jpeg),
+                "nin decode_image (pillow only)": lambda d: nin(d, None),
+                **{f"pillow draft 1/{s}": (lambda d, s=s: pillow(d, s)) for s in (2, 4, 8)}}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rng = np.random.default_rng(1)
     rows = []
-    for w, h in ((256, 256), (500, 375), (1000, 750), (2000, 1500)):
-        b = io.BytesIO()
-        photo(rng, w, h).save(b, "JPEG", quality=90)
-        data = b.getvalue()
-        n = max(3, int(3e6 / (w * h)))
-        row = {"size": f"{w}x{h}", "kB": round(len(data) / 1e3, 1),
-               "torchvision.io": timeit(lambda: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), n)}
-        for s in (1, 2, 4, 8):
-            def pil(s=s):
-                im = Image.open(io.BytesIO(data))
-                im.draft("RGB", (w // s, h // s))
-                im.load()
-            row[f"pillow 1/{s}"] = timeit(pil, n)
-        rows.append(row)
-    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+            for w, h in ((256, 256), (500, 375), (1000, 750), (2000, 1500)):
+                b = io.BytesIO()
+                photo(rng, w, h).save(b, "JPEG", quality=90)
+                data = b.getvalue()
+                ref = pillow(data)
+                for name, f in decoders.items():  # warm up, and check that all full decodes agree
+                    x = f(data)
+                    if "draft" not in name:
+                        assert x.shape == ref.shape and (x.int() - ref.int()).abs().float().mean() < 1, name
+                n = max(3, int(3e6 / (w * h)))
+                runs = {k: [] for k in decoders}
+                for _ in range(rounds):
+                    for name, f in decoders.items():
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            f(data)
+                        runs[name].append(n / (time.perf_counter() - t0))
+                rows.append({"size": f"{w}x{h}", "kB": round(len(data) / 1e3, 1),
+                             "img_per_s": {k: round(statistics.median(v), 1) for k, v in runs.items()},
+                             "runs": {k: [round(r, 1) for r in v] for k, v in runs.items()}})
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def decode_table(rows: list[dict]) -> str:
+    """The decoders' medians as a text table: one row a decoder, one column an image size."""
+    names = list(rows[0]["img_per_s"])
+    width = max(map(len, names))
+    lines = [f"{'images/s (median), one core':<{width}}" + "".join(f"{r['size']:>11}" for r in rows)]
+    lines += [f"{k:<{width}}" + "".join(f"{r['img_per_s'][k]:>11.0f}" for r in rows) for k in names]
+    return "\n".join(lines)
 
 
 def _loaders(folder: Path, shards: Path, batch: int, workers: int):
@@ -315,6 +372,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000, help="JPEGs in the throughput folder (default 2000)")
     ap.add_argument("--rounds", type=int, default=3, help="A/B/C rounds of the throughput comparison")
+    ap.add_argument("--decode-rounds", type=int, default=5, help="rounds of the decoder comparison (default 5)")
     ap.add_argument("--memory", default="5000,20000", help="collection sizes for the memory runs ('' to skip)")
     ap.add_argument("--work", default="/tmp/nin-bench-stream", help="where the generated collections go")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
@@ -328,8 +386,8 @@ def main() -> None:
               "images": args.images}
     skip = set(filter(None, args.skip.split(",")))
     if "decode" not in skip:
-        result["decode_ms_per_image"] = bench_decode()
-        print(json.dumps(result["decode_ms_per_image"], indent=1))
+        result["decode_img_per_s"] = bench_decode(args.decode_rounds)
+        print(decode_table(result["decode_img_per_s"]))
     if "throughput" not in skip:
         folder = make_folder(work / f"jpeg{args.images}", args.images)
         shards = work / f"wds{args.images}"

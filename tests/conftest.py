@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files: real Fashion-MNIST (loaded once) and a small trained run folder.
+"""Fixtures shared by the test files: real Fashion-MNIST (loaded once), made-up data, a small trained run folder.
 
 Under CI=true no test may skip: a skip there (missing data, extra, browser, tmpfs) is turned into a
 failure that states its reason, so a green CI run means every test ran.
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from .fakedata import has_real_fmnist
+from .fakedata import fake_fashion_dir, has_real_fmnist
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,14 @@ def fmnist():
     from nin.data.datasets import load_dataset
 
     return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Made-up Fashion-MNIST IDX files, 512 training and 128 test images (tests/tinyrun.py trains on them).
+
+    Shared by the files that test training by subject; tests may write beside it (``data.parent``), never in it."""
+    return fake_fashion_dir(tmp_path_factory.mktemp("data"), n_train=512, n_test=128)
 
 
 @pytest.fixture(scope="session")

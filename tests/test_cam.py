@@ -17,6 +17,8 @@ from nin.inference import predict_logits
 from nin.hub import load
 from nin.prediction import predict_files
 
+from .tinyrun import QUIET, tiny
+
 FAST = "nin_fmnist.fashion_mnist_fast"
 
 
@@ -82,3 +84,28 @@ def test_cam_grid_titles_and_accuracy_are_predicts(fmnist, fast, tmp_path):
     acc = save_cam_grid(fast, images, labels, tmp_path / "grid.png")
     assert acc == pytest.approx(float((pred == labels).float().mean()))
 
+
+# guards against: a class-map figure drawing another class's map than its title names
+def test_cam_figure_draws_the_chosen_classes_maps(data, tmp_path, monkeypatch):
+    import nin.figures as ev  # the figures, and the inference functions they call, as figures sees them
+    from nin.hub import load
+    from nin.training.trainer import train
+
+    # no TTA: the figures rank by predict's probabilities (the model's own TTA), here the plain logits' order
+    train(tiny(data, epochs=1, tta_flip=False), tmp_path / "run", **QUIET)
+    model = load(tmp_path / "run")
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 28, 28), dtype=np.uint8))
+    drawn = []
+    monkeypatch.setattr(ev, "_overlay", lambda ax, img, cam, title: drawn.append((cam.clone(), title)))
+    top = ev.save_cam_figure(model, image, tmp_path / "c.png", topk=3)
+    maps, logits = ev.class_activation_maps(model, ev.preprocess(model, image[None]))
+    order = logits[0].argsort(descending=True)[:3].tolist()
+    want = ev.upsample_maps(maps, (28, 28))[0]
+    assert [t for t, _ in top] == [model.classes[c] for c in order]
+    for (cam, title), c in zip(drawn, order):
+        torch.testing.assert_close(cam, want[c])
+        assert title.startswith(model.classes[c])
+    drawn.clear()
+    ev.save_cam_grid(model, image[None].repeat(2, 1, 1, 1), [0, 1], tmp_path / "g.png")
+    pred = int(logits.argmax())
+    torch.testing.assert_close(drawn[0][0], want[pred])

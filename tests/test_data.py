@@ -495,3 +495,79 @@ def test_fuzz_idx_parser_raises_only_dataset_error(tmp_path, data, gz, cut, ndim
         assert data[:4] == bytes([0, 0, 8, ndim]) and a.dtype == np.uint8 and a.ndim == ndim
         dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
         assert list(a.shape) == dims and a.tobytes() == data[4 + 4 * ndim:]
+
+
+# guards against: a folder dataset reading odd images (16-bit, palette, CMYK, EXIF) otherwise than predict
+def test_folder_dataset_and_predict_see_the_same_pixels(tmp_path):
+    """16-bit, palette, RGBA, CMYK, EXIF-rotated and non-square images in a folder dataset: its tensors are
+    exactly what predict feeds the network for the same files."""
+    from nin.data.datasets import load_dataset
+    from nin.data.images import read_image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "odd"
+    for c in ("x", "y"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / "rgb.png")
+        Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / c / "grey16.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("P").save(root / c / "pal.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), "RGBA").save(root / c / "rgba.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(root / c / "cmyk.jpg")
+        Image.fromarray(rng.integers(0, 255, (10, 20, 3), dtype=np.uint8)).save(root / c / "wide.png")
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 on display
+        Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8)).save(root / c / "rot.jpg", exif=exif)
+    ds = load_dataset(f"folder:{root}", seed=0)
+    c, h, w = ds.image_size
+    assert (c, h, w) == (3, 20, 20)
+    from nin.data.datasets import folder_split
+
+    train_files, test_files, _, _ = folder_split(root, 0)
+    for split, files in ((ds.train, train_files), (ds.test, test_files)):
+        for img, (path, label) in zip(split.images, files):
+            want = torch.from_numpy(read_image(path, c, (h, w)))
+            assert torch.equal(img, want), path
+    # a 16-bit grey value is scaled, not clipped: 30000 -> round(30000 * 255 / 65535) = 117
+    Image.fromarray(np.full((4, 4), 30000, np.uint16)).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png", 1, (4, 4)).max() == 117
+
+
+# guards against: float or unbatched input converted as if it were uint8 pixels
+def test_to_float_batch_refuses_anything_but_uint8_batches():
+    from nin.data.batchops import to_float_batch
+
+    for bad in (torch.zeros(2, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=r"expected a uint8 N x C x H x W tensor, got torch\.\w+ \(.*4, 4\)"):
+            to_float_batch(bad)
+    with pytest.raises(ValueError, match=r"^give both mean and std, or neither$"):
+        to_float_batch(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), mean=(0.5,))
+
+
+# guards against: per-channel normalization or the resize of a non-square image off the formula
+def test_to_float_batch_normalizes_each_channel_without_a_resize_and_resizes_non_square_images():
+    """Per-channel (x / 255 - mean) / std on 3 channels at the input's size, with the arithmetic in the given
+    dtype (x * scale + bias, each rounded to it, as documented) and within that dtype's rounding of float64's
+    exact answer; a non-square image is resized to the square side asked for; a mean or std of the wrong
+    length is refused by name."""
+    import torch.nn.functional as F
+
+    from nin.data.batchops import to_float_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=g)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    m64, s64 = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    exact = (x.double() / 255 - m64.view(1, 3, 1, 1)) / s64.view(1, 3, 1, 1)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 0.05)):
+        got = to_float_batch(x, mean=mean, std=std, dtype=dtype)
+        scale, bias = (1 / (255 * s64)).to(dtype), (-m64 / s64).to(dtype)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, x.to(dtype) * scale.view(1, 3, 1, 1) + bias.view(1, 3, 1, 1))
+        torch.testing.assert_close(got.double(), exact, atol=tol, rtol=0)
+    wide = torch.randint(0, 256, (2, 3, 6, 9), dtype=torch.uint8, generator=g)
+    for side in (6, 9):  # equal to one side only: still resized to side x side
+        ref = F.interpolate(wide.double() / 255, size=(side, side), mode="bilinear", antialias=True)
+        torch.testing.assert_close(to_float_batch(wide, resize=side, dtype=torch.float64), ref, atol=1e-12, rtol=0)
+    for kw, name in ((dict(mean=(0.1, 0.2), std=std), "mean"), (dict(mean=mean, std=(1.0, 2.0)), "std")):
+        with pytest.raises(ValueError, match=rf"^{name} has 2 values for 3 channels$"):
+            to_float_batch(x, **kw)

@@ -4,6 +4,7 @@ Each torchrun here takes seconds (width-8 network, 1,024 training images).  One 
 two-rank run (a module fixture) is the reference that the other tests compare against.
 """
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from nin.errors import UsageError
 from nin.training.trainer import train
 
 from .fakedata import fake_fashion_dir
+from .tinyrun import tiny
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
@@ -280,3 +282,39 @@ def test_mid_epoch_resume_under_torchrun_ends_with_the_uninterrupted_weights(ref
         assert torch.equal(weights(tmp_path / "run")[k], v), k
     got, want = metrics(tmp_path / "run"), metrics(ref["run"])
     assert [r["test_acc"] for r in got] == [r["test_acc"] for r in want]
+
+
+# guards against: ranks evaluating with their own BN statistics instead of rank 0's
+def test_under_ddp_every_rank_takes_rank_0s_bn_statistics_before_evaluating(data, monkeypatch):
+    """epoch_metrics with several processes broadcasts every buffer of the evaluated model from rank 0, before
+    any evaluation reads it (the ranks' own BN running statistics differ: their batches differ).  Here the
+    broadcast is a stand-in that writes "rank 0's" values into the buffer, so the evaluation must see them."""
+    import torch.distributed as dist
+
+    import nin.training.trainer as t
+    from nin.training.engine import Dist
+
+    s = t.set_up(tiny(data, epochs=1))
+    s = dataclasses.replace(s, d=Dist(rank=1, world_size=2))
+    buffers = {id(b): b for b in s.eval_model.buffers()}
+    got, evaluated = [], []
+
+    def broadcast(tensor, src, *a, **k):
+        assert id(tensor) in buffers and src == 0, (type(tensor), src)
+        assert not evaluated  # before the evaluation reads the model
+        got.append(id(tensor))
+        tensor.copy_(torch.full_like(tensor, 7))  # rank 0's values arrive
+
+    real = t.loader_eval
+
+    def spy(model, *a, **k):
+        evaluated.append(all(bool((b == 7).all()) for b in model.buffers()))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    monkeypatch.setattr(t, "all_reduce_sum", lambda x, d: x)
+    monkeypatch.setattr(t, "loader_eval", spy)
+    st = t.TrainState(sums=torch.tensor([2.0, 1.0, 4.0], dtype=torch.float64))
+    row = t.epoch_metrics(s, st)
+    assert sorted(got) == sorted(buffers) and len(got) == len(buffers) > 0
+    assert evaluated == [True] and row["train_loss"] == 0.5 and row["train_acc"] == 0.25

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nin.cli import main
+from nin.devices import cpu_supports_bf16
 from nin.evaluation import EvalResult, confusion_matrix, evaluate, save_confusion_csv
 from nin.inference import class_activation_maps, predict_logits
 from nin.figures import save_cam_figure, save_cam_grid, save_confusion_png
@@ -17,6 +18,8 @@ from nin.errors import UsageError
 from nin.hub import load
 from nin.hub import create_model
 from nin.models import list_models
+
+from .tinyrun import QUIET, tiny
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +153,99 @@ def test_cam_pictures(run, tmp_path):
     assert acc == pytest.approx((pred == ds.test.labels[:6]).float().mean().item())
     for f in ("one.png", "grid.png"):
         assert Image.open(tmp_path / f).size[0] > 200
+
+
+# guards against: nin.evaluate without tta evaluating without the run's own TTA
+def test_evaluate_defaults_to_the_runs_own_tta(fmnist):
+    """nin.evaluate(model, split) with no tta evaluates as the run reported (its meta.tta), not without it.
+    On real images: on noise the shipped model predicts one class whichever way round it sees them."""
+    import nin
+    from nin.data.datasets import Split
+
+    model = nin.load("nin_fmnist.fashion_mnist_fast")
+    assert model.meta.tta == "flip"
+    test = Split(fmnist.test.images[:1000], fmnist.test.labels[:1000])
+    default, flip, none = (nin.evaluate(model, test, tta=t) for t in (None, "flip", "none"))
+    assert default.tta == "flip" and (default.confusion == flip.confusion).all()
+    assert (default.confusion != none.confusion).any()  # flip changes some predictions of these images
+
+
+# guards against: limit miscounted across a stream, precision 'run' ignored, labels past the classes accepted
+def test_evaluate_limit_precision_and_labels(data):
+    """evaluate(): ``limit`` counts images across the batches of a stream, precision "run" is the run's,
+    labels outside the classes are refused, a model without a description evaluates without TTA."""
+    import nin
+    from nin.data.datasets import load_dataset
+    from nin.errors import UsageError
+    from nin.inference import predict_logits
+
+    model = nin.load("nin_fmnist.fashion_mnist_fast")
+    test = load_dataset("fashion-mnist", data).test
+    x, y = test.images[:100], test.labels[:100]
+    whole = nin.evaluate(model, test, limit=70, tta="none")
+    batches = [(x[i:i + 30], y[i:i + 30]) for i in range(0, 100, 30)]  # 30 + 30 + 30 + 10
+    streamed = nin.evaluate(model, iter(batches), limit=70, tta="none")
+    assert whole.n == streamed.n == 70 and (whole.confusion == streamed.confusion).all()
+    pred = predict_logits(model, x[:70], tta="none").argmax(1)
+    assert whole.confusion.trace() == int((pred == y[:70]).sum())
+    assert nin.evaluate(model, test, limit=1, tta="none").n == 1
+    with pytest.raises(UsageError, match="limit must be at least 1, got 0"):
+        nin.evaluate(model, test, limit=0)
+    run = nin.evaluate(model, test, precision="run")
+    # the shipped run evaluated in bf16; "run" matches it where this CPU has native bf16, else fp32
+    assert model.meta.precision == "bf16" and run.compute == ("bf16" if cpu_supports_bf16() else "fp32")
+    pred = predict_logits(model, test.images, tta="flip", precision=run.compute).argmax(1)
+    assert run.confusion.trace() == int((pred == test.labels).sum())
+    assert nin.evaluate(model, test, precision="fp32").compute == "fp32"
+    with pytest.raises(UsageError, match="the labels go up to 10 but the model knows 10 classes"):
+        nin.evaluate(model, iter([(x[:5], torch.tensor([0, 1, 2, 3, 10]))]))
+    plain = nin.create_model("nin_fmnist")  # no .meta: evaluated as it is
+    plain.classes = model.classes
+    assert nin.evaluate(plain, test).tta == "none"
+
+
+# guards against: nin eval --tta flip not averaging the mirror, or an .onnx evaluating differently
+def test_eval_tta_flip_and_onnx(data, tmp_path, capsys):
+    from nin.inference import predict_logits
+    from nin.hub import load
+    from nin.data.datasets import load_dataset
+    from nin.training.trainer import train
+
+    train(tiny(data, epochs=1, tta_flip=True), tmp_path / "run", **QUIET)
+    model = load(tmp_path / "run")
+    ds = load_dataset("fashion-mnist", data)
+    x = ds.test.images
+    plain = predict_logits(model, x)
+    mirrored = predict_logits(model, x.flip(-1))
+    want = ((plain + mirrored) / 2).argmax(1)
+    for tta, expect in (("flip", want), ("none", plain.argmax(1))):
+        assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--tta", tta, "--precision", "fp32",
+                     "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["tta"] == tta
+        assert doc["accuracy"] == pytest.approx((expect == ds.test.labels).float().mean().item())
+    assert main(["export", str(tmp_path / "run"), "--dynamic-batch", "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m.onnx"), "--data-dir", str(data), "--tta", "none", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["accuracy"] == pytest.approx((plain.argmax(1) == ds.test.labels).float().mean().item(), abs=1 / 128)
+
+
+# guards against: nin eval of a run disagreeing with the accuracy the run reported
+def test_eval_reproduces_the_runs_reported_accuracy(data, tmp_path, capsys):
+    from nin.training.trainer import train
+
+    final = train(tiny(data, epochs=1, tta_flip=True), tmp_path / "run", **QUIET)
+    assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tta"] == "flip" and doc["n"] == 128
+    assert round(doc["accuracy"] * 128) == round(final["test_acc"] * 128)  # to the image
+
+
+# guards against: an unknown TTA name silently evaluated as no TTA
+def test_tta_logits_refuses_an_unknown_augmentation_by_name():
+    from nin.errors import UsageError
+    from nin.inference import tta_logits
+
+    with pytest.raises(UsageError, match=r"^unknown test-time augmentation 'rot90'; choose one of: none, flip, shift$"):
+        tta_logits(torch.nn.Identity(), torch.zeros(1, 1, 2, 2), "rot90")

@@ -12,6 +12,8 @@ from nin.modelfile import META_NAME, write_safetensors
 from nin.onnx import OnnxModel, export_onnx
 from nin.hub import load, load_any
 
+from .tinyrun import QUIET, tiny
+
 
 @pytest.fixture(scope="module")
 def run(small_run, fmnist):
@@ -133,3 +135,16 @@ def test_cli_export_bad_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert "nothing" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# guards against: an ONNX file that disagrees with the model left behind
+def test_export_refuses_and_removes_a_file_that_differs(data, tmp_path, capsys, monkeypatch):
+    import nin.export as ex
+    from nin.training.trainer import train
+
+    train(tiny(data, epochs=1), tmp_path / "run", **QUIET)
+    monkeypatch.setattr(ex, "onnx_max_diff", lambda *a: 0.5)  # inject: onnxruntime disagrees with torch
+    out = tmp_path / "bad.onnx"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "removed, the ONNX model does not match" in err and not out.exists()

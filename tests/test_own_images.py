@@ -312,3 +312,23 @@ def test_a_few_steps_on_fashion_mnist_are_evaluated_with_settled_statistics(fmni
     from nin.evaluation import evaluate
 
     assert evaluate(result.model, fmnist.test, tta="flip").accuracy == pytest.approx(result.test_acc)
+
+
+def test_nin_evaluate_of_a_run_checks_the_folder_split_as_nin_eval_does(fmnist, tmp_path, capsys):
+    """nin.evaluate(RUN) from Python takes the run's own held-out files, and refuses a folder whose files
+    changed since training with the very message `nin eval RUN` prints (before: only the CLI checked)."""
+    root = write_folder(tmp_path / "photos", fmnist, 6, FOLDER_NAMES)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{root}", "--out", str(run), "--epochs", "1", "--quiet",
+                 "--model-kwargs", '{"width": 4}']) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--tta", "none", "--precision", "fp32"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    result = nin.evaluate(str(run), tta="none")
+    assert result.n == doc["n"] == 10 and result.accuracy == pytest.approx(doc["accuracy"])
+    Image.fromarray(fmnist.train.images[0, 0].numpy()).save(root / "bag" / "new.png")
+    assert main(["eval", str(run)]) == 2
+    cli_error = capsys.readouterr().err.strip().removeprefix("nin eval: error: ")
+    with pytest.raises(nin.UsageError) as refused:
+        nin.evaluate(str(run))
+    assert str(refused.value) == cli_error and "held-out files are not the ones the run held out" in cli_error

@@ -238,9 +238,9 @@ class SlowServed:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def probabilities(self, images):
+    def probabilities(self, images, tta=None):
         time.sleep(0.05)
-        return self.inner.probabilities(images)
+        return self.inner.probabilities(images, tta)
 
 
 async def _concurrent(app, bodies: list[bytes], path: str = "/v1/predict?topk=10"):
@@ -394,10 +394,107 @@ def test_page_and_its_assets_are_all_local(client):
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 200
 
 
+def test_livez_and_readyz(run):
+    app = create_app(load_served(str(run), backend="torch"))
+    outside = TestClient(app)  # no lifespan: not warmed up, not taking requests
+    assert outside.get("/livez").json() == {"status": "ok"}
+    r = outside.get("/readyz")
+    assert r.status_code == 503 and r.json() == {"status": "not ready"}
+    with TestClient(app) as c:
+        assert c.get("/readyz").json() == {"status": "ready"} and c.get("/livez").status_code == 200
+    assert outside.get("/readyz").status_code == 503  # stopped
+
+
+def test_openapi_documents_the_upload_and_the_parameters(client):
+    """Issue 37: a generated client needs the upload's fields and the query parameters in /openapi.json."""
+    from nin.vocab import TTA_REQUESTS
+
+    doc = client.get("/openapi.json").json()
+    for path in ("/v1/predict", "/v1/models/{name}/predict", "/v1/cam"):
+        op = doc["paths"][path]["post"]
+        content = op["requestBody"]["content"]
+        form = content["multipart/form-data"]["schema"]
+        assert form["required"] == ["file"] and form["properties"]["file"] == {"type": "string", "format": "binary"}
+        assert content["image/*"]["schema"]["format"] == "binary"
+    params = {p["name"]: p for p in doc["paths"]["/v1/predict"]["post"]["parameters"]}
+    assert set(params) == {"topk", "invert", "preview", "tta"}
+    topk = params["topk"]["schema"]["anyOf"][0]
+    assert topk["minimum"] == 1 and topk["maximum"] == 1000
+    assert params["tta"]["schema"]["anyOf"][0]["enum"] == list(TTA_REQUESTS)
+    assert {p["name"] for p in doc["paths"]["/v1/cam"]["post"]["parameters"]} == {"topk", "invert", "format", "model"}
+
+
+def test_per_request_tta_equals_nin_predict_with_that_tta(shipped_client, images):
+    """Issue 37: ?tta= per request (the shipped fast weights' own is flip); each answer is `nin predict --tta`'s."""
+    from nin.hub import load
+
+    model = load(FAST)
+    files = images[:4] + images[-2:]
+    for tta in ("none", "flip", "shift"):
+        expected = predict_files(model, files, topk=10, tta=tta)
+        for path, want in zip(files, expected):
+            answer = shipped_client.post(f"/v1/predict?topk=10&tta={tta}", content=path.read_bytes()).json()
+            assert answer["tta"] == tta
+            assert_same_prediction(answer, want, 1e-6)
+    own = shipped_client.post("/v1/predict?topk=10", content=files[0].read_bytes()).json()
+    assert own["tta"] == "flip" and own == shipped_client.post("/v1/predict?topk=10&tta=run",
+                                                                content=files[0].read_bytes()).json()
+    r = shipped_client.post("/v1/predict?tta=rotate", content=files[0].read_bytes())
+    assert r.status_code == 400 and r.json()["error"].startswith("tta: Input should be 'run', 'none', 'flip'")
+
+
+def test_concurrent_requests_with_different_tta_never_share_a_batch(run, torch_model, images):
+    served = load_served(str(run), backend="torch")
+    app = create_app(SlowServed(served), max_batch=8)
+    bodies = [p.read_bytes() for p in images[:12]]
+    paths = [f"/v1/predict?topk=10&tta={'flip' if i % 2 else 'none'}" for i in range(12)]
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await asyncio.gather(*(c.post(p, content=b) for p, b in zip(paths, bodies)))
+    answers = asyncio.run(go())
+    for i, r in enumerate(answers):
+        want = predict_files(torch_model, images[i:i + 1], topk=10, tta="flip" if i % 2 else "none")[0]
+        assert_same_prediction(r.json(), want, 1e-5)
+    sizes = app.state.batcher.stats.sizes
+    assert max(sizes) > 1 and sum(k * v for k, v in sizes.items()) == 12
+
+
+def test_several_models_on_one_server(run, torch_model, images):
+    """Issue 37: `nin serve A B`: /v1/models lists both; /v1/models/NAME/predict answers with that one."""
+    from nin.hub import load
+
+    app = create_app([load_served(str(run), backend="torch"), load_served(FAST, backend="torch")],
+                     names=["small", "fast"], max_batch=[4, 1])
+    with TestClient(app) as c:
+        listed = c.get("/v1/models").json()["models"]
+        assert [(m["name"], m["weights"], m["max_batch"]) for m in listed] == [("small", str(run), 4), ("fast", FAST, 1)]
+        body = images[5].read_bytes()
+        for name, model in (("small", torch_model), ("fast", load(FAST))):
+            want = predict_files(model, images[5:6], topk=10)[0]
+            assert_same_prediction(c.post(f"/v1/models/{name}/predict?topk=10", content=body).json(), want, 1e-6)
+        assert_same_prediction(c.post("/v1/predict?topk=10", content=body).json(),
+                               predict_files(torch_model, images[5:6], topk=10)[0], 1e-6)
+        assert c.get("/v1/model?model=fast").json()["weights"] == FAST
+        r = c.post("/v1/models/nope/predict", content=body)
+        assert r.status_code == 404 and r.json()["error"] == "no model named 'nope' here; GET /v1/models lists: small, fast"
+
+
 def test_cli_refuses_bad_options(run, capsys):
     assert main(["serve", str(run), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(run), "--backend", "onnx", "--device", "cpu", "--max-upload-mb", "0"]) == 2
+    capsys.readouterr()
+    for flags, words in ((["--max-batch", "many"], "--max-batch must be at least 1 (or auto), got many"),
+                         (["--workers", "0"], "--workers must be at least 1, got 0"),
+                         (["--workers", "2", "--device", "cuda"], "--workers above 1 runs on the CPU"),
+                         ([str(run), "--threads", "0"], "--threads must be at least 1, got 0")):
+        assert main(["serve", str(run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nin serve: error: {words}") and err.count("\n") == 1, err
+    assert main(["serve", str(run), str(run), "--port", "0"]) == 2  # two models, one name
+    assert "two models would both be called" in capsys.readouterr().err
 
 
 def test_cli_port_out_of_range_or_in_use_is_one_line_and_exit_2(run, capsys, monkeypatch):
@@ -459,10 +556,20 @@ class ServerProcess:
                 return out
         raise AssertionError(f"{text!r} not in the server's output: {out}")
 
-    def rss(self) -> int:
+    def workers(self) -> list:
+        """The worker processes (psutil), or the server itself when it serves alone."""
         import psutil
 
-        return psutil.Process(self.proc.pid).memory_info().rss
+        me = psutil.Process(self.proc.pid)
+        workers = [c for c in me.children() if "spawn_main" in " ".join(c.cmdline())]  # not the resource tracker
+        return workers or [me]
+
+    def rss(self) -> int:
+        """Memory of every worker."""
+        return sum(p.memory_info().rss for p in self.workers())
+
+    def cpu_seconds(self) -> list[float]:
+        return [sum(p.cpu_times()[:2]) for p in self.workers()]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -548,21 +655,24 @@ async def _load(port: int, jobs: list[tuple[int, bytes]], clients: int) -> list[
 
 
 def test_real_server_under_load(server, torch_model, images):
-    """2,000 requests from 64 concurrent clients, one in ten junk: no 5xx, every answer is its own
-    image's, and the memory after is within 10% of the memory before."""
+    """2,000 requests from 64 concurrent clients, one in ten junk, to the default server (a worker per
+    core): no 5xx, every answer is its own image's, every worker answered a share, and the memory after
+    is within 10% of the memory before.  /metrics sums every worker's counters."""
+    assert len(server.workers()) == max(1, len(os.sched_getaffinity(0)))
     good = images[:20]
     expected = predict_files(torch_model, good, topk=10)
     junk = [(b"", 400), (b"not an image at all", 415), (good[0].read_bytes()[:300], 400)]
     bodies = [p.read_bytes() for p in good]
     asyncio.run(_load(server.port, [(i % 20, bodies[i % 20]) for i in range(300)], 64))  # warm-up
-    before = server.rss()
+    before, cpu_before = server.rss(), server.cpu_seconds()
     jobs = [(-1 - (i // 10) % 3, junk[(i // 10) % 3][0]) if i % 10 == 9 else (i % 20, bodies[i % 20])
             for i in range(2000)]
     t = time.perf_counter()
     answers = asyncio.run(_load(server.port, jobs, 64))
     seconds = time.perf_counter() - t
-    after = server.rss()
+    after, cpu = server.rss(), [b - a for a, b in zip(cpu_before, server.cpu_seconds())]
     assert len(answers) == 2000
+    assert min(cpu) > 0.1 * sum(cpu), f"CPU seconds per worker: {cpu}"  # the port is shared, not one worker's
     for i, status, data in answers:
         assert status < 500, data
         if i >= 0:
@@ -578,15 +688,23 @@ def test_real_server_under_load(server, torch_model, images):
     time.sleep(0.3)
     metrics = httpx.get(server.url + "/metrics").text
     assert 'status="500"' not in metrics and 'nin_request_errors_total{reason="client_disconnect"} 1.0' in metrics
+    served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('http_requests_total{handler="/v1/predict",method="POST",status="200"}'))
+    assert served >= 2000 * 0.9 + 300  # every worker's answers, whichever worker read /metrics
     print(f"\n2,000 requests from 64 clients in {seconds:.1f} s ({2000 / seconds:.0f}/s, shared test machine)")
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
+    """SIGTERM to `nin serve` (a worker per core by default): every worker answers the requests it holds,
+    then all exit, and the server exits 0."""
     s = ServerProcess(str(run), "--backend", "torch")
     try:
         body = images[0].read_bytes()
+        s.output_until("http://")  # every worker listens (the first answers /health before the others)
+        workers = s.workers()
+        assert len(workers) == max(1, len(os.sched_getaffinity(0)))
         conns = []
-        for _ in range(3):  # requests whose body is only half sent when SIGTERM arrives
+        for _ in range(6):  # requests whose body is only half sent when SIGTERM arrives
             c = socket.create_connection(("127.0.0.1", s.port))
             c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
                       + body[:len(body) // 2])
@@ -607,6 +725,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
             assert reply.startswith(b"HTTP/1.1 200"), reply
             c.close()
         assert s.proc.wait(20) == 0
+        assert not any(w.is_running() for w in workers)
     finally:
         s.stop()
 

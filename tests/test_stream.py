@@ -63,13 +63,41 @@ def test_decode_image_reduced_jpeg_and_bad_files(tmp_path):
     full = decode_image(tmp_path / "big.jpg", 3)
     assert full.shape == (3, 400, 600) and full.dtype == torch.uint8
     pil = torch.from_numpy(np.array(load_image(tmp_path / "big.jpg").convert("RGB"))).permute(2, 0, 1)
-    assert (full.int() - pil.int()).abs().float().mean() < 2  # torchvision.io and Pillow: same libjpeg
+    assert (full.int() - pil.int()).abs().float().mean() < 2  # TorchCodec and Pillow: both libjpeg-turbo
     small = decode_image(tmp_path / "big.jpg", 3, min_size=(100, 90))  # a 4x reduction is allowed
     assert small.shape == (3, 100, 150)
     assert decode_image(tmp_path / "big.jpg", 1).shape == (1, 400, 600)
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "big.jpg").read_bytes()[:3000])
     with pytest.raises(ImageError, match="cut.jpg"):
         decode_image(tmp_path / "cut.jpg", 3)
+
+
+def test_full_scale_jpeg_decode_matches_pillow_without_a_deprecated_decoder(tmp_path):
+    # guards: torchvision.io's decoders (deprecated since 0.29) warning on every image; the TorchCodec path
+    # forgetting EXIF orientation, grey or invert that Pillow's path (load_image + to_channels) applies
+    import importlib.util
+    import warnings
+
+    from nin.data import images
+
+    if importlib.util.find_spec("torchcodec"):
+        assert images._jpeg_decoder() is not None  # installed, so it must load with this torch
+    yy, xx = np.mgrid[0:60, 0:100]
+    a = np.stack([xx * 2, yy * 3, 128 + 60 * np.sin(xx / 9)], -1).astype(np.uint8)
+    for orientation in (1, 6):
+        im = Image.fromarray(a)
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / "o.jpg", quality=95, exif=exif.tobytes())
+        for in_chans in (1, 3):
+            for invert in (False, True):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    x = decode_image(tmp_path / "o.jpg", in_chans, invert=invert)
+                ref = np.array(images.to_channels(load_image(tmp_path / "o.jpg"), in_chans, invert=invert))
+                ref = torch.from_numpy(ref[..., None] if ref.ndim == 2 else ref).permute(2, 0, 1)
+                assert x.shape == ref.shape == ((in_chans, 100, 60) if orientation == 6 else (in_chans, 60, 100))
+                assert (x.int() - ref.int()).abs().float().mean() < 1  # grey: libjpeg's Y vs Pillow's luma
 
 
 def test_path_array_holds_names_in_two_arrays():
@@ -311,7 +339,6 @@ def test_train_end_to_end_from_stream_and_shards(tmp_path):
 def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys):
     """A --transform imagenet run's model.json says so, and `nin predict`, `nin eval` and `nin cam --grid`
     read its images by resize + centre crop, the test loader's own path, not the letterbox of 28x28 models."""
-    from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
 
     from nin.evaluation import evaluate, streamed_test_batches
@@ -331,7 +358,7 @@ def test_imagenet_run_predicts_and_evaluates_as_its_test_loader(tmp_path, capsys
     smooth = np.stack([xx * 0.8, yy * 1.2, 128 + 100 * np.sin(xx / 20) * np.cos(yy / 15)], -1).astype(np.uint8)
     big = tmp_path / "smooth.jpg"
     Image.fromarray(smooth).save(big, quality=95)
-    ref = v2.CenterCrop(32)(v2.Resize(37, antialias=True)(decode_jpeg(torch.tensor(list(big.read_bytes()), dtype=torch.uint8))))
+    ref = v2.CenterCrop(32)(v2.Resize(37, antialias=True)(torch.from_numpy(np.array(Image.open(big))).permute(2, 0, 1)))
     x = torch.from_numpy(read_input(model.meta, big))
     assert x.shape == (3, 32, 32)
     assert (x.float() - ref.float()).abs().mean() < 4.0  # sub-pixel crop offsets and filters only

@@ -14,6 +14,7 @@ from nin.training.runfolder import load_checkpoint
 from nin.training.trainer import TrainingDiverged, train
 
 from .fakedata import fake_fashion_dir, has_real_fmnist
+from .tinyrun import QUIET, tiny
 
 # A tiny, quick configuration of the fast recipe on made-up IDX files (tests write them).
 TINY = dict(model_kwargs={"width": 8}, epochs=2, batch_size=64, limit_train=512, eval_batch_size=256,
@@ -219,3 +220,26 @@ def test_fast_recipe_learns_real_fashion_mnist(tmp_path):
     cfg = get_recipe("fast", limit_train=10_000, epochs=2, model_kwargs={"width": 32})
     final = train(cfg, tmp_path / "run", quiet=True, log=lambda *a, **k: None)
     assert final["test_acc"] >= 0.80
+
+
+# guards against: --dry-run training or evaluating more than one batch, or a real run evaluating fewer
+def test_dry_run_takes_one_step_and_evaluates_one_batch_of_each_split(data, tmp_path, monkeypatch):
+    """--dry-run is a smoke check, so its line says "1 train batch ... 1 test batch": one optimizer step, and the
+    test and validation evaluations each cut to their first batch; a real run evaluates every batch."""
+    import nin.training.trainer as t
+
+    real, limits = t.loader_eval, []
+
+    def spy(model, loader, amp_dtype, tta, max_batches=None):
+        limits.append(max_batches)
+        return real(model, loader, amp_dtype, tta, max_batches)
+
+    monkeypatch.setattr(t, "loader_eval", spy)
+    lines = []
+    row = t.train(tiny(data, epochs=1, val_split=64, eval_batch_size=32), None, dry_run=True, quiet=True,
+                  log=lines.append)
+    assert limits == [1, 1] and row["images"] == 64
+    assert len(lines) == 1 and lines[0].startswith("dry run: 1 train batch") and "nothing written" in lines[0]
+    limits.clear()
+    t.train(tiny(data, epochs=1, val_split=64, eval_batch_size=32), tmp_path / "run", **QUIET)
+    assert limits == [None, None]

@@ -1,7 +1,7 @@
 """The Python API for notebooks and scripts: train, predict, summary, plot_history, show_cam.
 
-Each is a thin layer over the library (``nin.trainer``, ``nin.models``, ``nin.runfolder``,
-``nin.evaluation``), as the command line is; ``nin summary`` prints ``str(summary(...))``.
+Each is a thin layer over the library (``nin.training``, ``nin.models``, ``nin.prediction``,
+``nin.figures``), as the command line is; ``nin summary`` prints ``str(summary(...))``.
 Figures are matplotlib ``Figure`` objects made without pyplot, so nothing here picks a backend.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every model here is used through two calls: ``model(x)`` -> logits and, for class activation maps,
 ``model.forward_features(x)`` -> one map per class (N x K x h x w) before global average pooling.
-Raw images (uint8 N x C x H x W) become model input only through ``data.to_float_batch`` with the
+Raw images (uint8 N x C x H x W) become model input only through ``data.batchops.to_float_batch`` with the
 model's ``meta.preprocess``, so ``nin eval`` and ``nin predict`` see exactly the same numbers.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Predicting image files: collecting them from paths and folders, and the top-k classes of each.
 
-How a file becomes the network's input is ``nin.images`` (the same code as datasets, cam and serve),
-then the model's own preprocessing (``evaluation.preprocess``), the same path as ``nin eval``.
+How a file becomes the network's input is ``nin.data.images`` (the same code as datasets, cam and serve),
+then the model's own preprocessing (``inference.preprocess``), the same path as ``nin eval``.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
                   max_pixels: int = MAX_PIXELS, tta: str | None = None) -> list[Prediction]:
     """Predict every image under ``paths``; bad files give a Prediction with ``error`` set.
 
-    ``model`` is what export.load_any returns (a torch model or an OnnxModel): it has ``.meta``.
+    ``model`` is what hub.load_any returns (a torch model or an OnnxModel): it has ``.meta``.
     ``tta`` defaults to the run's own (``model.meta.tta``), so predictions match the reported accuracy.
     A path ``"-"`` (``STDIN``) is one image read from standard input.  An image far smaller than the
     model's input gets a ``note`` saying what it was made into (``images.small_input_note``).

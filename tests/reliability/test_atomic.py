@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,15 @@ def test_full_disk_on_a_small_tmpfs_then_resume_after_freeing_space(tmp_path, da
     assert out[2] == "step 0", r.stdout + r.stderr  # the checkpoint taken before the first step loads
     assert out[3] == "rc2=0", r.stdout + (tmp_path / "err2").read_text()  # space freed: --resume finishes
     assert {"last.ckpt", "best.safetensors", "model.json", "metrics.csv", "curves.png"} <= set(out[4].split())
+
+
+# issue 20 item 6, guards against: atomic writes leaving files 0600 whatever the umask
+def test_written_files_honour_the_umask(tmp_path, data_dir):
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        assert main(["train", "--data-dir", str(data_dir), "--out", str(run), *TINY_ARGS]) == 0
+    finally:
+        os.umask(old)
+    for name in ("config.json", "metrics.csv", "last.ckpt", "best.safetensors", "model.json", "curves.png"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name

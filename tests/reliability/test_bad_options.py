@@ -4,11 +4,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from nin.cli import main
 
-from .common import TINY_ARGS, one_error_line
+from .common import TINY_ARGS, one_error_line, snapshot
 
 # (option(s) added to a small valid `nin train`, what the message says)
 CASES = [
@@ -86,3 +88,81 @@ def test_the_real_process_exit_code_is_2(tmp_path):
     assert r.returncode == 2
     assert one_error_line(r.stderr, "train") == "nin train: error: --lr must be > 0, got 0.0"
     assert not (tmp_path / "run").exists()
+
+
+# issue 20 item 9, guards against: --out naming a file giving a traceback, or overwriting it
+def test_out_that_is_a_file_is_one_line_and_kept(tmp_path, data_dir, finished_run, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(["train", "--data-dir", str(data_dir), "--out", str(afile), *TINY_ARGS]) == 2
+    assert "is a file" in one_error_line(capsys.readouterr().err, "train")
+    assert main(["eval", str(finished_run), "--data-dir", str(data_dir), "--out", str(afile)]) == 2
+    assert "is a file" in one_error_line(capsys.readouterr().err, "eval")
+    assert afile.read_text() == "keep"
+
+
+def _numeric_cases():
+    """Every numeric option of every subcommand, with the values that must be refused."""
+    run, img = "{run}", "{img}"
+    subs = {
+        "summary": (["summary", "nin_fmnist"], ["--batch-size", "--input-size"]),
+        "eval": (["eval", run, "--data-dir", "{data}"], ["--batch-size", "--limit"]),
+        "predict": (["predict", run, img], ["--topk", "--max-pixels"]),
+        "cam": (["cam", run, img], ["--topk"]),
+        "cam-grid": (["cam", run, "--data-dir", "{data}"], ["--grid"]),
+        "export": (["export", run, "--out", "{tmp}/x.onnx"], ["--opset"]),
+        "data": (["data", "info", "--data-dir", "{data}"], ["--seed"]),
+    }
+    from nin.training.recipes import TrainConfig
+    import dataclasses
+    train_flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+                   if str(f.type).split(" ")[0] in ("int", "float") and f.name != "recipe"]
+    subs["train"] = (["train", "--data-dir", "{data}", "--out", "{tmp}/newrun", *TINY_ARGS], train_flags)
+    zero_ok = {"--crop-padding", "--val-split", "--seed", "--save-every", "--weight-decay", "--momentum",
+               "--label-smoothing", "--ema", "--warmup-epochs", "--erase", "--workers", "--max-bad",
+               "--clip-grad-norm", "--min-steps-per-epoch"}
+    cases = []
+    for name, (argv, flags) in subs.items():
+        for flag in flags:
+            for value in ("0", "-1", "nan", "1e400", "99999999999999999999"):
+                if value == "0" and flag in zero_ok:
+                    continue
+                cases.append((name, argv, flag, value))
+    return cases
+
+
+# issue 20 item 11, guards against: a numeric option (0, -1, nan, huge) reaching the code unchecked
+@pytest.mark.parametrize("name,argv,flag,value", _numeric_cases(),
+                         ids=[f"{c[0]} {c[2]} {c[3]}" for c in _numeric_cases()])
+def test_every_numeric_option_is_validated(tmp_path, finished_run, data_dir, capsys, name, argv, flag, value):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    fill = {"{run}": str(finished_run), "{img}": str(img), "{data}": str(data_dir), "{tmp}": str(tmp_path)}
+    argv = [fill.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    extra = [flag, value, value, value] if flag == "--input-size" else [flag, value]
+    before = snapshot(finished_run)
+    try:
+        code = main([*argv, *extra])
+    except SystemExit as e:  # argparse: refused while parsing
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert "Traceback" not in err and len([x for x in err.splitlines() if x.strip()]) == 1, err
+    assert flag in err or flag.lstrip("-").replace("-", "_") in err, err
+    assert snapshot(finished_run) == before
+    assert not (tmp_path / "newrun").exists()
+
+
+# issue 20 item 12, guards against: an --opset the exporter cannot write accepted, or the file holding another
+def test_opset_is_refused_below_18_and_is_the_files_own(finished_run, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(finished_run), "--opset", "7", "--out", str(out)])
+    assert e.value.code == 2 and "--opset: must be >= 18" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(finished_run), "--opset", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    model = onnx.load(out)
+    real = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert real == 20 and "ONNX opset 20" in printed.out and "Traceback" not in printed.err

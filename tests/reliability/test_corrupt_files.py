@@ -6,6 +6,7 @@ created or changed, and no pickle payload ever runs (each payload would create a
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import shutil
@@ -311,3 +312,52 @@ def test_bad_saved_model(tmp_path, finished_run, data_dir, capsys, case, command
     assert f"{finished_run / name}: " in line and message in line, line
     assert not marker.exists()
     assert snapshot(finished_run) == before
+
+
+# issue 20 item 5, guards against: a malformed model.json field failing with a traceback, or unnamed
+@pytest.mark.parametrize("field,value,says", [
+    ("preprocess", {"resize": None, "mean": [0.3], "std": [0.0]}, "preprocess.std"),
+    ("preprocess", {"resize": None, "mean": [float("nan")], "std": [0.3]}, "preprocess.mean"),
+    ("preprocess", {"resize": None, "mean": None, "std": None, "transform": "stretch"}, "preprocess.transform"),
+    ("classes", ["only one"], "field 'classes'"),
+    ("input_size", [1, 28], "field 'input_size'"),
+    ("input_size", [1, 30000, 30000], "field 'input_size'"),
+    ("tta", "sideways", "field 'tta'"),
+])
+def test_a_malformed_model_json_is_one_line_naming_the_field(finished_run, tmp_path, capsys, field, value, says):
+    meta = json.loads((finished_run / "model.json").read_text())
+    meta[field] = value
+    (finished_run / "model.json").write_text(json.dumps(meta))
+    (tmp_path / "x.png").write_bytes((finished_run / "curves.png").read_bytes())
+    for argv, cmd in ((["predict", str(finished_run / "model.json"), str(tmp_path / "x.png")], "predict"),
+                      (["eval", str(finished_run / "model.json")], "eval")):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, cmd)
+        assert str(finished_run / "model.json") in line and says in line, line
+
+
+# issue 20 item 5, guards against: --json printing NaN (not JSON) for a model with non-finite weights
+def test_predict_json_never_prints_nan(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(finished_run / "best.safetensors")
+    w = {k: (v * float("nan") if v.is_floating_point() else v) for k, v in w.items()}
+    save_file(w, finished_run / "best.safetensors")  # no embedded description: model.json is read
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    main(["predict", str(finished_run), str(img), "--json"])
+    out = capsys.readouterr().out
+    doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert "error" in doc[0] and "non-finite" in doc[0]["error"]
+
+
+# issue 20 item 18, guards against: a stray model.json beside a .safetensors overriding its own description
+def test_a_safetensors_own_description_wins_over_model_json(finished_run, tmp_path):
+    from nin.hub import load
+
+    out = tmp_path / "mine.safetensors"
+    assert main(["export", str(finished_run), "--format", "safetensors", "--out", str(out)]) == 0
+    other = json.loads((finished_run / "model.json").read_text())
+    other["classes"] = [f"other{i}" for i in range(10)]
+    (tmp_path / "model.json").write_text(json.dumps(other))
+    assert load(out).classes == json.loads((finished_run / "model.json").read_text())["classes"]

@@ -184,3 +184,22 @@ def test_training_whose_output_pipe_closes_finishes(tmp_path, data_dir):
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert (run / "best.safetensors").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# issue 20 item 10, guards against: eval failing (results lost) on a run folder it cannot write
+def test_eval_on_a_folder_it_cannot_write_prints_and_warns(finished_run, data_dir, capsys, monkeypatch):
+    import nin.fsutil
+
+    real = nin.fsutil.atomic_write
+
+    def refuse(path, write):
+        if "eval" in str(path):
+            raise nin.errors.NinError(f"{path}: cannot write (Read-only file system)")
+        return real(path, write)
+
+    import nin.errors
+    monkeypatch.setattr(nin.fsutil, "atomic_write", refuse)  # evaluation imports it at each call
+    assert main(["eval", str(finished_run), "--data-dir", str(data_dir)]) == 0
+    cap = capsys.readouterr()
+    assert "accuracy" in cap.out and "Traceback" not in cap.err
+    assert [line for line in cap.err.splitlines() if line.strip()][0].startswith("warning:")

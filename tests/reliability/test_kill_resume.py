@@ -13,10 +13,13 @@ lands) and once while last.ckpt's temp file is written but not yet renamed -- an
 
 At the end, the weights, best.safetensors and the metrics equal, bit for bit, those of an
 uninterrupted run with the same seed (both on the CPU with one thread).
+
+Also the gentler stops: --max-steps and SIGTERM leave a run folder that resumes.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -28,9 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from nin.cli import main
 from nin.training.runfolder import load_checkpoint
 
 from ..fakedata import fake_fashion_dir
+from .common import TINY_ARGS
 
 HERE = Path(__file__).resolve().parent
 STEP_SLEEP = 0.05       # seconds; every step lasts at least this long in the killed run
@@ -164,3 +169,41 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         return [(r["epoch"], r["train_loss"], r["train_acc"], r["test_acc"], r["lr"]) for r in rows]
 
     assert metrics(run) == metrics(tmp_path / "ref") and len(metrics(run)) == EPOCHS
+
+
+# issue 20 item 4, guards against: a --max-steps stop leaving no usable model, or a run that cannot continue
+def test_max_steps_keeps_a_model_and_resumes(tmp_path, data_dir, capsys):
+    run = tmp_path / "ms"
+    base = [a for a in TINY_ARGS if a != "--quiet"]
+    assert main(["train", "--data-dir", str(data_dir), "--out", str(run), *base, "--epochs", "2",
+                 "--max-steps", "2", "--quiet"]) == 0
+    assert (run / "best.safetensors").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert main(["eval", str(run), "--data-dir", str(data_dir)]) == 0
+    assert main(["train", "--resume", str(run), "--max-steps", "5", "--quiet"]) == 0
+    assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 5
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # to the end
+    ck = torch.load(run / "last.ckpt", weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (2, 8)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+# guards against: `kill PID` killing a training with a traceback and no resumable checkpoint
+def test_sigterm_stops_a_training_as_ctrl_c_does(data, tmp_path):
+    """`kill PID` (SIGTERM) mid-run: exit 130, status.json "interrupted" naming it, last.ckpt resumable."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "nin", "train", "--data-dir", str(data), "--epochs", "50",
+                          "--warmup-epochs", "0", "--quiet", "--out", str(run)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # one epoch done: mid-run
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "nin train: interrupted" in err and "Traceback" not in err, err
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
+    assert torch.load(run / "last.ckpt", weights_only=True)["config"]["epochs"] == 50  # intact: resumable

@@ -2,6 +2,8 @@
 good checkpoint -- never one holding non-finite weights -- and no NaN model becomes best.safetensors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ import nin.models
 from nin.cli import main
 from nin.training.runfolder import load_checkpoint
 
+from ..tinyrun import QUIET, tiny
 from .common import TINY_ARGS, one_error_line
 
 
@@ -43,3 +46,26 @@ def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, monkeypatch, cap
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in st["optimizer"]["state"][0].values())
     assert not (out / "best.safetensors").exists() and not (out / "metrics.csv").exists()  # no NaN epoch
+
+
+# guards against: a NaN loss noticed late, or reported at another epoch or step than it happened
+@pytest.mark.parametrize("bad", [3, 4])
+def test_a_nan_loss_on_cpu_stops_the_run_at_that_very_step(data, tmp_path, monkeypatch, bad):
+    """On the CPU the loss is checked after every step: a loss that turns NaN at step k (mid-epoch, or the
+    epoch's last) stops the run naming epoch 1, step k, and status.json records the same."""
+    import nin.training.trainer as t
+    from nin.errors import TrainingDiverged
+
+    real, n = t.train_step, []
+
+    def poisoned(*a, **k):
+        loss, out = real(*a, **k)
+        n.append(1)
+        return (loss * float("nan") if len(n) == bad else loss), out
+
+    monkeypatch.setattr(t, "train_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at epoch 1, step {bad};"):
+        t.train(tiny(data, epochs=2), tmp_path / "run", **QUIET)
+    assert len(n) == bad
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "diverged" and status["reason"] == f"loss became nan at epoch 1, step {bad}"

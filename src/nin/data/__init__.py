@@ -3,10 +3,21 @@
 (``shards``).  ``open_dataset`` and ``make_loader`` are the one entry point for every kind."""
 from __future__ import annotations
 
-from .batchops import (alternating_flips, augment, epoch_order, erase_boxes, num_batches, resize_matrix, seed_mix,
-                       to_float_batch)
-from .datasets import DATASETS, Dataset, Split, find_dataset, load_dataset, search_dirs
-from .loader import BatchLoader
+# name -> the submodule that defines it, imported on first use: `nin --help` reads nin.data.images's limits
+# without importing torch (batchops and the loaders need it).
+_LAZY = {**dict.fromkeys(["to_float_batch", "resize_matrix", "erase_boxes", "augment", "alternating_flips",
+                          "seed_mix", "epoch_order", "num_batches"], "batchops"),
+         **dict.fromkeys(["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs"], "datasets"),
+         "BatchLoader": "loader"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["DATASETS", "Split", "Dataset", "load_dataset", "find_dataset", "search_dirs", "to_float_batch",
            "resize_matrix", "erase_boxes", "augment", "alternating_flips", "seed_mix", "BatchLoader", "epoch_order",
@@ -23,6 +34,8 @@ def open_dataset(name: str, data_dir=None, *, seed: int = 0, stream: bool | None
 
     ``wds:DIR`` always streams; ``folder:PATH`` streams with ``stream=True``, or with ``stream=None`` when
     its decoded size exceeds ``memory_budget`` (``stream.choose_path``); the built-in datasets load."""
+    from .datasets import load_dataset
+
     if name.startswith("wds:"):
         from .shards import open_shards
         return open_shards(name)
@@ -40,6 +53,8 @@ def make_loader(split, batch_size: int, **kw):
     """``BatchLoader`` for an in-memory ``Split``, ``stream.StreamLoader`` for a ``FileSplit``,
     ``shards.ShardLoader`` for a ``ShardSplit``: the same keyword arguments (the streaming ones, listed
     in ``_STREAM_ONLY``, are ignored in memory, where only the "fit" transform exists)."""
+    from .datasets import Split
+    from .loader import BatchLoader
     from .stream import FileSplit, StreamLoader
 
     if isinstance(split, Split):

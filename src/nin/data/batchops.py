@@ -88,7 +88,7 @@ def to_float_batch(x: torch.Tensor, *, resize: int | None = None, mean=None, std
     stats = None if mean is None else (tuple(scale64.tolist()), tuple(bias64.tolist()))
     a_w, blocks, index, bias = _resize_operands(h, w, resize, c, str(dev), dtype, stats)
     t = torch.matmul(x.to(dtype), a_w.T)  # N x C x H x resize
-    g, b, k = index.shape[0], blocks.shape[-2], index.shape[1]
+    g, k = index.shape  # G blocks of B output rows, each reading k input rows
     rows = t if g == 1 else t[:, :, index]  # N x C x G x k x resize
     y = torch.matmul(blocks, rows.view(n, c, g, k, resize))  # N x C x G x B x resize
     if bias is not None:

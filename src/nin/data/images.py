@@ -3,7 +3,9 @@
 Used by folder datasets, ``nin predict``, ``nin cam``, ``nin eval`` on folders and the server, so a
 model sees the same pixels in training and in prediction.  The policy, step by step:
 
-1. Pillow decodes it (PNG, JPEG, BMP, WebP, GIF: first frame, TIFF, PPM/PGM).  Files over
+1. Pillow decodes it (PNG, JPEG, BMP, WebP, GIF: first frame, TIFF, PPM/PGM), but ``decode_image``
+   (the streaming loader's and the "imagenet" transform's reader) decodes a JPEG at full scale with
+   TorchCodec (libjpeg-turbo, as Pillow's).  Files over
    ``max_pixels`` are refused before decoding; empty, truncated or non-image files raise ImageError.
 2. EXIF orientation is applied.  16-bit (or float) grey is scaled to 8 bits (65535 -> 255).
 3. Transparent pixels are laid on the background: black, or white with ``invert`` (so that after
@@ -190,37 +192,34 @@ def image_header(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIX
         raise ImageError(f"{label}: cannot read the image header ({e.__class__.__name__}: {e})") from None
 
 
-def _tv_decoder():
-    """torchvision.io's JPEG decoder, or None where it is gone: torchvision 0.29 deprecates its image
-    decoders in favour of TorchCodec, and Pillow's path below then decodes every JPEG."""
-    global _TV
-    if _TV is False:
+def _jpeg_decoder():
+    """TorchCodec's JPEG decoder (libjpeg-turbo; EXIF orientation applied, as ``load_image`` does), or None
+    where TorchCodec is not installed or does not load with this torch: Pillow then decodes every JPEG.
+    (torchvision.io's decoders, used here before, are deprecated since torchvision 0.29 for TorchCodec's.)"""
+    global _JPEG
+    if _JPEG is False:
         try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-            _TV = (ImageReadMode, decode_jpeg)
-            # decode_jpeg warns of its deprecation on every call; silencing it per call with
-            # warnings.catch_warnings() cost 0.28 ms an image (60% of the decode itself), so one filter
-            # for that message alone, installed once
-            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                    category=DeprecationWarning)
-        except ImportError:
-            _TV = None
-    return _TV
+            from torchcodec.decoders import decode_jpeg
+            _JPEG = decode_jpeg
+        except Exception:  # ImportError, or a TorchCodec built for another torch (OSError, RuntimeError)
+            _JPEG = None
+    return _JPEG
 
 
-_TV = False
+_JPEG = False
 
 
 def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: tuple[int, int] | None = None,
                  invert: bool = False, max_pixels: int = MAX_PIXELS, name: str | None = None, header=None):
     """Decode ``source`` into a uint8 C x H x W torch tensor in the model's channels (steps 1-5 above;
     the size is the image's own, or smaller when ``min_size=(w, h)`` allows), or raise ImageError.
+    The tensor's memory may be channels-last (H x W x C permuted): what the resize after it wants.
 
-    JPEGs take the faster of two decoders, measured here (benchmarks/bench_stream.py, one core):
-    when ``min_size`` allows a reduction of 2x or more, Pillow's ``draft`` (libjpeg DCT scaling) decodes
-    at 1/2-1/8 scale for 45-65% of the full decode's time; at full scale ``torchvision.io.decode_jpeg``
-    is faster than Pillow on small and medium images (0.64 vs 1.04 ms at 500x375).  Other formats, and
-    JPEGs torchvision refuses (truncated, 12-bit), go through ``load_image`` (whose errors name the file).
+    JPEGs take the faster of two decoders (benchmarks/bench_stream.py, "decoders"): when ``min_size``
+    allows a reduction of 2x or more, Pillow's ``draft`` (libjpeg DCT scaling) decodes at 1/2-1/8 scale
+    for a fraction of the full decode's time; at full scale TorchCodec's ``decode_jpeg`` is faster than
+    Pillow's open + convert.  Other formats, JPEGs TorchCodec refuses (truncated, 12-bit), and every JPEG
+    where TorchCodec is missing go through ``load_image`` (whose errors name the file).
     ``header``: ``image_header(source)`` when the caller has read it already."""
     import torch
 
@@ -228,27 +227,26 @@ def decode_image(source: str | os.PathLike | bytes, in_chans: int, *, min_size: 
         name = str(source)  # errors name the file even after its bytes are read below
     w0, h0, _, fmt = header or image_header(source, max_pixels=max_pixels, name=name)
     reduce = min(w0 / min_size[0], h0 / min_size[1]) if min_size else 1.0
-    if fmt == "JPEG" and reduce < 2 and _tv_decoder() is not None:
-        ImageReadMode, decode_jpeg = _tv_decoder()
+    decode_jpeg = _jpeg_decoder() if fmt == "JPEG" and reduce < 2 and in_chans in (1, 3) else None
+    if decode_jpeg is not None:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytearray(source)
         else:
             with open(source, "rb") as f:
                 data = bytearray(f.read())
-        try:
-            x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), apply_exif_orientation=True,
-                            mode=ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB)
+        try:  # a writable buffer: torch.frombuffer warns on bytes
+            x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode="GRAY" if in_chans == 1 else "RGB")
         except RuntimeError:
             x = None  # Pillow decides, and names what is wrong
-        if x is not None and in_chans in (1, 3):
+        if x is not None:
             return 255 - x if invert else x
         source = bytes(data)
     # a reduction is isotropic, so asking for (w0, h0) / reduce keeps both axes >= min_size (for an
     # EXIF-rotated image Pillow's pre-rotation axes make the request stricter, never too small)
     draft = (math.ceil(w0 / reduce), math.ceil(h0 / reduce)) if reduce >= 2 else None
     im = to_channels(load_image(source, max_pixels=max_pixels, name=name, draft=draft), in_chans, invert=invert)
-    arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+    x = torch.from_numpy(np.array(im, dtype=np.uint8))  # one writable copy, H x W (x C)
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
 
 def center_crop_box(width: int, height: int, size: tuple[int, int], resize_short: int) -> tuple[float, float, float, float]:
@@ -293,6 +291,6 @@ def resized_crop(source, in_chans: int, size: tuple[int, int], box, *, invert: b
     t, l = int(round(top * sy)), int(round(left * sx))
     bh = max(1, min(x.shape[1] - t, int(round(ch * sy))))
     bw = max(1, min(x.shape[2] - l, int(round(cw * sx))))
-    if x.shape[0] == 3:  # torch's vectorised uint8 antialiased resize wants pixels interleaved (0.47 vs 0.66 ms)
-        x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    if x.shape[0] == 3:  # torch's vectorised uint8 antialiased resize wants pixels interleaved (a no-op
+        x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # for decode_image's channels-last tensors)
     return v2.functional.resized_crop(x, t, l, bh, bw, [out_h, out_w], antialias=True).contiguous()

@@ -356,19 +356,19 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.known_bad = dict(loader._bad.reasons)
 
     def __iter__(self):
-        L = self.loader
+        loader = self.loader
         info = torch.utils.data.get_worker_info()
-        workers = max(1, L.workers)
-        if info is None and L.workers > 0:
+        workers = max(1, loader.workers)
+        if info is None and loader.workers > 0:
             raise RuntimeError("a ShardLoader with workers iterates inside a DataLoader")
-        plan = L._plan(self.epoch)
+        plan = loader._plan(self.epoch)
         if info is None:  # workers=0: one logical worker, in this process
             yield from self._worker(plan[0])
             return
         yield from self._worker(plan[(info.id + self.start) % workers])
 
     def _worker(self, part):
-        L, bs = self.loader, self.loader.batch_size
+        bs = self.loader.batch_size
         lw, pieces, ids, mine = part
         raw = self._read(pieces)
         buffer = {}  # id -> sample, filled as the emitted order needs them
@@ -401,7 +401,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, b: int, batch):
         from .batchops import seed_mix
 
-        L = self.loader
+        loader = self.loader
         sources, labels, names = [], [], []
         for url, sample in batch:
             key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -412,9 +412,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 labels.append(-1)
             names.append(f"{Path(url).name}/{sample['__key__']}"
                          + (f" ({sample['path'].decode(errors='replace')})" if "path" in sample else ""))
-        item = decode_batch(sources, None, labels, L.in_chans, L.size, L.transform,
-                            flip=L.flip and L.transform == "random-resized-crop", eval_resize=L.eval_resize,
-                            seeds=[seed_mix(L.seed, self.epoch, b, L.rank, j) for j in range(len(batch))],
+        item = decode_batch(sources, None, labels, loader.in_chans, loader.size, loader.transform,
+                            flip=loader.flip and loader.transform == "random-resized-crop", eval_resize=loader.eval_resize,
+                            seeds=[seed_mix(loader.seed, self.epoch, b, loader.rank, j) for j in range(len(batch))],
                             known_bad=self.known_bad, names=names, batch=b)
         for j, y in enumerate(labels):  # a label outside the classes makes the sample bad, not the run crash
             if y < 0 and item["good"][j]:

@@ -9,7 +9,7 @@
   letterbox, pixel for pixel, with its batch-wise crop/flip on the device), ``random-resized-crop``
   (torchvision v2's RandomResizedCrop parameters + flip: ImageNet training) or ``resize-center-crop``
   (resize the short side, centre crop: ImageNet evaluation);
-- batches stay uint8 until they are on the device; ``data.to_float_batch`` does /255 and mean/std there;
+- batches stay uint8 until they are on the device; ``data.batchops.to_float_batch`` does /255 and mean/std there;
 - a file that cannot be decoded is skipped and remembered (``bad_files``); in training its place in
   the batch goes to another image of the same batch (so every step has the full batch and every rank
   the same number of steps), in evaluation it is left out.  More than ``max_bad`` (a fraction of the

@@ -111,7 +111,8 @@ def create_app(served: ServedModel | list[ServedModel], *, max_batch: int = 16, 
     app = FastAPI(title="nin serve", version="1", lifespan=_lifespan,
                   docs_url=None, redoc_url=None)  # Swagger UI / ReDoc load from a CDN: off (openapi.json stays)
     app.state.nin = service
-    app.state.batcher = next(iter(slots.values())).batcher
+    first = next(iter(slots.values()))
+    app.state.batcher, app.state.served = first.batcher, first.api.served  # the first model's
     _add_error_handlers(app)
     app.include_router(router)
     _add_page(app)

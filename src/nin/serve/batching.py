@@ -143,6 +143,8 @@ class Batcher:
     def _take(self) -> tuple[object, list[tuple[np.ndarray, asyncio.Future]]]:
         """The next batch: the oldest request's key and up to max_batch queued images with that key,
         in arrival order (the others keep their place); requests whose client went away are dropped."""
+        if not self._queue:  # woken by a request that was refused before it queued
+            return None, []
         key = self._queue[0][1]
         batch, rest = [], collections.deque()
         while self._queue:

@@ -191,6 +191,7 @@ def _worker(recipes, options, sockets, log_level, drain_seconds, started) -> Non
     """One worker process: load the models, serve on the inherited sockets until SIGTERM (from the parent)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the parent, which sends SIGTERM once
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped while loading: nothing to drain yet
     from .app import create_app
 
     app = create_app([r.load() for r in recipes], **options)

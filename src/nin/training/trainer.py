@@ -215,7 +215,7 @@ def limit_train(split, n: int, seed: int):
 
 def init_from(model: nn.Module, cfg: TrainConfig, classes: list[str] | None = None) -> None:
     """--init-from: copy the weights of a trained model of the same architecture into ``model``, its
-    class maps matched to ``classes`` (the dataset's) by name (see pretrained.transfer_weights)."""
+    class maps matched to ``classes`` (the dataset's) by name (see hub.transfer_weights)."""
     from ..hub import load
     from ..hub import transfer_weights
 
