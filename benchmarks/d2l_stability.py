@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from gpu_results import stuck
-from nin.cli import _train_overrides, build_parser
+from nin.cli import build_parser
+from nin.cli.train import _train_overrides
 from nin.training.recipes import get_recipe
 from nin.training.runfolder import read_metrics
 

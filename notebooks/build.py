@@ -106,7 +106,7 @@ for c, p, r in zip(result.classes, result.precision, result.recall):
     print(f"{c:<12} {p:>9.3f} {r:>7.3f}")"""),
     ("md", """Shirts, T-shirts, pullovers and coats are the hard classes: the matrix's rows are the true classes,
 its columns the predictions."""),
-    ("code", """from nin.evaluation import confusion_figure
+    ("code", """from nin.figures import confusion_figure
 
 confusion_figure(result)"""),
     ("md", """## Class activation maps

@@ -11,6 +11,13 @@ import torch
 from .fakedata import fake_fashion_dir, has_real_fmnist
 
 
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No test sees the user's $NIN_DATA or ~/.cache/nin (files using it: pytestmark usefixtures)."""
+    monkeypatch.delenv("NIN_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(scope="session")
 def fmnist():
     if not has_real_fmnist():

@@ -25,11 +25,7 @@ HAVE_FMNIST = (FMNIST / "t10k-images-idx3-ubyte.gz").is_file()
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No test sees the user's $NIN_DATA or ~/.cache/nin."""
-    monkeypatch.delenv("NIN_DATA", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated")  # no test sees the user's $NIN_DATA or ~/.cache/nin
 
 
 # --- writers for the official formats --------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from .browser import chrome
 from .fakedata import has_real_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,23 +257,6 @@ def test_site_builds_with_every_page_and_the_generated_references(site):
     assert build_parser() is not None
 
 
-def _chrome():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        if CI:
-            pytest.fail("CI=true but Debian's chromium/chromium-driver are missing (make browser)")
-        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
-    need("selenium")
-    from selenium import webdriver
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-              "--disable-gpu"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
 @pytest.fixture
@@ -297,7 +281,7 @@ def test_site_in_a_browser_has_navigation_and_search_and_stays_offline(served_si
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _chrome()
+    browser = chrome(performance_log=True)
     try:
         wait = WebDriverWait(browser, 20)
         browser.get(served_site + "/")

@@ -24,10 +24,7 @@ TINY = ["--limit-train", "128", "--batch-size", "32", "--eval-batch-size", "256"
         "--warmup-epochs", "0", "--model-kwargs", '{"width": 4}', "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("NIN_DATA", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated")  # no test sees the user's $NIN_DATA or ~/.cache/nin
 
 
 @pytest.fixture(scope="module")

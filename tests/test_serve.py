@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ if not CI:  # under CI the serve extra is installed (Makefile): a missing one mu
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+
+from .browser import chrome
 from nin.cli import main
 from nin.export import export_model
 from nin.hub import load
@@ -731,24 +732,6 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
 
 
 # --- a real browser --------------------------------------------------------------------------
-def _chrome():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        if CI:
-            pytest.fail("CI=true but Debian's chromium/chromium-driver are missing (make browser)")
-        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)")
-    if not CI:
-        pytest.importorskip("selenium")
-    from selenium import webdriver
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,820",
-              "--disable-gpu"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
 def test_browser_uploads_an_image_and_shows_the_apis_top_class(shipped_server, images, tmp_path):
@@ -764,7 +747,7 @@ def test_browser_uploads_an_image_and_shows_the_apis_top_class(shipped_server, i
     value, tta = shipped_accuracy(FAST)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is no picture")
-    browser = _chrome()
+    browser = chrome("1200,820")
     try:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 20)

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "create_model": "nin.hub", "list_models": "nin.models", "model_info": "nin.models",
     "nin_block": "nin.models", "NiN": "nin.models",
-    "load_dataset": "nin.data", "BatchLoader": "nin.data",
+    "load_dataset": "nin.data.datasets", "BatchLoader": "nin.data.loader",
     "train": "nin.api", "TrainResult": "nin.api", "summary": "nin.api", "plot_history": "nin.api",
     "predict": "nin.api", "Prediction": "nin.prediction",
     "show_cam": "nin.api", "TrainConfig": "nin.training.recipes",

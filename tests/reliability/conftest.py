@@ -11,10 +11,8 @@ from .common import TINY_ARGS
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No test sees the user's $NIN_DATA or ~/.cache/nin."""
-    monkeypatch.delenv("NIN_DATA", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def _isolated(isolated):
+    """Every reliability test: no user's $NIN_DATA or ~/.cache/nin (tests/conftest.py's ``isolated``)."""
 
 
 @pytest.fixture(scope="session")
