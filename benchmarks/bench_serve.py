@@ -1,6 +1,7 @@
 """Serving: requests/s and p50/p99 latency of `nin serve` under 1, 8 and 64 concurrent clients.
 
-Five servers per model, all up at once and measured side by side (round-robin, medians of --rounds):
+Five servers per model, all up at once and measured side by side (round-robin, medians of --rounds); the
+ones not being measured are paused (SIGSTOP of their process group), so an idle server cannot take CPU:
   nin serve           the default: a worker process per core, backend auto (onnxruntime on CPU),
                       --max-batch auto (measured at start-up: 16 for the fast model, 1 where batching loses)
   nin serve, 1 worker --workers 1: one process, the compute threads on all cores but one (the design before)
@@ -175,7 +176,10 @@ class Server:
         self.label, self.path, self.port, self.log = label, path, port, log
         # a file, not a pipe: a pipe nobody reads fills up and blocks the server's next log line
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
+            # its own process group: stop() and pause() reach every process it starts (LitServe's inference
+            # workers outlived their server before, and kept polling: CPU taken from the server being measured)
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True,
+                                         start_new_session=True)
 
     def wait_ready(self, body: bytes, timeout: float = 180) -> None:
         import http.client
@@ -213,12 +217,30 @@ class Server:
             pass
         return total
 
+    def _signal(self, sig) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, getattr(signal, sig))
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """SIGSTOP the server's whole group while another server is measured: an idle server that polls
+        (LitServe's workers do) would take CPU from the measured one."""
+        self._signal("SIGSTOP")
+
+    def resume(self) -> None:
+        self._signal("SIGCONT")
+
     def stop(self) -> None:
-        self.proc.terminate()
+        self.resume()
+        self._signal("SIGTERM")
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        self._signal("SIGKILL")  # whatever of the group is left (workers)
 
 
 def start_servers(run: Path, tmp: Path) -> list[Server]:
@@ -293,11 +315,15 @@ def measure(args) -> dict:
                 for s in servers:
                     s.wait_ready(body.read_bytes())
                 for s in servers:  # warm-up, and the first batches' allocations
+                    for other in servers:
+                        other.pause() if other is not s else other.resume()
                     wrk(s, 8, 2, script, body)
                 cells: dict[tuple[str, int], list[dict]] = {}
                 for rnd in range(args.rounds):
                     for conns in args.clients:
                         for s in servers:
+                            for other in servers:  # only the measured server runs
+                                other.pause() if other is not s else other.resume()
                             r = wrk(s, conns, args.seconds, script, body)
                             cells.setdefault((s.label, conns), []).append(r)
                             print(f"[{model} round {rnd + 1}] {s.label:<45} c={conns:<3} {r['rps']:8.1f} req/s  "
