@@ -268,7 +268,7 @@ def test_recalibrated_batch_norm_statistics_are_the_training_images(fmnist):
     assert int(bn.num_batches_tracked) == 0  # the step counter is not the calibration's
 
 
-def test_a_held_out_accuracy_at_chance_warns_once(capsys):
+def test_a_held_out_accuracy_at_chance_warns(capsys):
     from nin.training.trainer import warn_at_chance
 
     s = types.SimpleNamespace(ds=types.SimpleNamespace(classes=list("abcdefghij"),

@@ -178,7 +178,7 @@ def _predict_pixels(model, images, *, topk: int, tta, invert: bool, batch_size: 
     import numpy as np
     import torch
 
-    from .prediction import Prediction, probabilities
+    from .prediction import probabilities, top_predictions
 
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     want, shape = tuple(model.meta.input_size), tuple(x.shape)
@@ -192,15 +192,7 @@ def _predict_pixels(model, images, *, topk: int, tta, invert: bool, batch_size: 
     if invert:
         x = 255 - x
     probs = probabilities(model, x.cpu(), batch_size=batch_size, tta=tta)
-    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-    out = []
-    for i, (vs, ix, row) in enumerate(zip(values.tolist(), indices.tolist(), probs)):
-        name = f"image[{i}]"
-        if not bool(row.isfinite().all()):
-            out.append(Prediction(name, error=f"{name}: the model gave non-finite logits"))
-        else:
-            out.append(Prediction(name, [(model.classes[j], v) for j, v in zip(ix, vs)]))
-    return out
+    return top_predictions(model, [f"image[{i}]" for i in range(len(probs))], probs, topk)
 
 # --- inspecting -----------------------------------------------------------------------------
 @dataclass

@@ -1,5 +1,7 @@
-"""What this machine can compute in: used by training and by inference alike (so neither imports the other)."""
+"""What this machine can compute with: used by training, inference and serving alike (so none imports another)."""
 from __future__ import annotations
+
+import os
 
 
 def cpu_supports_bf16() -> bool:
@@ -10,3 +12,11 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -108,14 +108,25 @@ def predict_files(model, paths, *, topk: int = 1, invert: bool = False, batch_si
     if good:
         probs = probabilities(model, torch.from_numpy(np.stack([a for _, a, _ in good])), batch_size=batch_size,
                               tta=tta)
-        k = max(1, min(topk, probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        for (i, _, note), vs, ix, row in zip(good, values.tolist(), indices.tolist(), probs):
-            if not bool(row.isfinite().all()):
-                results[i] = Prediction(str(results[i]), error=f"{results[i]}: the model gave non-finite logits")
-                continue
-            results[i] = Prediction(str(results[i]), [(model.classes[j], v) for j, v in zip(ix, vs)], note=note)
+        tops = top_predictions(model, [str(results[i]) for i, _, _ in good], probs, topk,
+                               [note for _, _, note in good])
+        for (i, _, _), top in zip(good, tops):
+            results[i] = top
     return results
+
+
+def top_predictions(model, names: list[str], probs, topk: int, notes: list | None = None) -> list[Prediction]:
+    """One Prediction per row of ``probs`` (N x K): its ``topk`` classes, best first, or an error where the
+    model gave non-finite logits.  ``names`` say what each row is (a file, ``image[i]``)."""
+    k = max(1, min(topk, probs.shape[1]))
+    values, indices = probs.topk(k, dim=1)
+    out = []
+    for name, vs, ix, row, note in zip(names, values.tolist(), indices.tolist(), probs, notes or [None] * len(names)):
+        if not bool(row.isfinite().all()):
+            out.append(Prediction(name, error=f"{name}: the model gave non-finite logits"))
+        else:
+            out.append(Prediction(name, [(model.classes[j], v) for j, v in zip(ix, vs)], note=note))
+    return out
 
 
 def _stdin_bytes() -> bytes:

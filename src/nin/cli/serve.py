@@ -11,6 +11,8 @@ from ..errors import UsageError
 def cmd_serve(args: argparse.Namespace) -> int:
     import tempfile
 
+    from ..devices import cores
+
     try:
         from ..serve import create_app, load_served, run_server, run_workers
         from ..serve.model import choose_max_batch, default_threads, weights_name
@@ -20,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_serve_options(args)
     models = args.model or [None]
     names = _served_names(models)
-    workers = args.workers or (1 if args.device.startswith("cuda") else _cores())
+    workers = args.workers or (1 if args.device.startswith("cuda") else cores())
     threads = args.threads or default_threads(workers)
     key = args.api_key or os.environ.get("NIN_API_KEY") or None
     sockets = listen(args.host, args.port)  # a port in use is said now, not after loading the model
@@ -96,13 +98,6 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                    help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _check_serve_options(args: argparse.Namespace) -> None:

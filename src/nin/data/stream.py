@@ -297,11 +297,9 @@ def worker_init(_worker_id: int) -> None:
 def default_workers() -> int:
     """Decoding workers per process: the cores this process may use, shared by the processes torchrun
     starts on this machine (LOCAL_WORLD_SIZE), at most 8 (more rarely pays in the reference recipes)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    from ..devices import cores
+
+    return max(1, min(8, cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 class _BadFiles:

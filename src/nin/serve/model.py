@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..devices import cores
 from ..errors import NinError, UsageError
 
 BACKENDS = ("auto", "onnx", "torch")
@@ -119,14 +120,6 @@ def reported_accuracy(meta) -> dict | None:
         if number(info.get(key)) is not None:
             return {"value": number(info[key]), "tta": tta, "precision": meta.precision}
     return None
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_threads(workers: int = 1) -> int:

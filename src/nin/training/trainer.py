@@ -213,31 +213,35 @@ def limit_train(split, n: int, seed: int):
     return split.head(n)
 
 
-def init_from(model: nn.Module, cfg: TrainConfig, classes: list[str] | None = None) -> None:
-    """--init-from: copy the weights of a trained model of the same architecture into ``model``, its
-    class maps matched to ``classes`` (the dataset's) by name (see hub.transfer_weights)."""
+def init_source(cfg: TrainConfig):
+    """--init-from's trained model, loaded once (its options and its weights are both used), or None."""
+    if not cfg.init_from:
+        return None
     from ..hub import load
-    from ..hub import transfer_weights
 
     src = load(cfg.init_from)
     if src.meta.model != cfg.model:
         raise UsageError(f"--init-from {cfg.init_from}: holds a {src.meta.model}, but --model is {cfg.model}")
+    return src
+
+
+def init_from(model: nn.Module, cfg: TrainConfig, src, classes: list[str] | None = None) -> None:
+    """--init-from: copy the weights of ``src`` (init_source) into ``model``, its class maps matched to
+    ``classes`` (the dataset's) by name (see hub.transfer_weights)."""
+    from ..hub import transfer_weights
+
     note = transfer_weights(model, src.state_dict(), f"--init-from {cfg.init_from}", source_classes=src.classes,
                             classes=classes, class_map=cfg.class_map)
     if note:
         print(f"note: --init-from {cfg.init_from}: {note}", file=sys.stderr)
 
 
-def init_from_kwargs(cfg: TrainConfig) -> dict:
+def init_from_kwargs(cfg: TrainConfig, src) -> dict:
     """The model options of --init-from's weights (width, ...), which the run takes when it sets none
     itself: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it holds."""
-    if not cfg.init_from or cfg.model_kwargs:
+    if src is None or cfg.model_kwargs:
         return {}
-    from ..hub import load
-
-    src = load(cfg.init_from)
-    return {k: v for k, v in src.meta.model_kwargs.items() if k not in ("num_classes", "in_chans")} \
-        if src.meta.model == cfg.model else {}
+    return {k: v for k, v in src.meta.model_kwargs.items() if k not in ("num_classes", "in_chans")}
 
 
 def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
@@ -278,10 +282,9 @@ def _splits(cfg: TrainConfig, ds):
 
 
 def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device,
-           classes: list[str] | None = None) -> nn.Module:
+           classes: list[str] | None = None, src=None) -> nn.Module:
     """The initialised model on ``device`` (seeded by --seed), checked against the input size."""
-    from ..models import check_input_size
-    from ..models import build_model
+    from ..models import build_model, check_input_size
 
     torch.manual_seed(cfg.seed)
     try:
@@ -292,8 +295,8 @@ def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int
         raise UsageError(f"--model-kwargs {cfg.model_kwargs} do not fit {cfg.model}: {e}") from None
     check_input_size(model, input_size, f"{cfg.model} (with --resize {cfg.resize})" if cfg.resize else cfg.model)
     init_weights(model, cfg.init)
-    if cfg.init_from:
-        init_from(model, cfg, classes)
+    if src is not None:
+        init_from(model, cfg, src, classes)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -316,8 +319,10 @@ def set_up(cfg: TrainConfig) -> Setup:
     in_chans, h, w = ds.image_size
     if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
         h = w = cfg.crop_size if imagenet else cfg.resize
-    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **init_from_kwargs(cfg), **cfg.model_kwargs}
-    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes))
+    src = init_source(cfg)
+    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **init_from_kwargs(cfg, src),
+                    **cfg.model_kwargs}
+    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes), src)
     loaders = _loaders(cfg, ds, train_split, val_split, model, d, device, amp_dtype, (h, w))
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
     net = model
