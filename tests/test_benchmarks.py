@@ -380,3 +380,51 @@ def test_eval_layout_compares_the_two_layouts_on_the_same_images(small_run, tmp_
         assert r["same_predictions"] and r["max_abs_diff"] < 1e-4 and r["threads"] >= 1 and r["cpu"]
         assert r["ratio"] == pytest.approx(r["channels_last_s"] / r["contiguous_s"])
         assert f"| {r['batch_size']} | {r['contiguous_s']:.2f} | {r['channels_last_s']:.2f} | {r['ratio']:.3f} |" in printed
+
+
+def test_time_to_accuracy_smoke_runs_a_past_revision_beside_the_checkout(fake_root, tmp_path, capsys):
+    """benchmarks/time_to_accuracy.py --smoke: a variant at a git revision (HEAD, exported with git archive)
+    beside the checkout's recipe; the order flips every other seed, each run's line has its accuracy,
+    seconds and epoch curve, the revision's runs import the exported nin, and --from-jsonl reprints the table.
+    (--eval-none is checked on one kept run, not on all four: each `nin eval` is a 5 s process start.)"""
+    import subprocess
+
+    import time_to_accuracy
+
+    out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
+    args = ["--smoke", "--variant", "ref=HEAD:fast", "--variant", "now=fast", "--seeds", "0", "1", "--threads", "1",
+            "--data-dir", str(fake_root), "--keep", str(tmp_path / "runs"), "--jsonl", str(out), "--figure", str(png),
+            "--target", "0.5"]
+    assert time_to_accuracy.main(args) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("ref", 0), ("now", 0), ("now", 1), ("ref", 1)]
+    head = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    src = BENCH.parent / "src"
+    for r in rows:
+        assert r["rc"] == 0 and 0 <= r["accuracy"] <= 1 and r["none_acc"] is None and r["tta"] == "flip"
+        assert r["accuracy"] == r["test_acc"]  # fast: no closing evaluation, so the last epoch's (flip TTA)
+        assert r["curve"] and [c[1] for c in r["curve"]] == [1] and 0 < r["curve"][-1][0] < r["seconds"]
+        assert r["threads"] == 1 and r["cpu"] and r["torch"] and r["load_before"] >= 0
+        if r["variant"] == "ref":
+            assert r["rev"] == head and r["nin"].endswith("/src/nin/__init__.py")
+            assert not Path(r["nin"]).is_relative_to(src)  # the exported copy, not the checkout
+        else:
+            assert r["rev"] is None and Path(r["nin"]) == src / "nin" / "__init__.py"
+    text = time_to_accuracy.table(rows)
+    assert text in printed
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ref") or line.startswith("| now")}
+    assert lines["| ref"].startswith("| ref | `HEAD:fast` | flip | 0,1 |") and "| 1.000 |" in lines["| ref"]
+    assert lines["| now"].startswith("| now | `fast` | flip | 0,1 |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --eval-none's number: the current nin's `nin eval RUN --tta none` of the revision's saved model
+    none = time_to_accuracy.accuracy_without_tta(tmp_path / "runs" / "ref-s1", dict(os.environ), str(fake_root))
+    assert 0 <= none <= 1
+    with_none = time_to_accuracy.table([{**r, "none_acc": none} for r in rows])
+    assert "| mean acc without TTA |" in with_none and f"| {none:.4f} |" in with_none.splitlines()[2]
+
+    again = tmp_path / "again.png"
+    assert time_to_accuracy.main(["--from-jsonl", str(out), "--figure", str(again)]) == 0
+    assert capsys.readouterr().out == f"{text}\nfigure: {again}\n" and again.read_bytes()[:4] == b"\x89PNG"

@@ -786,3 +786,115 @@ def test_browser_uploads_an_image_and_shows_the_apis_top_class(shipped_server, i
         assert not severe, severe  # no blocked asset, no script error
     finally:
         browser.quit()
+
+
+BEST = "nin_fmnist.fashion_mnist_best"  # shipped weights whose own TTA is shift
+
+
+def test_page_has_one_model_menu_hidden_and_disabled_unless_the_server_holds_several(shipped_client):
+    """The page's HTML holds the model menu once, hidden and disabled: app.js shows it only when
+    GET /v1/models lists more than one model (a one-model server's page looks as it always did)."""
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.open, self.label_text = [], [], ""
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs), [t for t, _ in self.open]))
+            if tag not in ("input", "meta", "link", "br", "img"):
+                self.open.append((tag, dict(attrs)))
+
+        def handle_endtag(self, tag):
+            while self.open and self.open.pop()[0] != tag:
+                pass
+
+        def handle_data(self, data):
+            if any(a.get("id") == "model-choice" for _, a in self.open):
+                self.label_text += data
+
+    page = Tags()
+    page.feed(shipped_client.get("/").text)
+    selects = [(a, parents) for t, a, parents in page.tags if t == "select" and a.get("id") == "model"]
+    assert len(selects) == 1 and "disabled" in selects[0][0], selects
+    label = [a for t, a, _ in page.tags if a.get("id") == "model-choice"]
+    assert len(label) == 1 and "hidden" in label[0] and selects[0][1][-1] == "label"
+    assert page.label_text.split() == ["Model"]
+    assert len(shipped_client.get("/v1/models").json()["models"]) == 1  # what app.js counts
+
+
+@pytest.fixture(scope="module")
+def two_model_server():
+    """The shipped fast and best weights on one server: one worker, batches fixed (no measuring at start-up)."""
+    s = ServerProcess(FAST, BEST, "--backend", "torch", "--workers", "1", "--max-batch", "1")
+    yield s
+    s.stop()
+
+
+def test_browser_chooses_the_model_and_shows_each_models_answer(two_model_server, images):
+    """Two models: the page's menu lists both with their accuracy, the default chosen; each choice changes
+    the header's accuracy, clears the previous prediction and sends the next upload (and its class map) to
+    that model's routes, whose answer the page shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = two_model_server
+    listed = httpx.get(server.url + "/v1/models").json()["models"]
+    assert [m["name"] for m in listed] == [FAST, BEST]
+    accuracy = {name: f"{100 * shipped_accuracy(name)[0]:.2f}% ({shipped_accuracy(name)[1]} TTA)"
+                for name in (FAST, BEST)}
+    assert accuracy == {FAST: "93.31% (flip TTA)", BEST: "95.15% (shift TTA)"}
+
+    def shown(name: str, path: Path) -> tuple[str, str]:
+        top = httpx.post(f"{server.url}/v1/models/{name}/predict", content=path.read_bytes()).json()["top"][0]
+        return top["class"], f"{100 * top['prob']:.1f}%"
+
+    # an image the two models answer differently as the page shows it: else the page could use either
+    for path in images[:20]:
+        answers = {name: shown(name, path) for name in (FAST, BEST)}
+        if answers[FAST] != answers[BEST]:
+            break
+    else:
+        raise AssertionError("no test image that the fast and best weights answer differently")
+
+    browser = chrome("1200,820", performance_log=True)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 30)
+        menu = browser.find_element(By.ID, "model")
+        wait.until(lambda b: len(Select(menu).options) == 2)
+        assert browser.find_element(By.ID, "model-choice").is_displayed() and menu.is_enabled()
+        assert browser.find_element(By.ID, "model-choice").text.startswith("Model")
+        assert [o.text for o in Select(menu).options] == [f"{n} · {accuracy[n]}" for n in (FAST, BEST)]
+        assert Select(menu).first_selected_option.get_attribute("value") == FAST  # the server's default
+        for i, name in enumerate((FAST, BEST, FAST)):
+            if i:
+                Select(menu).select_by_value(name)
+                # the previous model's prediction is gone at once
+                assert not browser.find_element(By.ID, "result").is_displayed()
+                assert browser.find_element(By.ID, "empty").is_displayed()
+                assert not browser.find_element(By.ID, "top-class").text
+            header = browser.find_element(By.ID, "model-info").text
+            assert header == f"nin_fmnist · {name} · 10 classes · input 1×28×28 · pytorch (cpu) · " \
+                             f"test accuracy {accuracy[name]}"
+            browser.find_element(By.ID, "file").send_keys(str(path))
+            wait.until(lambda b: b.find_element(By.ID, "cam-class").text)  # prediction and class map drawn
+            got = (browser.find_element(By.ID, "top-class").text, browser.find_element(By.ID, "top-prob").text)
+            assert got == answers[name], (name, got, answers)
+            assert browser.find_element(By.ID, "cam-class").text == answers[name][0]
+        # which routes the page asked: each model's own, never the default's
+        posts = []
+        for entry in browser.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent" and message["params"]["request"]["method"] == "POST":
+                posts.append(message["params"]["request"]["url"].removeprefix(server.url))
+        routes = [u.split("?")[0] + ("?model=" + u.split("model=")[1].split("&")[0] if "model=" in u else "")
+                  for u in posts]
+        assert routes == [r for name in (FAST, BEST, FAST)
+                          for r in (f"/v1/models/{name}/predict", f"/v1/cam?model={name}")], posts
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+    finally:
+        browser.quit()

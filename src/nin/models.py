@@ -176,15 +176,23 @@ def nin_imagenet(*, num_classes: int = 1000, in_chans: int = 3, drop_rate: float
 
 
 @register_model
-def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, width: int = 32) -> NiN:
+def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, width: int = 32,
+               widths: tuple[int, int, int] | None = None) -> NiN:
     """Native-resolution NiN for 28 x 28 inputs: three BN mlpconv blocks, GAP, no FC layer.
 
     Sized for 2 CPU cores (one Fashion-MNIST epoch well under a minute).  ``width`` scales
-    every block (32 -> 32/64/96 channels); the ``best`` recipe uses a wider one.
+    every block (32 -> 32/64/96 channels); the ``best`` recipe uses a wider one.  ``widths`` gives the
+    three blocks' widths one by one instead (the ``fast`` recipe's first block, at full resolution,
+    is the narrow one: there every layer's cost is memory traffic, not arithmetic).
     """
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a whole number >= 1, got {width!r}")
-    w1, w2, w3 = width, 2 * width, 3 * width
+    if widths is None:
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a whole number >= 1, got {width!r}")
+        widths = (width, 2 * width, 3 * width)
+    if not isinstance(widths, (tuple, list)) or len(widths) != 3 or \
+            not all(isinstance(w, int) and w >= 1 for w in widths):  # a list when read from model.json
+        raise ValueError(f"widths must be three whole numbers >= 1, got {widths!r}")
+    w1, w2, w3 = widths
     features = nn.Sequential(
         nin_block_bn(in_chans, w1, w1, kernel_size=3, padding=1),   # w1 x 28 x 28
         nn.MaxPool2d(2),                                            # w1 x 14 x 14

@@ -1,10 +1,14 @@
 // The nin serve page: choose, drop or draw an image; show what the network sees, the top-k classes
 // (from POST /v1/predict, the same answer an API client gets) and the class activation map of the
-// chosen class (POST /v1/cam?format=json).  No framework, nothing loaded from elsewhere.
+// chosen class (POST /v1/cam?format=json).  A server holding several models (GET /v1/models) gets a
+// model menu: uploads then go to POST /v1/models/{name}/predict and /v1/cam?model={name}.
+// No framework, nothing loaded from elsewhere.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, key: sessionStorage.getItem("nin-api-key") || "", last: null, cam: null };
+// models: GET /v1/models' list; model: the chosen one's description; seq: the latest upload's number
+const state = { models: [], model: null, key: sessionStorage.getItem("nin-api-key") || "", last: null, cam: null,
+  seq: 0 };
 
 async function api(path, body) {
   const headers = state.key ? { "X-API-Key": state.key } : {};
@@ -20,37 +24,71 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// the test accuracy the model's description records with its own TTA (GET /v1/models), if it does
+function accuracyText(m) {
+  if (typeof m.accuracy !== "number" || !Number.isFinite(m.accuracy)) return "";
+  return `${(100 * m.accuracy).toFixed(2)}%` +
+    (m.accuracy_tta && m.accuracy_tta !== "none" ? ` (${m.accuracy_tta} TTA)` : "");
+}
+
 async function loadModel() {
   try {
-    const m = await api("/v1/model");
-    state.model = m;
+    const { models } = await api("/v1/models");  // the first is the server's default (/v1/predict's)
     $("key-card").hidden = true;
-    const [c, h, w] = m.input_size;
-    // the test accuracy the model's description records with its own TTA (GET /v1/model), if it does
-    const acc = typeof m.accuracy === "number" && Number.isFinite(m.accuracy)
-      ? `test accuracy ${(100 * m.accuracy).toFixed(2)}%` +
-        (m.accuracy_tta && m.accuracy_tta !== "none" ? ` (${m.accuracy_tta} TTA)` : "")
-      : "";
-    const parts = [m.weights && m.weights !== m.model ? `${m.model} · ${m.weights}` : m.model,
-      `${m.classes.length} classes`, `input ${c}×${h}×${w}`, m.backend];
-    const info = $("model-info");
-    info.replaceChildren();
-    parts.forEach((text, i) => {
-      if (i) info.append(" · ");
-      if (i === 0) { const b = document.createElement("b"); b.textContent = text; info.append(b); } else info.append(text);
-    });
-    if (acc) {
-      const b = document.createElement("b"); b.id = "model-accuracy"; b.textContent = acc;
-      info.append(" · ", b);
-    }
-    $("draw-card").hidden = !(c === 1 && h === 28 && w === 28);
-    $("cam-figure").hidden = !m.cam;
-    $("bars-hint").hidden = !m.cam;
-    showError("");
+    const chosen = state.model && models.find((m) => m.name === state.model.name);
+    state.models = models;
+    const select = $("model");
+    select.replaceChildren(...models.map((m) => {
+      const acc = accuracyText(m);
+      return new Option(acc ? `${m.name} · ${acc}` : m.name, m.name);
+    }));
+    select.value = (chosen || models[0]).name;
+    select.disabled = models.length < 2;  // one model: no menu, the page as it always was
+    $("model-choice").hidden = models.length < 2;
+    showModel(chosen || models[0]);
   } catch (e) {
     $("model-info").textContent = "model unavailable";
     showError(e.message);
   }
+}
+
+function chooseModel(name) {
+  const m = state.models.find((x) => x.name === name);
+  if (!m || m === state.model) return;
+  state.seq++;  // an answer still on its way is the previous model's: it is not shown
+  state.lastBlob = null;  // changing topk or invert later does not resend the previous image
+  clearPrediction();
+  showModel(m);
+}
+
+// several models: each at /v1/models/{name}/predict; one: /v1/predict, as before
+function routes(m) {
+  if (state.models.length < 2) return { predict: "/v1/predict", cam: "/v1/cam?" };
+  const name = encodeURIComponent(m.name);
+  return { predict: `/v1/models/${name}/predict`, cam: `/v1/cam?model=${name}&` };
+}
+
+// the header names the chosen model; the drawing and the class maps follow what it can do
+function showModel(m) {
+  state.model = m;
+  const [c, h, w] = m.input_size;
+  const acc = accuracyText(m);
+  const parts = [m.weights && m.weights !== m.model ? `${m.model} · ${m.weights}` : m.model,
+    `${m.classes.length} classes`, `input ${c}×${h}×${w}`, m.backend];
+  const info = $("model-info");
+  info.replaceChildren();
+  parts.forEach((text, i) => {
+    if (i) info.append(" · ");
+    if (i === 0) { const b = document.createElement("b"); b.textContent = text; info.append(b); } else info.append(text);
+  });
+  if (acc) {
+    const b = document.createElement("b"); b.id = "model-accuracy"; b.textContent = `test accuracy ${acc}`;
+    info.append(" · ", b);
+  }
+  $("draw-card").hidden = !(c === 1 && h === 28 && w === 28);
+  $("cam-figure").hidden = !m.cam;
+  $("bars-hint").hidden = !m.cam;
+  showError("");
 }
 
 async function classify(blob, name) {
@@ -59,18 +97,24 @@ async function classify(blob, name) {
   const k = $("topk").value, inv = $("invert").checked;
   const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
   const query = `topk=${k}&invert=${inv}`;
+  const model = state.model, route = routes(model), seq = ++state.seq;
+  const current = () => seq === state.seq;  // a later upload or another model: this answer is not shown
   document.body.classList.add("busy");
   try {
-    const pred = await api(`/v1/predict?${query}&preview=true`, form());
+    const pred = await api(`${route.predict}?${query}&preview=true`, form());
+    if (!current()) return;
     state.last = pred;
     state.cam = null;
     showError("");
     showPrediction(pred, name);
-    if (state.model.cam) {
-      state.cam = await api(`/v1/cam?${query}&format=json`, form());
+    if (model.cam) {
+      const cam = await api(`${route.cam}${query}&format=json`, form());
+      if (!current()) return;
+      state.cam = cam;
       drawCam(pred.top[0].class);
     }
   } catch (e) {
+    if (!current()) return;
     clearPrediction();  // the previous image's answer must not stay beside this one's error
     // the server's messages about the image already start with its name: say it once
     showError(e.message.startsWith(`${name}:`) ? e.message : `${name}: ${e.message}`);
@@ -184,6 +228,7 @@ function setUpDrop() {
   });
   const again = () => { if (state.lastBlob) classify(...state.lastBlob); };
   $("topk").addEventListener("change", again);
+  $("model").addEventListener("change", (e) => chooseModel(e.target.value));
   $("invert").addEventListener("change", again);
 }
 
