@@ -203,3 +203,30 @@ def test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints(data, 
     assert len(inside) == 8
     for e, r in enumerate(rows):
         assert sum(inside[4 * e:4 * e + 4]) <= r["seconds"] <= wall, (e, r["seconds"])
+
+
+# guards against: a cheap curve's subset accuracy passed off as the model's, or the last epoch cut short
+def test_curve_test_images_cuts_only_the_curve(tmp_path):
+    """--curve-test-images N: the epochs before the last are evaluated on the first N test images (the row
+    says so, and its accuracy is that of N images), the last epoch on all of them; with a validation split
+    the saved model's reported test accuracy is of the whole test set, whichever epoch was chosen."""
+    import nin
+    from nin.data.datasets import load_dataset
+    from nin.evaluation import evaluate
+    from nin.training.trainer import train
+
+    data = fake_fashion_dir(tmp_path / "data", n_train=512, n_test=100)
+    lines = []
+    train(tiny(data, epochs=3, curve_test_images=30, eval_batch_size=16, val_split=64), tmp_path / "run",
+          quiet=False, log=lines.append)
+    rows = read_metrics(tmp_path / "run")
+    assert [r.get("test_images") for r in rows] == [30, 30, None]
+    assert all(abs(r["test_acc"] * 30 - round(r["test_acc"] * 30)) < 1e-9 for r in rows[:2])
+    assert [" (first 30)" in x for x in lines if x.startswith("epoch ")] == [True, True, False]
+    model = nin.load(tmp_path / "run")
+    full = evaluate(model, load_dataset("fashion-mnist", data).test, tta=model.meta.tta,
+                    precision=model.meta.precision).accuracy
+    info = model.meta.info
+    assert info.get("tta_test_acc", info["test_acc"]) == pytest.approx(full, abs=1e-9)
+    if info["epoch"] < 3:  # chosen at a curve's epoch: measured once more, on every test image
+        assert "tta_test_acc" in info and info["test_acc"] is None

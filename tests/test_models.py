@@ -153,3 +153,41 @@ def test_nin_d2l_class_block_relus(relus, n_relu, negative_logits):
 def test_nin_d2l_class_block_relus_rejects_unknown():
     with pytest.raises(ValueError, match="'all', 'hidden' or 'none'"):
         create_model("nin_d2l", class_block_relus="some")
+
+
+def _conv_params(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k
+
+
+def _bn_block_params(cin: int, mid: int, cout: int, k: int) -> int:
+    """An mlpconv block with batch norm: three bias-free convs, each followed by BN (weight + bias)."""
+    return _conv_params(cin, mid, k) + 2 * mid + _conv_params(mid, mid, 1) + 2 * mid + _conv_params(mid, cout, 1) + 2 * cout
+
+
+@pytest.mark.parametrize("kwargs, widths, kernel", [
+    ({}, (32, 64, 96), 3),
+    ({"widths": [16, 64, 96]}, (16, 64, 96), 3),   # a list, as model.json gives it back
+    ({"stem": "stride", "widths": (32, 48, 96)}, (32, 48, 96), 4),
+])
+def test_nin_fmnist_widths_and_stem(kwargs, widths, kernel):
+    """Per-block widths and the strided stem: parameters counted by hand, the class maps 7 x 7, and with
+    stem="stride" no layer at 28 x 28 (a wrong stride or a left-over pool would change both)."""
+    from nin.models import build_model, describe
+
+    w1, w2, w3 = widths
+    expected = _bn_block_params(1, w1, w1, kernel) + _bn_block_params(w1, w2, w2, 3) + _bn_block_params(w2, w3, 10, 3)
+    model = build_model("nin_fmnist", **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    info = describe(model)
+    assert info.layers[-1] == ("Flatten", (10,))
+    assert model.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 10, 7, 7)
+    sides = [shape[-1] for _, shape in info.layers if len(shape) == 3]
+    assert (28 in sides) == (kwargs.get("stem", "pool") == "pool")
+
+
+@pytest.mark.parametrize("kwargs", [{"widths": (16, 64)}, {"widths": (16, 0, 96)}, {"stem": "conv"}])
+def test_nin_fmnist_rejects_bad_widths_and_stems(kwargs):
+    from nin.models import build_model
+
+    with pytest.raises(ValueError, match="widths|stem"):
+        build_model("nin_fmnist", **kwargs)

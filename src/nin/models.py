@@ -47,14 +47,14 @@ def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int
 
 
 def nin_block_bn(in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, padding: int,
-                 last_relu: bool = True) -> nn.Sequential:
+                 last_relu: bool = True, stride: int = 1) -> nn.Sequential:
     """mlpconv with batch norm after every conv (the convs then need no bias).
 
     ``last_relu=False`` on the class-map block lets the maps be negative, so the logits are
     never all clamped at 0 (the book recipe's "stuck at ln 10" failure).
     """
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, mid_channels, kernel_size, padding=padding, bias=False),
+        nn.Conv2d(in_channels, mid_channels, kernel_size, stride, padding, bias=False),
         nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
         nn.Conv2d(mid_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
         nn.Conv2d(mid_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
@@ -177,13 +177,15 @@ def nin_imagenet(*, num_classes: int = 1000, in_chans: int = 3, drop_rate: float
 
 @register_model
 def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, width: int = 32,
-               widths: tuple[int, int, int] | None = None) -> NiN:
+               widths: tuple[int, int, int] | None = None, stem: Literal["pool", "stride"] = "pool") -> NiN:
     """Native-resolution NiN for 28 x 28 inputs: three BN mlpconv blocks, GAP, no FC layer.
 
     Sized for 2 CPU cores (one Fashion-MNIST epoch well under a minute).  ``width`` scales
     every block (32 -> 32/64/96 channels); the ``best`` recipe uses a wider one.  ``widths`` gives the
-    three blocks' widths one by one instead (the ``fast`` recipe's first block, at full resolution,
-    is the narrow one: there every layer's cost is memory traffic, not arithmetic).
+    three blocks' widths one by one instead.  ``stem="stride"`` halves the resolution in the first
+    block's own conv (4 x 4, stride 2, as the ImageNet network's stride-4 first conv does) instead of a
+    max-pool after the block, so no layer runs at 28 x 28: there, on a CPU, every layer's cost is memory
+    traffic, not arithmetic.
     """
     if widths is None:
         if not isinstance(width, int) or width < 1:
@@ -192,10 +194,16 @@ def nin_fmnist(*, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0
     if not isinstance(widths, (tuple, list)) or len(widths) != 3 or \
             not all(isinstance(w, int) and w >= 1 for w in widths):  # a list when read from model.json
         raise ValueError(f"widths must be three whole numbers >= 1, got {widths!r}")
+    if stem not in ("pool", "stride"):
+        raise ValueError(f"stem must be 'pool' or 'stride', got {stem!r}")
     w1, w2, w3 = widths
+    if stem == "stride":
+        first = [nin_block_bn(in_chans, w1, w1, kernel_size=4, padding=1, stride=2)]  # w1 x 14 x 14
+    else:
+        first = [nin_block_bn(in_chans, w1, w1, kernel_size=3, padding=1),          # w1 x 28 x 28
+                 nn.MaxPool2d(2)]                                                   # w1 x 14 x 14
     features = nn.Sequential(
-        nin_block_bn(in_chans, w1, w1, kernel_size=3, padding=1),   # w1 x 28 x 28
-        nn.MaxPool2d(2),                                            # w1 x 14 x 14
+        *first,
         nn.Dropout(drop_rate),
         nin_block_bn(w1, w2, w2, kernel_size=3, padding=1),         # w2 x 14 x 14
         nn.MaxPool2d(2),                                            # w2 x 7 x 7

@@ -315,7 +315,8 @@ class Run:
 
         last = row if row is not None else (st.history[-1] if st.history else {})
         info = {"selected": why, "epoch": last.get("epoch"), "step": st.step, "recipe": s.cfg.recipe,
-                "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc")}
+                "val_acc": last.get("val_acc"),
+                "test_acc": None if last.get("test_images") else last.get("test_acc")}  # a subset's is no model's
         save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
         self.selected = f"{why}, epoch {last.get('epoch')}" if last.get("epoch") else why
 

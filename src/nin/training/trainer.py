@@ -39,8 +39,9 @@ __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader
 # --- evaluation during training -------------------------------------------------------------
 @torch.no_grad()
 def loader_eval(model: nn.Module, loader, amp_dtype, tta: str = "none",
-                max_batches: int | None = None) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` over a loader's batches, with ``tta`` as nin eval does."""
+                max_batches: int | None = None, max_images: int | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` over a loader's batches (the first ``max_batches`` or
+    ``max_images`` of them), with ``tta`` as nin eval does."""
     from ..inference import tta_logits
 
     model.eval()
@@ -48,8 +49,10 @@ def loader_eval(model: nn.Module, loader, amp_dtype, tta: str = "none",
     loss = torch.zeros((), dtype=torch.float64, device=loader.device)
     seen = 0
     for i, (x, y) in enumerate(loader.iterate(0)):
-        if max_batches is not None and i >= max_batches:
+        if (max_batches is not None and i >= max_batches) or (max_images is not None and seen >= max_images):
             break
+        if max_images is not None and seen + y.numel() > max_images:
+            x, y = x[:max_images - seen], y[:max_images - seen]
         with torch.autocast(loader.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = tta_logits(model, x, tta)
         correct += (logits.argmax(1) == y).sum()
@@ -517,8 +520,9 @@ def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = Fal
     return stop
 
 
-def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
-    """The epoch's row: train tallies (summed over ranks), validation and test accuracy."""
+def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False, final: bool = True) -> dict:
+    """The epoch's row: train tallies (summed over ranks), validation and test accuracy (on the first
+    --curve-test-images test images unless ``final``: the run's last row)."""
     if s.calib_loader is not None and st.step < BN_SETTLE_STEPS and not dry_run:
         recalibrate_bn(s.eval_model, s.calib_loader, s.amp_dtype)  # then rank 0's, as always, below
     if s.d.enabled:  # rank 0's BN statistics, so every rank evaluates (and saves) the same model
@@ -529,11 +533,14 @@ def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False) -> dict:
     tot = all_reduce_sum(st.sums, s.d)
     seen = tot[2].item()
     limit = 1 if dry_run else None
-    test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit)
+    subset = None if final or dry_run else s.cfg.curve_test_images
+    test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit, subset)
     row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
            "lr": st.lr if st.lr is not None else lr_at(s.cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
            "seconds": st.epoch_seconds, "images": int(seen)}
+    if subset is not None and subset < len(s.ds.test):
+        row["test_images"] = subset  # a curve's point: the first N test images only
     if s.val_loader is not None:
         row["val_acc"], row["val_loss"] = loader_eval(s.eval_model, s.val_loader, s.amp_dtype, s.tta, limit)
     return row
@@ -546,8 +553,9 @@ def end_epoch(s: Setup, st: TrainState, row: dict, run, *, quiet: bool, log, on_
     st.train_seconds += st.epoch_seconds
     if s.d.main and not quiet:
         val = f"  val acc {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
+        part = f" (first {row['test_images']:,})" if row.get("test_images") else ""
         log(f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}"
-            f"{val}  test acc {row['test_acc']:.4f}  lr {row['lr']:.3g}  {row['images_per_sec']:.0f} img/s  "
+            f"{val}  test acc {row['test_acc']:.4f}{part}  lr {row['lr']:.3g}  {row['images_per_sec']:.0f} img/s  "
             f"{row['seconds']:.1f} s")
     ln_c = math.log(len(s.ds.classes))
     if st.epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and row["train_acc"] < 2 / len(s.ds.classes) \
@@ -749,7 +757,8 @@ def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed:
                     f"Continue with: nin train --resume {run.path}")
             return {**row, "partial": True, "run_dir": str(run.path) if run else None}
         tallies[st.epoch] = st.sums.tolist()
-        end_epoch(s, st, epoch_metrics(s, st), run, quiet=quiet, log=log, on_epoch=on_epoch)
+        final = stopped or st.epoch + 1 >= cfg.epochs
+        end_epoch(s, st, epoch_metrics(s, st, final=final), run, quiet=quiet, log=log, on_epoch=on_epoch)
         if stopped:
             break
     debug_dump(s.model, s.train_loader, ran, d, tallies)
@@ -793,14 +802,17 @@ def _finish(s: Setup, st: TrainState, run, *, quiet: bool, log) -> dict:
 
 # --- the closing evaluation -----------------------------------------------------------------
 def closing_eval_pending(s: Setup, run) -> bool:
-    """Whether the saved model still awaits its closing evaluation with ``--final-tta`` (model.json's
-    ``tta`` says which TTA its reported accuracy used)."""
-    if s.final_tta == s.tta:
-        return False
+    """Whether the saved model still awaits its closing evaluation: with ``--final-tta`` (model.json's
+    ``tta`` says which TTA its reported accuracy used), or because it was chosen at an epoch whose test
+    accuracy was a --curve-test-images subset (model.json then records none)."""
     try:
-        return json.loads((run.path / "model.json").read_text()).get("tta") != s.final_tta
+        doc = json.loads((run.path / "model.json").read_text())
     except (OSError, ValueError):
         return False
+    if s.final_tta != s.tta:
+        return doc.get("tta") != s.final_tta
+    info = doc.get("info") or {}
+    return info.get("test_acc") is None and "tta_test_acc" not in info and info.get("epoch") is not None
 
 
 def closing_eval(s: Setup, run, *, log=None) -> dict:
