@@ -118,9 +118,10 @@ def accuracy_without_tta(run: Path, env: dict, data_dir: str | None) -> float | 
     return json.loads(p.stdout)["accuracy"]
 
 
-def timed_run(cmd: list[str], env: dict) -> dict:
-    """One `nin train` command: wall seconds, return code, the curve from its epoch lines as they came."""
-    curve, tail = [], collections.deque(maxlen=20)
+def timed_run(cmd: list[str], env: dict, log: Path | None = None) -> dict:
+    """One `nin train` command: wall seconds, return code, the curve from its epoch lines as they came;
+    what it printed is kept in ``log`` (written after the run: no file work while it is timed)."""
+    curve, tail, printed = [], collections.deque(maxlen=20), []
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: stderr can never block the run
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -130,10 +131,13 @@ def timed_run(cmd: list[str], env: dict) -> dict:
             if m:
                 curve.append([round(now, 3), int(m[1]), float(m[2])])
             tail.append(line)
+            printed.append(line)
         rc = p.wait()
         seconds = time.monotonic() - t0
         err.seek(0)
         error = "" if rc == 0 else ("".join(tail) + err.read())[-2000:]
+    if log is not None and log.parent.is_dir():
+        log.write_text("".join(printed))
     return {"seconds": seconds, "rc": rc, "curve": curve, "error": error}
 
 
@@ -185,7 +189,7 @@ def one_run(v: dict, seed: int, runs: Path, args, data_dir: str | None, base_env
     flags = [*v["flags"], *(SMOKE_FLAGS if args.smoke else []), *(["--data-dir", data_dir] if data_dir else [])]
     cmd = [sys.executable, "-m", "nin", "train", "--recipe", v["recipe"], "--seed", str(seed), "--out", str(run), *flags]
     load_before = os.getloadavg()[0]
-    timed = timed_run(cmd, v["env"])
+    timed = timed_run(cmd, v["env"], run / "train.log")
     load_after = os.getloadavg()[0]
     row = row_of(run, variant=v["name"], flags=v["flags"], seconds=timed["seconds"], rc=timed["rc"],
                  threads=args.threads)

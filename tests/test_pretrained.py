@@ -142,3 +142,18 @@ def test_the_fast_weights_retrain_from_their_recorded_command(fmnist, tmp_path):
 
 def info_config(info: dict) -> dict:
     return nin.load(info["name"]).meta.info["config"]
+
+
+# guards against: a model fresh from create_model (training mode, as torchvision's) predicting with each
+# batch's own batch-norm statistics: near-uniform probabilities for a single image
+def test_predict_with_a_created_model_uses_its_running_statistics():
+    from pathlib import Path
+
+    shirt = str(Path(__file__).resolve().parents[1] / "docs" / "shirt.png")
+    model = nin.create_model("nin_fmnist", pretrained=True)
+    assert model.training  # as torchvision and timm return them
+    created = nin.predict(model, shirt, topk=3)[0].top
+    loaded = nin.predict(nin.load(DEFAULT), shirt, topk=3)[0].top
+    assert [c for c, _ in created] == [c for c, _ in loaded]
+    assert [p for _, p in created] == pytest.approx([p for _, p in loaded], abs=1e-6)
+    assert created[0][1] > 0.5 and model.training  # and its mode is given back

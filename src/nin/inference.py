@@ -7,6 +7,8 @@ model's ``meta.preprocess``, so ``nin eval`` and ``nin predict`` see exactly the
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +68,21 @@ def check_tta(tta: str | None) -> None:
         raise UsageError(f"unknown test-time augmentation {tta!r}; choose one of: {', '.join(TTA_CHOICES)}")
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Run a PyTorch model in eval mode (batch-norm running statistics, no dropout), then put its mode
+    back: a model fresh from ``create_model(..., pretrained=True)`` is in training mode, as torchvision's
+    and timm's are, and its batch norm would otherwise normalise each batch by itself."""
+    was = isinstance(model, torch.nn.Module) and model.training
+    if was:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was:
+            model.train()
+
+
 @torch.inference_mode()
 def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: str | None = None,
                    precision: str = "fp32", progress=None) -> torch.Tensor:
@@ -83,14 +100,15 @@ def predict_logits(model, images: torch.Tensor, *, batch_size: int = 256, tta: s
     if torch_model:
         model = model.to(memory_format=torch.channels_last)
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = preprocess(model, images[i:i + batch_size], torch.bfloat16 if bf16 else torch.float32)
-        if torch_model:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out.append(tta_logits(model, x, tta).cpu())
-        if progress is not None:
-            progress(x.shape[0])
+    with evaluating(model):
+        for i in range(0, images.shape[0], batch_size):
+            x = preprocess(model, images[i:i + batch_size], torch.bfloat16 if bf16 else torch.float32)
+            if torch_model:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out.append(tta_logits(model, x, tta).cpu())
+            if progress is not None:
+                progress(x.shape[0])
     if not out:
         return torch.zeros(0, len(getattr(model, "classes", [])))
     return torch.cat(out)
@@ -104,8 +122,9 @@ def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     NiN's last block already gives one map per class and the head only averages it, so these are
     the class activation maps, no gradient needed: ``maps.mean((2, 3)) == logits``.
     """
-    maps = model.forward_features(x)
-    return maps, model.forward_head(maps)
+    with evaluating(model):
+        maps = model.forward_features(x)
+        return maps, model.forward_head(maps)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
