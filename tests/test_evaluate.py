@@ -113,17 +113,17 @@ def test_cli_eval_json(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_cli_eval_says_when_a_bf16_run_is_evaluated_in_fp32(fmnist, tmp_path, capsys, monkeypatch, native_bf16):
-    """The shipped fast run evaluated in bf16. Where the CPU has native bf16, `nin eval` matches it silently;
+    """The shipped best run evaluated in bf16. Where the CPU has native bf16, `nin eval` matches it silently;
     where it has not (AVX2 only), it evaluates in fp32 and one note on stderr says so, since the number may
     then differ from the reported one by a few images."""
     import nin.devices
 
     monkeypatch.setattr(nin.devices, "cpu_supports_bf16", lambda: native_bf16)
-    assert main(["eval", "nin_fmnist.fashion_mnist_fast", "--limit", "300", "--out", str(tmp_path)]) == 0
+    assert main(["eval", "nin_fmnist.fashion_mnist_best", "--tta", "none", "--limit", "300", "--out", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert f"precision: {'bf16' if native_bf16 else 'fp32'};" in out.splitlines()[0]
     assert ("this CPU has no native bf16" in err) is not native_bf16
-    assert main(["eval", "nin_fmnist.fashion_mnist_fast", "--limit", "300", "--precision", "fp32",
+    assert main(["eval", "nin_fmnist.fashion_mnist_best", "--tta", "none", "--limit", "300", "--precision", "fp32",
                  "--out", str(tmp_path)]) == 0
     assert "native bf16" not in capsys.readouterr().err  # asked for fp32: nothing to explain
 
@@ -191,11 +191,13 @@ def test_evaluate_limit_precision_and_labels(data):
     assert nin.evaluate(model, test, limit=1, tta="none").n == 1
     with pytest.raises(UsageError, match="limit must be at least 1, got 0"):
         nin.evaluate(model, test, limit=0)
-    run = nin.evaluate(model, test, precision="run")
-    # the shipped run evaluated in bf16; "run" matches it where this CPU has native bf16, else fp32
-    assert model.meta.precision == "bf16" and run.compute == ("bf16" if cpu_supports_bf16() else "fp32")
-    pred = predict_logits(model, test.images, tta="flip", precision=run.compute).argmax(1)
-    assert run.confusion.trace() == int((pred == test.labels).sum())
+    # the shipped best run evaluated in bf16; "run" matches it where this CPU has native bf16, else fp32
+    bf16_model = nin.load("nin_fmnist.fashion_mnist_best")
+    run = nin.evaluate(bf16_model, test, precision="run", tta="flip", limit=2000)
+    assert bf16_model.meta.precision == "bf16" and run.compute == ("bf16" if cpu_supports_bf16() else "fp32")
+    pred = predict_logits(bf16_model, test.images[:2000], tta="flip", precision=run.compute).argmax(1)
+    assert run.confusion.trace() == int((pred == test.labels[:2000]).sum())
+    assert nin.evaluate(model, test, precision="run").compute == "fp32"  # the fast run trained in fp32
     assert nin.evaluate(model, test, precision="fp32").compute == "fp32"
     with pytest.raises(UsageError, match="the labels go up to 10 but the model knows 10 classes"):
         nin.evaluate(model, iter([(x[:5], torch.tensor([0, 1, 2, 3, 10]))]))

@@ -205,7 +205,10 @@ def create_model(name: str, *, pretrained: bool | str = False, **kwargs):
     problems = []
     for full in candidates:
         info = pretrained_info(full)  # an unknown name: one error listing the shipped ones
-        model = build_model(arch, **{**info.get("model_kwargs", {}), **kwargs})
+        own = dict(info.get("model_kwargs", {}))
+        if "width" in kwargs:  # nin_fmnist: a width asked for replaces the weights' per-block widths
+            own.pop("widths", None)
+        model = build_model(arch, **{**own, **kwargs})
         shipped = load(pretrained_path(full))
         try:
             note = transfer_weights(model, shipped.state_dict(), full)

@@ -239,11 +239,15 @@ def init_from(model: nn.Module, cfg: TrainConfig, src, classes: list[str] | None
         print(f"note: --init-from {cfg.init_from}: {note}", file=sys.stderr)
 
 
-def init_from_kwargs(cfg: TrainConfig, src) -> dict:
-    """The model options of --init-from's weights (width, ...), which the run takes when it sets none
-    itself: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it holds."""
-    if src is None or cfg.model_kwargs:
-        return {}
+def init_from_kwargs(cfg: TrainConfig, src) -> dict | None:
+    """The model options of --init-from's weights (width, ...), which the run takes instead of its recipe's
+    when the user sets none: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it
+    holds.  None when there are no such weights or --model-kwargs chose the options."""
+    from .recipes import RECIPES
+
+    recipe_default = RECIPES.get(cfg.recipe, {}).get("model_kwargs") or {}
+    if src is None or (cfg.model_kwargs and cfg.model_kwargs != recipe_default):
+        return None
     return {k: v for k, v in src.meta.model_kwargs.items() if k not in ("num_classes", "in_chans")}
 
 
@@ -323,8 +327,8 @@ def set_up(cfg: TrainConfig) -> Setup:
     if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
         h = w = cfg.crop_size if imagenet else cfg.resize
     src = init_source(cfg)
-    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **init_from_kwargs(cfg, src),
-                    **cfg.model_kwargs}
+    own = init_from_kwargs(cfg, src)
+    model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **(cfg.model_kwargs if own is None else own)}
     model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes), src)
     loaders = _loaders(cfg, ds, train_split, val_split, model, d, device, amp_dtype, (h, w))
     base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
