@@ -37,7 +37,10 @@ def test_d2l_recipe_is_the_seed():
 
 def test_final_tta_is_an_option_and_only_best_uses_shift():
     assert {name: get_recipe(name).final_tta for name in RECIPES if get_recipe(name).final_tta != "same"} == \
-        {"best": "shift"}
+        {"fast": "flip", "best": "shift"}  # fast: epochs without TTA, the saved model once with flip
+    # --model of another network drops the recipe's network options (fast's widths are nin_fmnist's)
+    assert get_recipe("fast", model="nin_imagenet").model_kwargs == {}
+    assert get_recipe("fast", model="nin_fmnist").model_kwargs == {"widths": [16, 64, 96]}
     assert get_recipe("best", final_tta="flip").final_tta == "flip"
     with pytest.raises(UsageError, match="--final-tta"):
         get_recipe("fast", final_tta="shfit").validate()

@@ -283,5 +283,8 @@ def get_recipe(name: str, **overrides) -> TrainConfig:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'recipe'}))}")
-    cfg = TrainConfig(recipe=name, **RECIPES[name])
+    preset = dict(RECIPES[name])
+    if overrides.get("model", preset.get("model")) != preset.get("model") and "model_kwargs" not in overrides:
+        preset.pop("model_kwargs", None)  # the recipe's network options belong to the recipe's network
+    cfg = TrainConfig(recipe=name, **preset)
     return dataclasses.replace(cfg, **overrides)
