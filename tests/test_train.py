@@ -233,9 +233,9 @@ def test_dry_run_takes_one_step_and_evaluates_one_batch_of_each_split(data, tmp_
 
     real, limits = t.loader_eval, []
 
-    def spy(model, loader, amp_dtype, tta, max_batches=None):
+    def spy(model, loader, amp_dtype, tta, max_batches=None, max_images=None):
         limits.append(max_batches)
-        return real(model, loader, amp_dtype, tta, max_batches)
+        return real(model, loader, amp_dtype, tta, max_batches, max_images)
 
     monkeypatch.setattr(t, "loader_eval", spy)
     lines = []
