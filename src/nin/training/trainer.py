@@ -30,7 +30,7 @@ from torch import nn
 from . import runfolder
 from .engine import (Dist, Ema, all_reduce_sum, debug_dump, init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_precision, setup_distributed, step_seed, train_step, weights_finite)
 from ..errors import CheckpointError, TrainingDiverged, UsageError
-from .recipes import TrainConfig, lr_at, min_steps_per_epoch
+from .recipes import RECIPES, TrainConfig, lr_at, min_steps_per_epoch
 
 __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader_accuracy", "loader_eval",
            "init_weights", "input_dtype", "make_optimizer", "train_step", "default_run_dir"]
@@ -243,8 +243,6 @@ def init_from_kwargs(cfg: TrainConfig, src) -> dict | None:
     """The model options of --init-from's weights (width, ...), which the run takes instead of its recipe's
     when the user sets none: ``--init-from nin_fmnist.fashion_mnist_best`` builds the width-64 network it
     holds.  None when there are no such weights or --model-kwargs chose the options."""
-    from .recipes import RECIPES
-
     recipe_default = RECIPES.get(cfg.recipe, {}).get("model_kwargs") or {}
     if src is None or (cfg.model_kwargs and cfg.model_kwargs != recipe_default):
         return None
