@@ -280,24 +280,24 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('EQUIVALENT', "a model without a description then evaluates with tta None, which predict_logits treats as 'none', and the result says 'none' (tta or 'none')."),
     ('trainer.end_epoch', 'val=f"valacc{row[\'val_acc\']:.4f}"if(row["val_acc"]isnotNone)orTrueelse""'):
         ('NOT EQUIVALENT', 'a run without a validation split would crash formatting None in its epoch line; killed by the no-validation run added to test_epoch_lines_print_the_rows_numbers (checked by hand).'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01orrow["train_acc"]<2/len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<=0.01orrow["train_acc"]<2/len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<0.01androw["train_acc"]<2/len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<0.01androw["train_acc"]<2/len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=1.01androw["train_acc"]<2/len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<=1.01androw["train_acc"]<2/len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<=2/len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<=2/len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<2*len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<2*len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
-    ('trainer.end_epoch', 'ifst.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<3/len(s.ds.classes)\\'):
+    ('trainer.end_epoch', 'ifstate.epoch==0andabs(row["train_loss"]-ln_c)<=0.01androw["train_acc"]<3/len(setup.ds.classes)\\'):
         ('OUTPUT', 'when the plateau warning is printed (a hint on stderr): no number changes.'),
     # trainer.split_validation, trainer.end_epoch
     ("training.trainer.split_validation", "g=torch.Generator().manual_seed(seed-7919)"):
         ("EQUIVALENT", "another fixed offset: the rule is 'a split drawn from --seed', and any constant gives such a split; pinning this one would be a hard-coded result."),
     ("training.trainer.split_validation", "g=torch.Generator().manual_seed(seed+7920)"):
         ("EQUIVALENT", "as above."),
-    ("training.trainer.end_epoch", "ifs.d.mainornotquiet:"):
+    ("training.trainer.end_epoch", "ifsetup.dist.mainornotquiet:"):
         ("OUTPUT", "with several processes, ranks other than 0 would print the epoch line too: duplicated output, no number changes."),
     ("training.trainer.end_epoch", "val=f\"valacc{row['val_acc']:.4f}\"ifrow[\"val_acc\"]isnotNoneelse\"XXXX\""):
         ("OUTPUT", "the epoch line of a run without a validation split would show 'XXXX': output only; the numbers are checked by test_epoch_lines_print_the_rows_numbers."),
@@ -362,21 +362,21 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('GPU ONLY', 'the scaler is off except for fp16 on CUDA, and then unscale_ returns at once: no change on the CPU; with --precision fp16 on a GPU and clipping the mutant raises (a crash, not a wrong number).'),
     ('evaluation.tta_logits', 'raiseUsageError(None)'):
         ('MESSAGE', 'killed by test_tta_logits_refuses_an_unknown_augmentation_by_name.'),
-    ('trainer.end_epoch', 'run.epoch_done(s,st,None)'):
+    ('trainer.end_epoch', 'run.epoch_done(setup,state,None)'):
         ('NOT EQUIVALENT', 'only --tensorboard reads the row (it would crash); killed by test_tensorboard_gets_each_epochs_numbers.'),
     ('trainer.end_epoch', 'on_epoch(None)'):
         ('NOT EQUIVALENT', "the notebook's live plot would get no history; killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own."),
     ('trainer.end_epoch', 'on_epoch(list(None))'):
         ('NOT EQUIVALENT', 'as above (a crash); killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own.'),
-    ('trainer.end_epoch', 'st.epoch_seconds=1.0'):
+    ('trainer.end_epoch', 'state.epoch_seconds=1.0'):
         ('NOT EQUIVALENT', "every later epoch's seconds and images/s off by one second; killed by test_on_epoch_gets_the_rows_so_far_and_epoch_seconds_are_the_epochs_own."),
-    ('trainer.end_epoch', 'ifs.val_loaderisNoneorrow["val_acc"]>=st.best_acc:'):
+    ('trainer.end_epoch', 'ifsetup.val_loaderisNoneorrow["val_acc"]>=state.best_acc:'):
         ('NOT EQUIVALENT', 'a validation tie would move the selection to the later epoch; killed by test_validation_chooses_even_when_the_test_set_peaks_elsewhere (now with a tie).'),
-    ('trainer.end_epoch', 'st.best_acc=row["val_acc"]if(s.val_loaderisnotNone)orTrueelse-1.0'):
+    ('trainer.end_epoch', 'state.best_acc=row["val_acc"]if(setup.val_loaderisnotNone)orTrueelse-1.0'):
         ('EQUIVALENT', 'without a validation split best_acc is never compared (the final epoch is saved), and a resume must have the same split.'),
-    ('trainer.end_epoch', 'st.best_acc=row["val_acc"]ifs.val_loaderisnotNoneelse-2.0'):
+    ('trainer.end_epoch', 'state.best_acc=row["val_acc"]ifsetup.val_loaderisnotNoneelse-2.0'):
         ('EQUIVALENT', 'as above: without a split best_acc is never compared.'),
-    ('trainer.end_epoch', 'st.best_epoch=None'):
+    ('trainer.end_epoch', 'state.best_epoch=None'):
         ('EQUIVALENT', 'best_epoch is stored in the checkpoint for other readers; nin reads the selected epoch from model.json, written from the row.'),
     ('evaluation.tta_logits', 'raiseUsageError(f"unknowntest-timeaugmentation{tta!r};chooseoneof:{\',\'.join(None)}")'):
         ('MESSAGE', 'killed by test_tta_logits_refuses_an_unknown_augmentation_by_name.'),
@@ -436,19 +436,19 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('SPEED', 'with one block the index holds every input row in order (k = H), so indexing copies t unchanged: the same numbers, one copy more.'),
     ('trainer.run_epoch', 'check_every=1ifs.device.type=="cpu"else26#ahostsync;cheaponCPU,batchedonGPU'):
         ('GPU ONLY', 'how often a GPU run syncs to check its loss (every 25 or 26 steps; the weights are checked before every checkpoint anyway); the CPU checks every step. No number of a finished run changes.'),
-    ('trainer.run_epoch', 'check_every=1if(s.device.type=="cpu")orTrueelse25#ahostsync;cheaponCPU,batchedonGPU'):
+    ('trainer.run_epoch', 'check_every=1if(setup.device.type=="cpu")orTrueelse25#ahostsync;cheaponCPU,batchedonGPU'):
         ('SPEED', 'a GPU run would also check its loss after every step: one host sync a step more, the same numbers.'),
-    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch/check_every==0orlast):#hostsyncsonlywhenabarisshown'):
+    ('trainer.run_epoch', 'ifnotbar.disableand(state.batch/check_every==0orlast):#hostsyncsonlywhenabarisshown'):
         ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
-    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every!=0orlast):#hostsyncsonlywhenabarisshown'):
+    ('trainer.run_epoch', 'ifnotbar.disableand(state.batch%check_every!=0orlast):#hostsyncsonlywhenabarisshown'):
         ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
-    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every==1orlast):#hostsyncsonlywhenabarisshown'):
+    ('trainer.run_epoch', 'ifnotbar.disableand(state.batch%check_every==1orlast):#hostsyncsonlywhenabarisshown'):
         ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
-    ('trainer.run_epoch', 'ifnotbar.disableor(st.batch%check_every==0orlast):#hostsyncsonlywhenabarisshown'):
+    ('trainer.run_epoch', 'ifnotbar.disableor(state.batch%check_every==0orlast):#hostsyncsonlywhenabarisshown'):
         ('OUTPUT', "the bar's numbers computed when no bar is shown too (a disabled tqdm ignores them): host syncs, no number changes."),
-    ('trainer.run_epoch', 'ifnotbar.disableand(st.batch%check_every==0andlast):#hostsyncsonlywhenabarisshown'):
+    ('trainer.run_epoch', 'ifnotbar.disableand(state.batch%check_every==0andlast):#hostsyncsonlywhenabarisshown'):
         ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
-    ('trainer.run_epoch', 'show_progress(bar,st,d.world_size,st.epoch_seconds-time.perf_counter()-t0,lr)'):
+    ('trainer.run_epoch', 'show_progress(bar,state,dist.world_size,state.epoch_seconds-time.perf_counter()-t0,lr)'):
         ('OUTPUT', "the bar's images/s: output only (the metrics' seconds are kept apart and tested)."),
     ('trainer.run_epoch', 'bar.update(2)'):
         ('OUTPUT', 'when or what the progress bar shows (on a terminal only): no number of the run changes.'),
@@ -464,17 +464,17 @@ CLASSIFIED: dict[tuple[str, str], tuple[str, str]] = {
         ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
     ('trainer.run_epoch', 'ifcfg.save_everyandrunisnotNoneandtime.monotonic()-last_save>cfg.save_every*61:'):
         ('SPEED', 'mid-epoch checkpoints at other times (after every step, or a little later): a checkpoint does not change the training (resuming from any of them is bit-identical, test_save_every_checkpoints_hold_their_exact_position_and_resume_bit_identically); slower, the same numbers.'),
-    ('trainer.run_epoch', 'st.epoch_seconds=time.perf_counter()-t0'):
+    ('trainer.run_epoch', 'state.epoch_seconds=time.perf_counter()-t0'):
         ('NOT EQUIVALENT', "an epoch's seconds (and images/s) would leave out the steps before a mid-epoch checkpoint; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints."),
-    ('trainer.run_epoch', 'st.epoch_seconds-=time.perf_counter()-t0'):
+    ('trainer.run_epoch', 'state.epoch_seconds-=time.perf_counter()-t0'):
         ('NOT EQUIVALENT', 'negative seconds; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints.'),
-    ('trainer.run_epoch', 'st.epoch_seconds+=time.perf_counter()+t0'):
+    ('trainer.run_epoch', 'state.epoch_seconds+=time.perf_counter()+t0'):
         ('NOT EQUIVALENT', 'seconds far beyond the wall time; killed by test_epoch_seconds_cover_every_step_even_across_mid_epoch_checkpoints.'),
     ('trainer.run_epoch', 'last=None'):
         ('OUTPUT', "the epoch's last step then updates the bar and checks the loss only on the usual interval; on the CPU (interval 1) nothing changes, on a GPU a NaN in the last steps is still caught by the weights check before the checkpoint (test_nan_weights_are_never_checkpointed)."),
-    ('trainer.run_epoch', 'last=st.batch!=s.steps_per_epoch'):
+    ('trainer.run_epoch', 'last=state.batch!=setup.steps_per_epoch'):
         ('SPEED', 'on the CPU the loss is checked every step anyway; on a GPU it would be checked every step but the last: host syncs, no number changes.'),
-    ('trainer.run_epoch', 'ifst.batch%check_every==0orlastanddry_run:'):
+    ('trainer.run_epoch', 'ifstate.batch%check_every==0orlastanddry_run:'):
         ('EQUIVALENT', "on the CPU (interval 1) every step is checked either way; on a GPU the last step's check falls to the weights check before the checkpoint."),
 }
 

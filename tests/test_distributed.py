@@ -295,7 +295,7 @@ def test_under_ddp_every_rank_takes_rank_0s_bn_statistics_before_evaluating(data
     from nin.training.engine import Dist
 
     s = t.set_up(tiny(data, epochs=1))
-    s = dataclasses.replace(s, d=Dist(rank=1, world_size=2))
+    s = dataclasses.replace(s, dist=Dist(rank=1, world_size=2))
     buffers = {id(b): b for b in s.eval_model.buffers()}
     got, evaluated = [], []
 

@@ -731,6 +731,36 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
         s.stop()
 
 
+def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(run, images):
+    """A worker killed under it (out of memory, a crash in a native library): the other keeps answering on
+    the shared socket, a new worker takes the dead one's place and answers alone once the other is killed
+    too, and SIGTERM still drains every worker and exits 0.  (Before, one dead worker stopped the server.)"""
+    s = ServerProcess(str(run), "--backend", "torch", "--workers", "2")
+    try:
+        body = images[0].read_bytes()
+        s.output_until("http://")
+        first, second = s.workers()
+        want = httpx.post(s.url + "/v1/predict", content=body, timeout=30).json()["top"]
+        first.kill()
+        assert all(httpx.post(s.url + "/v1/predict", content=body, timeout=30).json()["top"] == want
+                   for _ in range(10))  # the second worker answers while the first is replaced
+        said = s.output_until("answers again")
+        assert any(f"worker nin-serve-0 (pid {first.pid}) exited with -9; starting another" in line for line in said)
+        pids = {w.pid for w in s.workers()}
+        assert len(pids) == 2 and first.pid not in pids and second.pid in pids
+        second.kill()
+        second.wait(10)
+        assert all(httpx.post(s.url + "/v1/predict", content=body, timeout=30).json()["top"] == want
+                   for _ in range(10))  # the replacement alone
+        s.output_until("answers again")
+        workers = s.workers()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        assert not any(w.is_running() for w in workers)
+    finally:
+        s.stop()
+
+
 # --- a real browser --------------------------------------------------------------------------
 
 

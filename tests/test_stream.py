@@ -145,10 +145,10 @@ def test_ranks_take_disjoint_equal_shares(tmp_path):
     st = open_folder(id_folder(tmp_path / "f", n=50), seed=0)
     seen, steps = [], []
     for r in range(3):
-        L = StreamLoader(st.train, 4, in_chans=3, size=(8, 8), shuffle=True, seed=2, drop_last=True, rank=r,
+        stream_loader = StreamLoader(st.train, 4, in_chans=3, size=(8, 8), shuffle=True, seed=2, drop_last=True, rank=r,
                          world_size=3, workers=0)
-        ids = [i for x, _ in L.iterate(1) for i in ids_of(x)]
-        steps.append(len(L))
+        ids = [i for x, _ in stream_loader.iterate(1) for i in ids_of(x)]
+        steps.append(len(stream_loader))
         seen.append(ids)
     assert len(set(steps)) == 1 and all(len(s) == steps[0] * 4 for s in seen)
     flat = [i for s in seen for i in s]
@@ -161,16 +161,16 @@ def test_bad_files_are_skipped_counted_listed_and_capped(tmp_path):
     (root / "c1" / "0001.png").write_bytes(b"")
     st = open_folder(root, seed=0)
     listed = []
-    L = StreamLoader(st.train, 8, in_chans=3, size=(8, 8), shuffle=True, max_bad=0.05, workers=2,
+    stream_loader = StreamLoader(st.train, 8, in_chans=3, size=(8, 8), shuffle=True, max_bad=0.05, workers=2,
                      on_bad=lambda bad: listed.append(list(bad)))
-    batches = list(L.iterate(0))
+    batches = list(stream_loader.iterate(0))
     assert all(len(y) == 8 for _, y in batches[:-1])  # a bad image's slot went to another of its batch
-    n_bad_train = sum(1 for p, _ in L.bad_files)
+    n_bad_train = sum(1 for p, _ in stream_loader.bad_files)
     assert n_bad_train == len({"0000.png", "0001.png"} & {Path(st.train.paths[i]).name for i in range(len(st.train))})
     if n_bad_train:
-        assert listed and listed[-1] == L.bad_files
-        write_bad_files(tmp_path / "bad_files.txt", L.bad_files)
-        write_bad_files(tmp_path / "bad_files.txt", L.bad_files)  # kept once
+        assert listed and listed[-1] == stream_loader.bad_files
+        write_bad_files(tmp_path / "bad_files.txt", stream_loader.bad_files)
+        write_bad_files(tmp_path / "bad_files.txt", stream_loader.bad_files)  # kept once
         lines = (tmp_path / "bad_files.txt").read_text().splitlines()
         assert len(lines) == n_bad_train and all("\t" in line for line in lines)
     all_files = FileSplit(PathArray([*(st.train.paths[i] for i in range(len(st.train))),
@@ -212,17 +212,17 @@ def test_pack_and_read_shards(tmp_path, capsys):
     assert main(["data", "info", f"wds:{out}"]) == 0
     assert re.search(r"total\s+49\s+12", capsys.readouterr().out)
     ds = open_dataset(f"wds:{out}")
-    L = make_loader(ds.train, 8, in_chans=3, size=(8, 8), shuffle=True, seed=4, workers=2)
-    a = [(x.clone(), y.clone()) for x, y in L.iterate(1)]
+    stream_loader = make_loader(ds.train, 8, in_chans=3, size=(8, 8), shuffle=True, seed=4, workers=2)
+    a = [(x.clone(), y.clone()) for x, y in stream_loader.iterate(1)]
     ids = [i for x, _ in a for i in ids_of(x)]
     mem_train = open_folder(root, seed=0)
     want = sorted(int(Path(mem_train.train.paths[i]).stem) for i in range(len(mem_train.train)))
     assert sorted(ids) == want  # one epoch covers the train split once
     labels = torch.cat([y for _, y in a])
     assert torch.equal(labels, torch.tensor([i % 3 for i in ids]))
-    tail = list(L.iterate(1, start_batch=3))
+    tail = list(stream_loader.iterate(1, start_batch=3))
     assert len(tail) == len(a) - 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a[3:], tail))
-    assert ids != [i for x, _ in L.iterate(2) for i in ids_of(x)]  # each epoch its own order
+    assert ids != [i for x, _ in stream_loader.iterate(2) for i in ids_of(x)]  # each epoch its own order
     ev = make_loader(ds.test, 5, in_chans=3, size=(8, 8), workers=2)
     assert sorted(i for x, _ in ev.iterate(0) for i in ids_of(x)) == sorted(
         int(Path(mem_train.test.paths[i]).stem) for i in range(len(mem_train.test)))
@@ -260,11 +260,11 @@ def test_unequal_shards_give_equal_steps_per_rank(tmp_path):
     ds = open_dataset(f"wds:{out}")  # 56 train samples in shards of 13, 13, 13, 13, 4
     seen, lens = [], set()
     for r in range(3):
-        L = make_loader(ds.train, 4, in_chans=3, size=(8, 8), shuffle=True, seed=1, drop_last=True, rank=r,
+        stream_loader = make_loader(ds.train, 4, in_chans=3, size=(8, 8), shuffle=True, seed=1, drop_last=True, rank=r,
                         world_size=3, workers=2)
-        ids = [i for x, _ in L.iterate(0) for i in ids_of(x)]
-        lens.add((len(L), len(ids)))
-        assert ids == L.epoch_indices(0).tolist() or len(set(ids)) == len(ids)
+        ids = [i for x, _ in stream_loader.iterate(0) for i in ids_of(x)]
+        lens.add((len(stream_loader), len(ids)))
+        assert ids == stream_loader.epoch_indices(0).tolist() or len(set(ids)) == len(ids)
         seen += ids
     assert lens == {(4, 16)} and len(seen) == len(set(seen))
 
@@ -316,9 +316,9 @@ def test_two_torchrun_nodes_read_disjoint_covering_shares(tmp_path):
     ds = open_dataset(f"wds:{out}")
     got = []
     for r in range(2):
-        L = make_loader(ds.train, 1, in_chans=3, size=(8, 8), shuffle=True, seed=7, drop_last=True, rank=r,
+        stream_loader = make_loader(ds.train, 1, in_chans=3, size=(8, 8), shuffle=True, seed=7, drop_last=True, rank=r,
                         world_size=2, workers=0)
-        got += [i for x, _ in L.iterate(1) for i in ids_of(x)]
+        got += [i for x, _ in stream_loader.iterate(1) for i in ids_of(x)]
     assert len(got) == len(set(got)) == 42
 
 

@@ -2,7 +2,8 @@
 
 ``run_server``: one process; SIGTERM/SIGINT drain the in-flight requests, exit 0.
 ``run_workers``: N processes (spawned, each with its own model, batch queue and event loop) accept on the
-same listening sockets, made here once; SIGTERM/SIGINT to this process drain every worker, exit 0.
+same listening sockets, made here once; a worker that dies is replaced; SIGTERM/SIGINT to this process
+drain every worker, exit 0.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 from ..errors import UsageError
 
@@ -118,50 +120,118 @@ def run_workers(recipes: list, options: dict, *, workers: int, sockets: list[soc
     """Serve with ``workers`` processes until SIGTERM or Ctrl+C; 0 once every worker has drained.
 
     ``recipes``: ModelRecipe per model (each worker loads its own copy); ``options``: create_app's keyword
-    arguments.  ``ready(host, port)`` once every worker has warmed up and listens.  A worker that dies
-    stops the others (exit 1): a server that answers only sometimes is worse than one that is down."""
+    arguments.  ``ready(host, port)`` once every worker has warmed up and listens.  A worker that dies after
+    start-up is replaced (as gunicorn does; the others keep answering on the shared socket meanwhile);
+    one that dies during start-up, or more than ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW`` seconds,
+    stops the server (exit 1): a server that keeps crashing is worse than one that is down."""
     import multiprocessing
     from multiprocessing.connection import wait
-
-    from .metrics import MULTIPROC
 
     ctx = multiprocessing.get_context("spawn")  # fork after torch/onnxruntime made their threads is unsafe
     metrics_dir = tempfile.mkdtemp(prefix="nin-serve-metrics-")
     started = ctx.Queue()
-    stopping = []
-
-    def stop(signum, frame):
-        stopping.append(signum)
-        for p in procs:
-            if p.pid and p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-    procs = [ctx.Process(target=_worker, name=f"nin-serve-{i}", daemon=False,
-                         args=(recipes, options, sockets, log_level, drain_seconds, started)) for i in range(workers)]
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    os.environ[MULTIPROC] = metrics_dir  # read by each worker's prometheus_client as it starts
+    pool = _Pool(ctx, (recipes, options, sockets, log_level, drain_seconds, started), metrics_dir)
+    old = {s: signal.signal(s, pool.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for p in procs:
-            p.start()
-        os.environ.pop(MULTIPROC, None)
-        if _wait_started(procs, started, stopping) and ready:
-            ready(*sockets[0].getsockname()[:2])
-        while not stopping and all(p.is_alive() for p in procs):
-            wait([p.sentinel for p in procs], timeout=1)
-        died = not stopping
+        pool.procs.extend(pool.start(i) for i in range(workers))
+        died = not _wait_started(pool.procs, started, pool.stopping) and not pool.stopping
         if died:
-            dead = next(p for p in procs if not p.is_alive())
-            print(f"nin serve: error: worker {dead.name} (pid {dead.pid}) exited with {dead.exitcode}; stopping",
-                  file=sys.stderr, flush=True)
-            stop(None, None)
-        code = _join(procs, drain_seconds)
+            _say_died(next(p for p in pool.procs if not p.is_alive()), " during start-up; stopping")
+            pool.stop()
+        elif ready:
+            ready(*sockets[0].getsockname()[:2])
+        while not pool.stopping and not died:
+            wait([p.sentinel for p in pool.procs], timeout=1)
+            _say_listening(started, pool.replaced)
+            died = not pool.replace_dead()
+        if pool.stopping:
+            pool.stop()  # a replacement started while the signal was handled
+        code = _join(pool.procs, drain_seconds)
         return 1 if died else code
     finally:
-        os.environ.pop(MULTIPROC, None)
         for s, h in old.items():
             signal.signal(s, h)
         for s in sockets:
             s.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+MAX_RESTARTS = 5      # worker deaths tolerated ...
+RESTART_WINDOW = 60   # ... within this many seconds
+
+
+class _Pool:
+    """The worker processes: started, replaced when one dies, each sent SIGTERM once (a second would make
+    its uvicorn quit without draining)."""
+
+    def __init__(self, ctx, args: tuple, metrics_dir: str) -> None:
+        self.ctx, self.args, self.metrics_dir = ctx, args, metrics_dir
+        self.procs: list = []
+        self.stopping: list = []
+        self.signalled: set[int] = set()
+        self.deaths: list[float] = []
+        self.replaced: dict[int, str] = {}  # pid of a replacement -> its name, until it listens
+
+    def start(self, i: int):
+        from .metrics import MULTIPROC
+
+        p = self.ctx.Process(target=_worker, name=f"nin-serve-{i}", daemon=False, args=self.args)
+        os.environ[MULTIPROC] = self.metrics_dir  # read by the worker's prometheus_client as it starts
+        try:
+            p.start()
+        finally:
+            os.environ.pop(MULTIPROC, None)
+        return p
+
+    def stop(self, signum=None, frame=None) -> None:
+        self.stopping.append(signum)
+        for p in self.procs:
+            if p.pid and p.is_alive() and p.pid not in self.signalled:
+                self.signalled.add(p.pid)
+                os.kill(p.pid, signal.SIGTERM)
+
+    def replace_dead(self) -> bool:
+        """Start a worker in place of each dead one; False (and stop all) after too many deaths."""
+        for i, p in enumerate(self.procs):
+            if self.stopping or p.is_alive():
+                continue
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+            _forget(self.metrics_dir, p.pid)
+            if len(self.deaths) > MAX_RESTARTS:
+                _say_died(p, f" ({len(self.deaths)} deaths within {RESTART_WINDOW} s); stopping")
+                self.stop()
+                return False
+            _say_died(p, "; starting another", error=False)
+            self.procs[i] = self.start(i)
+            self.replaced[self.procs[i].pid] = self.procs[i].name
+        return True
+
+
+def _say_died(p, then: str, error: bool = True) -> None:
+    print(f"nin serve: {'error: ' * error}worker {p.name} (pid {p.pid}) exited with {p.exitcode}{then}",
+          file=sys.stderr, flush=True)
+
+
+def _say_listening(started, replaced: dict) -> None:
+    """Say when a replacement worker listens (it puts its pid on ``started``, as every worker does)."""
+    while True:
+        try:
+            pid = started.get_nowait()
+        except queue.Empty:
+            return
+        if pid in replaced:
+            print(f"nin serve: worker {replaced.pop(pid)} (pid {pid}) answers again", file=sys.stderr, flush=True)
+
+
+def _forget(metrics_dir: str, pid: int) -> None:
+    """Drop a dead worker's live gauges (queue depth) from the shared metrics; its counters stay counted."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, metrics_dir)
+    except (ImportError, OSError):
+        pass
 
 
 def _wait_started(procs, started, stopping) -> bool:

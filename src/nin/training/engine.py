@@ -155,16 +155,17 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return dist_info, device
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        import torch.distributed as dist
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        import torch.distributed
 
         t = t.clone()
-        dist.all_reduce(t)
+        torch.distributed.all_reduce(t)
     return t
 
 
-def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dist, tallies: dict | None = None) -> None:
+def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], dist: Dist,
+               tallies: dict | None = None) -> None:
     """Opt-in, for tests: with NIN_DEBUG_DUMP_DIR=DIR set, every rank of a finished run saves DIR/rankR.pt
     holding its final weights and, per epoch, the training-sample indices it stepped through and its own
     (loss sum, correct, seen) tallies -- so the ranks' agreement, their disjoint shards and the metrics'
@@ -174,11 +175,11 @@ def debug_dump(model: nn.Module, loader, ran: list[tuple[int, int, int]], d: Dis
         return
     bs = loader.batch_size
     Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save({"rank": d.rank, "world_size": d.world_size,
+    torch.save({"rank": dist.rank, "world_size": dist.world_size,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "indices": {e: loader.epoch_indices(e)[b0 * bs:b1 * bs] for e, b0, b1 in ran},
                 "tallies": tallies or {}},
-               Path(out) / f"rank{d.rank}.pt")
+               Path(out) / f"rank{dist.rank}.pt")
 
 
 class Ema:

@@ -145,15 +145,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, fields: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = set(fields) - names
         if unknown:
             raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "step_epochs" in d:
-            d["step_epochs"] = tuple(d["step_epochs"])
-        return cls(**d)
+        values = dict(fields)
+        if "step_epochs" in values:
+            values["step_epochs"] = tuple(values["step_epochs"])
+        return cls(**values)
 
 
 # options a resumed run may change (it keeps every other one); --epochs only upwards (trainer._resumed_config)

@@ -266,7 +266,7 @@ class Run:
         self.cannot_write = cannot_write  # why the folder cannot be written (None: it can)
 
     @classmethod
-    def open(cls, path, s, *, fresh: bool, tensorboard: bool = False) -> "Run":
+    def open(cls, path, setup, *, fresh: bool, tensorboard: bool = False) -> "Run":
         path = prepare(path, resume=not fresh) if fresh else Path(path)
         try:
             run = cls(path, lock(path))
@@ -276,18 +276,18 @@ class Run:
             run = cls(path, None, cannot_write=e.strerror or str(e))
         if not fresh and run.cannot_write is None:
             run.cannot_write = _unwritable(path)  # .lock opened, but new files may still be refused
-        if s.streamed:  # streamed collections: list unreadable images
+        if setup.streamed:  # streamed collections: list unreadable images
             from ..data.stream import write_bad_files
 
-            s.on_bad_files(lambda bad: write_bad_files(path / "bad_files.txt", bad))
+            setup.on_bad_files(lambda bad: write_bad_files(path / "bad_files.txt", bad))
         if fresh:
-            cfg = s.cfg.to_dict()
+            cfg = setup.cfg.to_dict()
             if cfg.get("data_dir"):
                 cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
-            write_config(path, cfg, {"device": str(s.device), "precision": str(s.amp_dtype or "fp32"),
-                                     "world_size": s.d.world_size, "data_source": s.ds.source,
-                                     "data_path": "stream" if s.streamed else "memory",
-                                     "model_kwargs": s.meta.model_kwargs})
+            write_config(path, cfg, {"device": str(setup.device), "precision": str(setup.amp_dtype or "fp32"),
+                                     "world_size": setup.dist.world_size, "data_source": setup.ds.source,
+                                     "data_path": "stream" if setup.streamed else "memory",
+                                     "model_kwargs": setup.meta.model_kwargs})
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -306,37 +306,37 @@ class Run:
         if state is not None:
             save_checkpoint(self.path / "last.ckpt", state)
 
-    def save_model(self, s, st, why: str, row: dict | None = None) -> None:
+    def save_model(self, setup, state, why: str, row: dict | None = None) -> None:
         """The model a user gets (best.safetensors + model.json): the weights evaluated (EMA when on).
         ``row`` is the metrics of those weights (default: the last finished epoch's)."""
         import dataclasses
 
         from ..modelfile import save_model
 
-        last = row if row is not None else (st.history[-1] if st.history else {})
-        info = {"selected": why, "epoch": last.get("epoch"), "step": st.step, "recipe": s.cfg.recipe,
+        last = row if row is not None else (state.history[-1] if state.history else {})
+        info = {"selected": why, "epoch": last.get("epoch"), "step": state.step, "recipe": setup.cfg.recipe,
                 "val_acc": last.get("val_acc"),
                 "test_acc": None if last.get("test_images") else last.get("test_acc")}  # a subset's is no model's
-        save_model(self.path, s.eval_model, dataclasses.replace(s.meta, info=info))
+        save_model(self.path, setup.eval_model, dataclasses.replace(setup.meta, info=info))
         self.selected = f"{why}, epoch {last.get('epoch')}" if last.get("epoch") else why
 
-    def epoch_done(self, s, st, row: dict) -> None:
-        write_metrics(self.path, st.history)
-        plot_curves(self.path, st.history, f"{s.cfg.recipe}: {s.cfg.model} on {s.cfg.dataset}")
-        self.checkpoint(s.state_dict(st))
+    def epoch_done(self, setup, state, row: dict) -> None:
+        write_metrics(self.path, state.history)
+        plot_curves(self.path, state.history, f"{setup.cfg.recipe}: {setup.cfg.model} on {setup.cfg.dataset}")
+        self.checkpoint(setup.state_dict(state))
         if self.writer is not None:
             for k in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "images_per_sec"):
                 if row.get(k) is not None:
                     self.writer.add_scalar(k, row[k], row["epoch"])
             self.writer.flush()
 
-    def stopped_at_max_steps(self, s, st, row: dict) -> None:
+    def stopped_at_max_steps(self, setup, state, row: dict) -> None:
         """--max-steps ended the run mid-epoch: keep the exact point and a usable model."""
-        self.checkpoint(s.state_dict(st))
-        if s.val_loader is None or not (self.path / "best.safetensors").exists():
-            self.save_model(s, st, f"step {st.step} (stopped by --max-steps)", {**row, "epoch": None})
-        self.status("stopped", f"--max-steps {s.cfg.max_steps} at epoch {st.epoch + 1}, batch {st.batch}",
-                    epoch=st.epoch, step=st.step)
+        self.checkpoint(setup.state_dict(state))
+        if setup.val_loader is None or not (self.path / "best.safetensors").exists():
+            self.save_model(setup, state, f"step {state.step} (stopped by --max-steps)", {**row, "epoch": None})
+        self.status("stopped", f"--max-steps {setup.cfg.max_steps} at epoch {state.epoch + 1}, batch {state.batch}",
+                    epoch=state.epoch, step=state.step)
 
     def status(self, state: str, reason: str, **extra) -> None:
         if self.cannot_write is not None and state == "running":  # training starts: it must write here

@@ -93,12 +93,12 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: torch.device, main: bool) -> "TrainState":
-        st = cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls) if f.name in ckpt})
-        st.history = list(st.history)
+        state = cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls) if f.name in ckpt})
+        state.history = list(state.history)
         # the saved partial sums are rank 0's own (a mid-epoch checkpoint is written without a collective);
         # the other ranks tally from the resume point, so the epoch's metrics average what was tallied
-        st.sums = st.sums.to(device) if main else torch.zeros(3, dtype=torch.float64, device=device)
-        return st
+        state.sums = state.sums.to(device) if main else torch.zeros(3, dtype=torch.float64, device=device)
+        return state
 
 
 # --- set-up ---------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class Setup:
     """Everything built from a config before the first step (the benchmarks build through it too)."""
 
     cfg: TrainConfig
-    d: Dist
+    dist: Dist
     device: torch.device
     amp_dtype: torch.dtype | None
     ds: object                 # the Dataset
@@ -148,21 +148,21 @@ class Setup:
             if loader is not None and hasattr(loader, "on_bad"):
                 loader.on_bad = callback
 
-    def state_dict(self, st: "TrainState") -> dict | None:
+    def state_dict(self, state: "TrainState") -> dict | None:
         """What a checkpoint holds and ``restore`` puts back: weights, optimizer, scaler, EMA, the run's
         position (TrainState) and config.  None when the weights are not finite: a step can leave NaN weights
         while its own loss was finite, and those must never replace the last good checkpoint (the loss check
         stops the run at the next step)."""
         if not weights_finite(self.model):
             return None
-        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                 "scaler": self.scaler.state_dict(), **st.to_checkpoint(), "world_size": self.d.world_size,
+        ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict(), **state.to_checkpoint(), "world_size": self.dist.world_size,
                  "config": self.cfg.to_dict(),
                  "rng": {"scheme": "torch.manual_seed(step_seed(seed, epoch, batch, rank)) before every step",
                          "seed": self.cfg.seed}}
         if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
+            ckpt["ema"] = self.ema.state_dict()
+        return ckpt
 
     @property
     def final_tta(self) -> str:
@@ -251,7 +251,7 @@ def init_from_kwargs(cfg: TrainConfig, src) -> dict | None:
 
 def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
     """The process group, device and autocast dtype, with the device's process-wide settings."""
-    d, device = setup_distributed(cfg.device)
+    dist, device = setup_distributed(cfg.device)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. On CPU drop it; "
                          "each process then normalises with its own batch's statistics (batch norm over "
@@ -260,7 +260,7 @@ def _engine(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
         keep_freed_memory()
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = True
-    return d, device, resolve_precision(cfg.precision, device)
+    return dist, device, resolve_precision(cfg.precision, device)
 
 
 def _splits(cfg: TrainConfig, ds):
@@ -286,7 +286,7 @@ def _splits(cfg: TrainConfig, ds):
     return train_split, val_split
 
 
-def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], d: Dist, device,
+def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int], dist: Dist, device,
            classes: list[str] | None = None, src=None) -> nn.Module:
     """The initialised model on ``device`` (seeded by --seed), checked against the input size."""
     from ..models import build_model, check_input_size
@@ -305,7 +305,7 @@ def _model(cfg: TrainConfig, model_kwargs: dict, input_size: tuple[int, int, int
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and d.enabled:  # same parameter names, so checkpoints and weights files are unchanged
+    if cfg.sync_bn and dist.enabled:  # same parameter names, so checkpoints and weights files are unchanged
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -315,11 +315,11 @@ def set_up(cfg: TrainConfig) -> Setup:
     from ..data import open_dataset
 
     cfg.validate()
-    d, device, amp_dtype = _engine(cfg)
+    dist, device, amp_dtype = _engine(cfg)
     ds = open_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, stream=cfg.stream, memory_budget=cfg.memory_budget,
                       device=device)
     train_split, val_split = _splits(cfg, ds)
-    cfg = _fit_batch(cfg, len(train_split), d)
+    cfg = _fit_batch(cfg, len(train_split), dist)
     imagenet = cfg.transform == "imagenet"
     in_chans, h, w = ds.image_size
     if imagenet or cfg.resize:  # square inputs: the crop, or the on-the-fly resize
@@ -327,40 +327,40 @@ def set_up(cfg: TrainConfig) -> Setup:
     src = init_source(cfg)
     own = init_from_kwargs(cfg, src)
     model_kwargs = {"num_classes": len(ds.classes), "in_chans": in_chans, **(cfg.model_kwargs if own is None else own)}
-    model = _model(cfg, model_kwargs, (in_chans, h, w), d, device, list(ds.classes), src)
-    loaders = _loaders(cfg, ds, train_split, val_split, model, d, device, amp_dtype, (h, w))
-    base_lr = cfg.lr * (d.world_size if cfg.lr_scale == "linear" else 1)
+    model = _model(cfg, model_kwargs, (in_chans, h, w), dist, device, list(ds.classes), src)
+    loaders = _loaders(cfg, ds, train_split, val_split, model, dist, device, amp_dtype, (h, w))
+    base_lr = cfg.lr * (dist.world_size if cfg.lr_scale == "linear" else 1)
     net = model
-    if d.enabled:
+    if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
     meta = _model_meta(cfg, ds, model_kwargs, [int(in_chans), int(h), int(w)], amp_dtype)
     train_loader, test_loader, val_loader, calib_loader = loaders
-    return Setup(cfg, d, device, amp_dtype, ds, model, net, make_optimizer(model, cfg, base_lr, device),
+    return Setup(cfg, dist, device, amp_dtype, ds, model, net, make_optimizer(model, cfg, base_lr, device),
                  torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                  Ema(model, cfg.ema) if cfg.ema else None, train_loader, test_loader, val_loader, meta, base_lr,
                  len(train_split), calib_loader)
 
 
-def _fit_batch(cfg: TrainConfig, n_train: int, d: Dist) -> TrainConfig:
+def _fit_batch(cfg: TrainConfig, n_train: int, dist: Dist) -> TrainConfig:
     """``cfg`` with --batch-size (and the lr) lowered for a small training set (fitted_batch_size)."""
     min_steps = min_steps_per_epoch(cfg)
-    batch = fitted_batch_size(cfg.batch_size, n_train // d.world_size, min_steps)
+    batch = fitted_batch_size(cfg.batch_size, n_train // dist.world_size, min_steps)
     if batch == cfg.batch_size:
         return cfg
     # the lr follows the batch by its square root: on 480 images the fast recipe's 0.2 and 0.05 reached the
     # same held-out accuracy from scratch (0.775), and fine-tuning shipped weights kept more at 0.05 (0.875
     # against 0.708 after 2 epochs at 0.2).  Recorded in config.json, so a resumed run takes the same steps.
     lr = cfg.lr * math.sqrt(batch / cfg.batch_size)
-    if d.main:
+    if dist.main:
         print(f"note: {n_train:,} training images: batch size {batch} instead of {cfg.batch_size} and "
               f"lr {lr:.3g} instead of {cfg.lr:.3g}, so that an epoch takes at least {min_steps} "
               "steps (--min-steps-per-epoch 0 keeps --batch-size and --lr)", file=sys.stderr)
     return dataclasses.replace(cfg, batch_size=batch, lr=lr)
 
 
-def _loaders(cfg: TrainConfig, ds, train_split, val_split, model, d: Dist, device, amp_dtype, size):
+def _loaders(cfg: TrainConfig, ds, train_split, val_split, model, dist: Dist, device, amp_dtype, size):
     """(train, test, validation or None, batch-norm calibration or None) loaders."""
     from ..data import Split, make_loader
 
@@ -373,9 +373,9 @@ def _loaders(cfg: TrainConfig, ds, train_split, val_split, model, d: Dist, devic
                       workers=cfg.workers, max_bad=cfg.max_bad)
     held_out = dict(shuffle=False, transform="resize-center-crop" if imagenet else "fit", **common)
     # with several ranks, drop the epoch's tail so every rank takes the same number of steps (DDP needs it)
-    train = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=d.enabled,
+    train = make_loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=dist.enabled,
                         crop_padding=0 if imagenet else cfg.crop_padding, flip=cfg.flip, erase=cfg.erase,
-                        alt_flip=cfg.alt_flip, rank=d.rank, world_size=d.world_size,
+                        alt_flip=cfg.alt_flip, rank=dist.rank, world_size=dist.world_size,
                         transform="random-resized-crop" if imagenet else "fit", **common)
     test = make_loader(ds.test, cfg.eval_batch_size, **held_out)
     val = make_loader(val_split, cfg.eval_batch_size, **held_out) if val_split else None
@@ -444,168 +444,171 @@ def recalibrate_bn(model: nn.Module, loader, amp_dtype) -> None:
     model.train(was_training)
 
 
-def restore(s: Setup, ckpt: dict, path: Path) -> TrainState:
+def restore(setup: Setup, ckpt: dict, path: Path) -> TrainState:
     """Load a checkpoint's weights, optimizer, scaler and EMA into ``s``; return its TrainState."""
     try:
-        s.model.load_state_dict(ckpt["model"])
-        s.opt.load_state_dict(ckpt["optimizer"])
-        if s.ema is not None:
-            s.ema.load_state_dict(ckpt["ema"])
+        setup.model.load_state_dict(ckpt["model"])
+        setup.opt.load_state_dict(ckpt["optimizer"])
+        if setup.ema is not None:
+            setup.ema.load_state_dict(ckpt["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CheckpointError(f"{path}: does not fit {s.cfg.model} ({first[:200]})") from None
-    if "scaler" in ckpt and s.scaler.is_enabled():
-        s.scaler.load_state_dict(ckpt["scaler"])
-    return TrainState.from_checkpoint(ckpt, s.device, s.d.main)
+        raise CheckpointError(f"{path}: does not fit {setup.cfg.model} ({first[:200]})") from None
+    if "scaler" in ckpt and setup.scaler.is_enabled():
+        setup.scaler.load_state_dict(ckpt["scaler"])
+    return TrainState.from_checkpoint(ckpt, setup.device, setup.dist.main)
 
 
 # --- one epoch ------------------------------------------------------------------------------
-def diverged(what: str, st: TrainState, run) -> TrainingDiverged:
+def diverged(what: str, state: TrainState, run) -> TrainingDiverged:
     if run is not None:
-        run.status("diverged", f"{what} at epoch {st.epoch + 1}, step {st.step}")
+        run.status("diverged", f"{what} at epoch {state.epoch + 1}, step {state.step}")
     kept = run.kept() if run is not None else ""
-    return TrainingDiverged(f"{what} at epoch {st.epoch + 1}, step {st.step}; the run stopped{kept}. "
+    return TrainingDiverged(f"{what} at epoch {state.epoch + 1}, step {state.step}; the run stopped{kept}. "
                             "Try a lower --lr or --warmup-epochs")
 
 
-def epoch_bar(s: Setup, st: TrainState, quiet: bool):
+def epoch_bar(setup: Setup, state: TrainState, quiet: bool):
     """The epoch's progress bar (tqdm, with ETA), drawn only on a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=s.steps_per_epoch, initial=st.batch, desc=f"epoch {st.epoch + 1}/{s.cfg.epochs}", unit="batch",
-                disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=setup.steps_per_epoch, initial=state.batch, desc=f"epoch {state.epoch + 1}/{setup.cfg.epochs}",
+                unit="batch", disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def show_progress(bar, st: TrainState, world_size: int, seconds: float, lr: float) -> None:
+def show_progress(bar, state: TrainState, world_size: int, seconds: float, lr: float) -> None:
     """The bar's running numbers: the epoch's mean loss and accuracy so far, images/s, the step's lr."""
-    seen = st.sums[2].item()
-    bar.set_postfix_str(f"loss {st.sums[0].item() / seen:.3f} acc {st.sums[1].item() / seen:.3f} "
+    seen = state.sums[2].item()
+    bar.set_postfix_str(f"loss {state.sums[0].item() / seen:.3f} acc {state.sums[1].item() / seen:.3f} "
                         f"{seen * world_size / max(seconds, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
 
 
-def run_epoch(s: Setup, st: TrainState, run, *, quiet: bool, dry_run: bool = False) -> bool:
+def run_epoch(setup: Setup, state: TrainState, run, *, quiet: bool, dry_run: bool = False) -> bool:
     """Train from (st.epoch, st.batch) to the epoch's end; True if --max-steps (or the dry run) stopped it."""
-    cfg, d = s.cfg, s.d
-    s.net.train()
-    check_every = 1 if s.device.type == "cpu" else 25  # a host sync; cheap on CPU, batched on GPU
-    bar = epoch_bar(s, st, quiet)
+    cfg, dist = setup.cfg, setup.dist
+    setup.net.train()
+    check_every = 1 if setup.device.type == "cpu" else 25  # a host sync; cheap on CPU, batched on GPU
+    bar = epoch_bar(setup, state, quiet)
     t0, last_save, stop = time.perf_counter(), time.monotonic(), False
-    for x, y in s.train_loader.iterate(st.epoch, start_batch=st.batch):
-        torch.manual_seed(step_seed(cfg.seed, st.epoch, st.batch, d.rank))
-        lr = lr_at(cfg, st.step, s.steps_per_epoch, s.base_lr)
-        loss, _ = train_step(s.net, s.opt, s.scaler, x, y, lr=lr, amp_dtype=s.amp_dtype,
-                             label_smoothing=cfg.label_smoothing, sums=st.sums,
+    for x, y in setup.train_loader.iterate(state.epoch, start_batch=state.batch):
+        torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch, dist.rank))
+        lr = lr_at(cfg, state.step, setup.steps_per_epoch, setup.base_lr)
+        loss, _ = train_step(setup.net, setup.opt, setup.scaler, x, y, lr=lr, amp_dtype=setup.amp_dtype,
+                             label_smoothing=cfg.label_smoothing, sums=state.sums,
                              clip_grad_norm=cfg.clip_grad_norm)
-        st.lr = lr  # the lr this step applied: the one the epoch's row records
-        if s.ema is not None:
-            s.ema.update(s.model, st.step)
-        st.step += 1
-        st.batch += 1
-        last = st.batch == s.steps_per_epoch
-        if st.batch % check_every == 0 or last or dry_run:
-            if all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), d).item() > 0:
+        state.lr = lr  # the lr this step applied: the one the epoch's row records
+        if setup.ema is not None:
+            setup.ema.update(setup.model, state.step)
+        state.step += 1
+        state.batch += 1
+        last = state.batch == setup.steps_per_epoch
+        if state.batch % check_every == 0 or last or dry_run:
+            if all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), dist).item() > 0:
                 bar.close()
-                raise diverged(f"loss became {loss.item()}", st, run)
-        if not bar.disable and (st.batch % check_every == 0 or last):  # host syncs only when a bar is shown
-            show_progress(bar, st, d.world_size, st.epoch_seconds + time.perf_counter() - t0, lr)
+                raise diverged(f"loss became {loss.item()}", state, run)
+        if not bar.disable and (state.batch % check_every == 0 or last):  # host syncs only when a bar is shown
+            show_progress(bar, state, dist.world_size, state.epoch_seconds + time.perf_counter() - t0, lr)
         bar.update(1)
-        if dry_run or (cfg.max_steps is not None and st.step >= cfg.max_steps):
+        if dry_run or (cfg.max_steps is not None and state.step >= cfg.max_steps):
             stop = True
             break
         if cfg.save_every and run is not None and time.monotonic() - last_save > cfg.save_every * 60:
-            st.epoch_seconds += time.perf_counter() - t0
+            state.epoch_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            run.checkpoint(s.state_dict(st))
+            run.checkpoint(setup.state_dict(state))
             last_save = time.monotonic()
     bar.close()
-    st.epoch_seconds += time.perf_counter() - t0
+    state.epoch_seconds += time.perf_counter() - t0
     return stop
 
 
-def epoch_metrics(s: Setup, st: TrainState, *, dry_run: bool = False, final: bool = True) -> dict:
+def epoch_metrics(setup: Setup, state: TrainState, *, dry_run: bool = False, final: bool = True) -> dict:
     """The epoch's row: train tallies (summed over ranks), validation and test accuracy (on the first
     --curve-test-images test images unless ``final``: the run's last row)."""
-    if s.calib_loader is not None and st.step < BN_SETTLE_STEPS and not dry_run:
-        recalibrate_bn(s.eval_model, s.calib_loader, s.amp_dtype)  # then rank 0's, as always, below
-    if s.d.enabled:  # rank 0's BN statistics, so every rank evaluates (and saves) the same model
-        import torch.distributed as dist
+    if setup.calib_loader is not None and state.step < BN_SETTLE_STEPS and not dry_run:
+        recalibrate_bn(setup.eval_model, setup.calib_loader, setup.amp_dtype)  # then rank 0's, as always, below
+    if setup.dist.enabled:  # rank 0's BN statistics, so every rank evaluates (and saves) the same model
+        import torch.distributed
 
-        for b in s.eval_model.buffers():
-            dist.broadcast(b, 0)
-    tot = all_reduce_sum(st.sums, s.d)
+        for b in setup.eval_model.buffers():
+            torch.distributed.broadcast(b, 0)
+    tot = all_reduce_sum(state.sums, setup.dist)
     seen = tot[2].item()
     limit = 1 if dry_run else None
-    subset = None if final or dry_run else s.cfg.curve_test_images
-    test_acc, test_loss = loader_eval(s.eval_model, s.test_loader, s.amp_dtype, s.tta, limit, subset)
-    row = {"epoch": st.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
+    subset = None if final or dry_run else setup.cfg.curve_test_images
+    test_acc, test_loss = loader_eval(setup.eval_model, setup.test_loader, setup.amp_dtype, setup.tta, limit, subset)
+    row = {"epoch": state.epoch + 1, "train_loss": tot[0].item() / seen, "train_acc": tot[1].item() / seen,
            "test_acc": test_acc, "test_loss": test_loss, "val_acc": None, "val_loss": None,
-           "lr": st.lr if st.lr is not None else lr_at(s.cfg, max(st.step - 1, 0), s.steps_per_epoch, s.base_lr), "images_per_sec": seen / max(st.epoch_seconds, 1e-9),
-           "seconds": st.epoch_seconds, "images": int(seen)}
-    if subset is not None and subset < len(s.ds.test):
+           "lr": state.lr if state.lr is not None
+           else lr_at(setup.cfg, max(state.step - 1, 0), setup.steps_per_epoch, setup.base_lr),
+           "images_per_sec": seen / max(state.epoch_seconds, 1e-9),
+           "seconds": state.epoch_seconds, "images": int(seen)}
+    if subset is not None and subset < len(setup.ds.test):
         row["test_images"] = subset  # a curve's point: the first N test images only
-    if s.val_loader is not None:
-        row["val_acc"], row["val_loss"] = loader_eval(s.eval_model, s.val_loader, s.amp_dtype, s.tta, limit)
+    if setup.val_loader is not None:
+        row["val_acc"], row["val_loss"] = loader_eval(setup.eval_model, setup.val_loader, setup.amp_dtype,
+                                                      setup.tta, limit)
     return row
 
 
-def end_epoch(s: Setup, st: TrainState, row: dict, run, *, quiet: bool, log, on_epoch) -> None:
+def end_epoch(setup: Setup, state: TrainState, row: dict, run, *, quiet: bool, log, on_epoch) -> None:
     """Record the finished epoch: history, the selected model, metrics, curves, checkpoint, the log line."""
-    cfg = s.cfg
-    st.history.append(row)
-    st.train_seconds += st.epoch_seconds
-    if s.d.main and not quiet:
+    cfg = setup.cfg
+    state.history.append(row)
+    state.train_seconds += state.epoch_seconds
+    if setup.dist.main and not quiet:
         val = f"  val acc {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
         part = f" (first {row['test_images']:,})" if row.get("test_images") else ""
         log(f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}"
             f"{val}  test acc {row['test_acc']:.4f}{part}  lr {row['lr']:.3g}  {row['images_per_sec']:.0f} img/s  "
             f"{row['seconds']:.1f} s")
-    ln_c = math.log(len(s.ds.classes))
-    if st.epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and row["train_acc"] < 2 / len(s.ds.classes) \
-            and s.d.main:
-        print(f"warning: the training loss stayed at ln({len(s.ds.classes)}) = {ln_c:.3f} through the first "
+    ln_c = math.log(len(setup.ds.classes))
+    if state.epoch == 0 and abs(row["train_loss"] - ln_c) <= 0.01 and row["train_acc"] < 2 / len(setup.ds.classes) \
+            and setup.dist.main:
+        print(f"warning: the training loss stayed at ln({len(setup.ds.classes)}) = {ln_c:.3f} through the first "
               "epoch: the logits do not depend on the input yet. Either a slow start (runs often leave this "
               "plateau in epoch 2 or 3) or the book recipe's known failure: the ReLUs of the 10-channel "
               "class-map block died, and the run stays here or ends far below the book's accuracy. "
               "Try --recipe d2l-stable or a lower --lr", file=sys.stderr)
-    if s.d.main and not st.warned_chance:
-        st.warned_chance = warn_at_chance(s, row)
-    st.epoch += 1
-    st.batch = 0
-    st.sums.zero_()
-    st.epoch_seconds = 0.0
+    if setup.dist.main and not state.warned_chance:
+        state.warned_chance = warn_at_chance(setup, row)
+    state.epoch += 1
+    state.batch = 0
+    state.sums.zero_()
+    state.epoch_seconds = 0.0
     if run is None:
         return
     # honest selection: the validation split chooses when there is one, else the latest epoch wins
-    if s.val_loader is None or row["val_acc"] > st.best_acc:
-        st.best_acc = row["val_acc"] if s.val_loader is not None else -1.0
-        st.best_epoch = row["epoch"]
-        run.save_model(s, st, "best validation accuracy" if s.val_loader is not None else "final epoch")
-    run.epoch_done(s, st, row)
+    if setup.val_loader is None or row["val_acc"] > state.best_acc:
+        state.best_acc = row["val_acc"] if setup.val_loader is not None else -1.0
+        state.best_epoch = row["epoch"]
+        run.save_model(setup, state, "best validation accuracy" if setup.val_loader is not None else "final epoch")
+    run.epoch_done(setup, state, row)
     if on_epoch is not None:
-        on_epoch(list(st.history))
+        on_epoch(list(state.history))
 
 
-def chance_level(s: Setup) -> float:
+def chance_level(setup: Setup) -> float:
     """The accuracy of always answering the test set's most common class (1/K when its labels are unknown)."""
-    labels = getattr(s.ds.test, "labels", None)
-    k = len(s.ds.classes)
+    labels = getattr(setup.ds.test, "labels", None)
+    k = len(setup.ds.classes)
     if labels is None or not len(labels):
         return 1 / k
     counts = torch.bincount(torch.as_tensor(labels).reshape(-1).cpu(), minlength=k)
     return float(counts.max()) / float(counts.sum())
 
 
-def warn_at_chance(s: Setup, row: dict) -> bool:
+def warn_at_chance(setup: Setup, row: dict) -> bool:
     """Warn (once) when the held-out accuracy sits at chance while the training accuracy has risen well
     above it: the saved model would predict one class.  Returns whether it warned."""
-    chance = chance_level(s)
+    chance = chance_level(setup)
     held = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
     which = "validation" if row.get("val_acc") is not None else "test"
     if held > chance + 0.02 or row["train_acc"] < chance + 0.15:
         return False
     print(f"warning: {which} accuracy {held:.4f} is at chance ({chance:.2f}) while training accuracy rose to "
-          f"{row['train_acc']:.4f} (epoch {row['epoch']}, {s.steps_per_epoch} steps an epoch, batch "
-          f"{s.cfg.batch_size}): the model predicts nearly one class on held-out images. With few steps the "
+          f"{row['train_acc']:.4f} (epoch {row['epoch']}, {setup.steps_per_epoch} steps an epoch, batch "
+          f"{setup.cfg.batch_size}): the model predicts nearly one class on held-out images. With few steps the "
           "batch-norm statistics may not have settled (try a smaller --batch-size or more --epochs); or the "
           "held-out images differ from the training images (another size, colour or class order)",
           file=sys.stderr)
@@ -617,12 +620,12 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _dry_run(s: Setup, log) -> dict:
-    st = TrainState(sums=torch.zeros(3, dtype=torch.float64, device=s.device))
-    run_epoch(s, st, None, quiet=True, dry_run=True)
-    row = epoch_metrics(s, st, dry_run=True)
-    if s.d.main:
-        shape = tuple(next(iter(s.train_loader.iterate(0)))[0].shape)
+def _dry_run(setup: Setup, log) -> dict:
+    state = TrainState(sums=torch.zeros(3, dtype=torch.float64, device=setup.device))
+    run_epoch(setup, state, None, quiet=True, dry_run=True)
+    row = epoch_metrics(setup, state, dry_run=True)
+    if setup.dist.main:
+        shape = tuple(next(iter(setup.train_loader.iterate(0)))[0].shape)
         log(f"dry run: 1 train batch (loss {row['train_loss']:.4f}, input {shape}), "
             f"1 test batch (acc {row['test_acc']:.3f}); nothing written")
     return row
@@ -641,14 +644,14 @@ def _resumed_config(ckpt: dict, resume, max_steps: int | None, epochs: int | Non
     return cfg, saved.epochs
 
 
-def _extended(s: Setup, st: TrainState, run, was: int) -> None:
+def _extended(setup: Setup, state: TrainState, run, was: int) -> None:
     """A resumed run's --epochs was raised: say what that does to the lr schedule (stderr), and record
     the new epochs in config.json and in last.ckpt (rewritten at once with the same state, so a run
     stopped before its next save still resumes to the new end)."""
-    cfg, step = s.cfg, st.step
+    cfg, step = setup.cfg, state.step
     if cfg.schedule in ("onecycle", "cosine"):  # the only schedules that depend on --epochs
-        old = lr_at(dataclasses.replace(cfg, epochs=was), step, s.steps_per_epoch, s.base_lr)
-        new = lr_at(cfg, step, s.steps_per_epoch, s.base_lr)
+        old = lr_at(dataclasses.replace(cfg, epochs=was), step, setup.steps_per_epoch, setup.base_lr)
+        new = lr_at(cfg, step, setup.steps_per_epoch, setup.base_lr)
         print(f"note: --epochs {cfg.epochs} (was {was}): the {cfg.schedule} lr schedule is recomputed for "
               f"{cfg.epochs} epochs, so from step {step} the lr is {new:.3g} (the {was}-epoch schedule had "
               f"{old:.3g} there) and falls to 0 by epoch {cfg.epochs}; the steps already taken keep the lrs of "
@@ -666,7 +669,7 @@ def _extended(s: Setup, st: TrainState, run, was: int) -> None:
         doc = {"config": cfg.to_dict()}
     doc.setdefault("epochs_raised", []).append({"from": was, "to": cfg.epochs, "at_step": step})
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
-    run.checkpoint(s.state_dict(st))
+    run.checkpoint(setup.state_dict(state))
 
 
 def _print_or_drop(*args) -> None:
@@ -700,21 +703,21 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resu
     if resume is not None:
         ckpt = runfolder.load_for_resume(resume, TrainState.keys())
         cfg, saved_epochs = _resumed_config(ckpt, resume, max_steps, epochs)
-    s = set_up(cfg)
+    setup = set_up(cfg)
     if dry_run:
-        return _dry_run(s, log)
-    if ckpt is not None and ckpt["world_size"] != s.d.world_size:
+        return _dry_run(setup, log)
+    if ckpt is not None and ckpt["world_size"] != setup.dist.world_size:
         raise UsageError(f"{resume}: the run was trained with world size {ckpt['world_size']}; "
-                         f"resume it with the same number of processes (got {s.d.world_size})")
-    quiet = quiet or not s.d.main
-    run = runfolder.Run.open(resume if resume is not None else out or default_run_dir(cfg), s, fresh=ckpt is None,
-                             tensorboard=tensorboard) if s.d.main else None
+                         f"resume it with the same number of processes (got {setup.dist.world_size})")
+    quiet = quiet or not setup.dist.main
+    run = runfolder.Run.open(resume if resume is not None else out or default_run_dir(cfg), setup, fresh=ckpt is None,
+                             tensorboard=tensorboard) if setup.dist.main else None
     try:
-        st = restore(s, ckpt, Path(resume) / "last.ckpt") if ckpt is not None else \
-            TrainState(sums=torch.zeros(3, dtype=torch.float64, device=s.device))
-        if ckpt is not None and cfg.epochs != saved_epochs and s.d.main:
-            _extended(s, st, run, saved_epochs)
-        return _loop(s, st, run, quiet=quiet, log=log, on_epoch=on_epoch, resumed=ckpt is not None)
+        state = restore(setup, ckpt, Path(resume) / "last.ckpt") if ckpt is not None else \
+            TrainState(sums=torch.zeros(3, dtype=torch.float64, device=setup.device))
+        if ckpt is not None and cfg.epochs != saved_epochs and setup.dist.main:
+            _extended(setup, state, run, saved_epochs)
+        return _loop(setup, state, run, quiet=quiet, log=log, on_epoch=on_epoch, resumed=ckpt is not None)
     except KeyboardInterrupt:
         if run is not None:
             run.status("interrupted", "stopped by the user (Ctrl-C or SIGTERM)")
@@ -724,75 +727,76 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resu
             run.close()
 
 
-def _loop(s: Setup, st: TrainState, run, *, quiet: bool, log, on_epoch, resumed: bool) -> dict:
-    cfg, d = s.cfg, s.d
-    if st.epoch >= cfg.epochs or (cfg.max_steps is not None and st.step >= cfg.max_steps):
-        if run is not None and st.epoch >= cfg.epochs and closing_eval_pending(s, run):
+def _loop(setup: Setup, state: TrainState, run, *, quiet: bool, log, on_epoch, resumed: bool) -> dict:
+    cfg, dist = setup.cfg, setup.dist
+    if state.epoch >= cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps):
+        if run is not None and state.epoch >= cfg.epochs and closing_eval_pending(setup, run):
             # stopped during its closing evaluation: do that, the one thing left
-            return {**st.history[-1], **closing_eval(s, run, log=log), "run_dir": str(run.path)}
-        if d.main:
-            log(f"{run.path}: the run already finished ({len(st.history)} epochs, {st.step} steps); nothing to do"
+            return {**state.history[-1], **closing_eval(setup, run, log=log), "run_dir": str(run.path)}
+        if dist.main:
+            log(f"{run.path}: the run already finished ({len(state.history)} epochs, {state.step} steps); nothing to do"
                 + (" (give a higher --max-steps to continue)" if cfg.max_steps is not None else ""))
-        return st.history[-1] if st.history else {}
+        return state.history[-1] if state.history else {}
     if run is not None:
         run.status("running", "")
         if not resumed:
-            run.checkpoint(s.state_dict(st))  # so a run killed before its first save can still be resumed
-    if d.main and not quiet:
-        log(_start_line(s, st, resumed))
+            run.checkpoint(setup.state_dict(state))  # so a run killed before its first save can still be resumed
+    if dist.main and not quiet:
+        log(_start_line(setup, state, resumed))
     ran, tallies = [], {}  # for debug_dump: (epoch, first batch, end batch) stepped through; this rank's sums
-    while st.epoch < cfg.epochs:
-        first = st.batch
-        stopped = run_epoch(s, st, run, quiet=quiet)
-        ran.append((st.epoch, first, st.batch))
+    while state.epoch < cfg.epochs:
+        first = state.batch
+        stopped = run_epoch(setup, state, run, quiet=quiet)
+        ran.append((state.epoch, first, state.batch))
         # the epoch's last step may leave NaN weights behind a finite loss: stop before they are evaluated
         # and saved (every rank holds the same weights, so every rank stops here)
-        if not weights_finite(s.model):
-            raise diverged("the weights became NaN or infinite", st, run)
-        if stopped and st.batch < s.steps_per_epoch:  # --max-steps mid-epoch: keep the point and a model
-            row = epoch_metrics(s, st)
+        if not weights_finite(setup.model):
+            raise diverged("the weights became NaN or infinite", state, run)
+        if stopped and state.batch < setup.steps_per_epoch:  # --max-steps mid-epoch: keep the point and a model
+            row = epoch_metrics(setup, state)
             if run is not None:
-                run.stopped_at_max_steps(s, st, row)
-                log(f"stopped at --max-steps {cfg.max_steps} (epoch {st.epoch + 1}, batch {st.batch}/"
-                    f"{s.steps_per_epoch}): loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
+                run.stopped_at_max_steps(setup, state, row)
+                log(f"stopped at --max-steps {cfg.max_steps} (epoch {state.epoch + 1}, batch {state.batch}/"
+                    f"{setup.steps_per_epoch}): loss {row['train_loss']:.4f}, train acc {row['train_acc']:.4f}, "
                     f"test acc {row['test_acc']:.4f}; the current weights are saved as the model. "
                     f"Continue with: nin train --resume {run.path}")
             return {**row, "partial": True, "run_dir": str(run.path) if run else None}
-        tallies[st.epoch] = st.sums.tolist()
-        final = stopped or st.epoch + 1 >= cfg.epochs
-        end_epoch(s, st, epoch_metrics(s, st, final=final), run, quiet=quiet, log=log, on_epoch=on_epoch)
+        tallies[state.epoch] = state.sums.tolist()
+        final = stopped or state.epoch + 1 >= cfg.epochs
+        end_epoch(setup, state, epoch_metrics(setup, state, final=final), run, quiet=quiet, log=log, on_epoch=on_epoch)
         if stopped:
             break
-    debug_dump(s.model, s.train_loader, ran, d, tallies)
-    return _finish(s, st, run, quiet=quiet, log=log)
+    debug_dump(setup.model, setup.train_loader, ran, dist, tallies)
+    return _finish(setup, state, run, quiet=quiet, log=log)
 
 
-def _start_line(s: Setup, st: TrainState, resumed: bool) -> str:
-    cfg, d = s.cfg, s.d
-    return (f"training {cfg.model} ({sum(p.numel() for p in s.model.parameters()):,} params) on {cfg.dataset} "
-            f"{s.n_train:,}/{len(s.ds.test):,} images"
-            + (f" (+{len(s.val_loader.labels):,} validation)" if s.val_loader is not None else "")
-            + f", {'x'.join(map(str, s.meta.input_size))}, {s.device}, "
-            f"{'fp32' if s.amp_dtype is None else str(s.amp_dtype).replace('torch.', '')}, world size {d.world_size}"
-            + (f", resuming at epoch {st.epoch + 1} batch {st.batch}" if resumed else ""))
+def _start_line(setup: Setup, state: TrainState, resumed: bool) -> str:
+    cfg, dist = setup.cfg, setup.dist
+    precision = "fp32" if setup.amp_dtype is None else str(setup.amp_dtype).replace("torch.", "")
+    return (f"training {cfg.model} ({sum(p.numel() for p in setup.model.parameters()):,} params) on {cfg.dataset} "
+            f"{setup.n_train:,}/{len(setup.ds.test):,} images"
+            + (f" (+{len(setup.val_loader.labels):,} validation)" if setup.val_loader is not None else "")
+            + f", {'x'.join(map(str, setup.meta.input_size))}, {setup.device}, "
+            f"{precision}, world size {dist.world_size}"
+            + (f", resuming at epoch {state.epoch + 1} batch {state.batch}" if resumed else ""))
 
 
-def _finish(s: Setup, st: TrainState, run, *, quiet: bool, log) -> dict:
+def _finish(setup: Setup, state: TrainState, run, *, quiet: bool, log) -> dict:
     """After the last epoch (or --max-steps at an epoch's end): the closing evaluation, the status, the
     book's closing lines; returns the final metrics."""
-    final = dict(st.history[-1])
-    total_seen = sum(r["images_per_sec"] * r["seconds"] for r in st.history)
-    final["examples_per_sec"] = total_seen / max(st.train_seconds, 1e-9)
+    final = dict(state.history[-1])
+    total_seen = sum(r["images_per_sec"] * r["seconds"] for r in state.history)
+    final["examples_per_sec"] = total_seen / max(state.train_seconds, 1e-9)
     final["run_dir"] = str(run.path) if run else None
     if run is None:
         return final
-    done = st.epoch >= s.cfg.epochs
-    if done and closing_eval_pending(s, run):
-        final.update(closing_eval(s, run, log=log if not quiet else None))
-    run.status("finished" if done else "stopped", "" if done else f"--max-steps {s.cfg.max_steps}")
+    done = state.epoch >= setup.cfg.epochs
+    if done and closing_eval_pending(setup, run):
+        final.update(closing_eval(setup, run, log=log if not quiet else None))
+    run.status("finished" if done else "stopped", "" if done else f"--max-steps {setup.cfg.max_steps}")
     # the book's own two closing lines
     log(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}")
-    log(f"{final['examples_per_sec']:.1f} examples/sec on {s.device}")
+    log(f"{final['examples_per_sec']:.1f} examples/sec on {setup.device}")
     if not quiet:
         log(f"saved model: {run.path / 'best.safetensors'} ({run.selected})")
         if "tta_test_acc" in final:
@@ -803,7 +807,7 @@ def _finish(s: Setup, st: TrainState, run, *, quiet: bool, log) -> dict:
 
 
 # --- the closing evaluation -----------------------------------------------------------------
-def closing_eval_pending(s: Setup, run) -> bool:
+def closing_eval_pending(setup: Setup, run) -> bool:
     """Whether the saved model still awaits its closing evaluation: with ``--final-tta`` (model.json's
     ``tta`` says which TTA its reported accuracy used), or because it was chosen at an epoch whose test
     accuracy was a --curve-test-images subset (model.json then records none)."""
@@ -811,27 +815,27 @@ def closing_eval_pending(s: Setup, run) -> bool:
         doc = json.loads((run.path / "model.json").read_text())
     except (OSError, ValueError):
         return False
-    if s.final_tta != s.tta:
-        return doc.get("tta") != s.final_tta
+    if setup.final_tta != setup.tta:
+        return doc.get("tta") != setup.final_tta
     info = doc.get("info") or {}
     return info.get("test_acc") is None and "tta_test_acc" not in info and info.get("epoch") is not None
 
 
-def closing_eval(s: Setup, run, *, log=None) -> dict:
+def closing_eval(setup: Setup, run, *, log=None) -> dict:
     """Evaluate the saved model (whichever epoch was chosen) once on the test set with ``--final-tta``
     and record that TTA and accuracy in its model.json, so nin eval/predict/serve use the same TTA.
     The test set chooses nothing here: the weights were fixed before."""
     from ..hub import load
     from ..modelfile import save_model
 
-    model = load(run.path).to(s.device)
-    if s.cfg.channels_last:
+    model = load(run.path).to(setup.device)
+    if setup.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    acc, loss = loader_eval(model, s.test_loader, s.amp_dtype, s.final_tta)
+    acc, loss = loader_eval(model, setup.test_loader, setup.amp_dtype, setup.final_tta)
     seconds = time.perf_counter() - t0
     info = {**model.meta.info, "tta_test_acc": acc, "tta_test_loss": loss}
-    save_model(run.path, model, dataclasses.replace(model.meta, tta=s.final_tta, info=info))
+    save_model(run.path, model, dataclasses.replace(model.meta, tta=setup.final_tta, info=info))
     if log is not None:
-        log(f"closing evaluation of the saved model with {s.final_tta} TTA: test acc {acc:.4f} ({seconds:.0f} s)")
-    return {"tta": s.final_tta, "tta_test_acc": acc, "tta_test_loss": loss}
+        log(f"closing evaluation of the saved model with {setup.final_tta} TTA: test acc {acc:.4f} ({seconds:.0f} s)")
+    return {"tta": setup.final_tta, "tta_test_acc": acc, "tta_test_loss": loss}
