@@ -11,7 +11,7 @@ from PIL import Image
 
 import nin
 from nin.cli import main
-from nin.hub import DEFAULT, WEIGHTS_DIR, list_pretrained, pretrained_info, pretrained_path
+from nin.hub import DEFAULT, WEIGHTS_DIR, list_pretrained, pretrained_info
 
 from .fakedata import fake_fashion_dir
 
@@ -77,7 +77,8 @@ def test_names_work_in_python(tmp_path):
     torch.testing.assert_close(m.eval()(x), ref(x))
     full = nin.create_model(DEFAULT, pretrained=True)
     torch.testing.assert_close(full.eval()(x), ref(x))
-    five = nin.create_model("nin_fmnist", pretrained=True, num_classes=5)  # a fine-tuning start
+    with pytest.warns(UserWarning, match="the class-map layer starts fresh: 5 classes"):  # said, not silent
+        five = nin.create_model("nin_fmnist", pretrained=True, num_classes=5)  # a fine-tuning start
     assert five.num_classes == 5
     kept = five.state_dict()["features.0.0.weight"]
     assert torch.equal(kept, ref.state_dict()["features.0.0.weight"])
