@@ -146,15 +146,29 @@ def test_closing_evaluation_scores_the_chosen_model_once_with_the_final_tta(data
     assert main(["eval", str(tmp_path / "run"), "--data-dir", str(data), "--json", "--precision", expected]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["tta"] == "shift" and round(doc["accuracy"] * 128) == round(want * 128)
-    # killed during the closing evaluation: model.json still says flip; the resume evaluates and stops
-    save_model(tmp_path / "run", best, dataclasses.replace(best.meta, tta="flip"))
     lines = []
-    again = train(None, resume=tmp_path / "run", log=lines.append)
-    assert again["tta_test_acc"] == pytest.approx(want, abs=1e-9) and nin.load(tmp_path / "run").meta.tta == "shift"
-    assert len(read_metrics(tmp_path / "run")) == 3 and "closing evaluation" in " ".join(lines)
-    lines.clear()
     train(None, resume=tmp_path / "run", log=lines.append)
-    assert "nothing to do" in " ".join(lines)
+    assert "nothing to do" in " ".join(lines)  # done, and the checkpoint knows it
+    # killed during the closing evaluation: model.json still says flip and the last checkpoint (written after
+    # the last epoch) says pending, or (a checkpoint from before that field) holds nothing on it: either way
+    # the resume evaluates and stops
+    ckpt_path = tmp_path / "run" / "last.ckpt"
+    for pending in (True, "absent"):
+        save_model(tmp_path / "run", best, dataclasses.replace(best.meta, tta="flip"))
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        assert ckpt["closing_pending"] is False
+        if pending == "absent":
+            del ckpt["closing_pending"]
+        else:
+            ckpt["closing_pending"] = True
+        torch.save(ckpt, ckpt_path)
+        lines.clear()
+        again = train(None, resume=tmp_path / "run", log=lines.append)
+        assert again["tta_test_acc"] == pytest.approx(want, abs=1e-9) and nin.load(tmp_path / "run").meta.tta == "shift"
+        assert len(read_metrics(tmp_path / "run")) == 3 and "closing evaluation" in " ".join(lines)
+        lines.clear()
+        train(None, resume=tmp_path / "run", log=lines.append)
+        assert "nothing to do" in " ".join(lines)
 
 
 # guards against: a validation split that overlaps training, is not stratified, or ignores the seed

@@ -81,6 +81,9 @@ class TrainState:
     train_seconds: float = 0.0
     warned_chance: bool = False  # the at-chance warning was given (once a run)
     lr: float | None = None   # the lr the last optimizer step applied (what the metrics row records)
+    # the saved model awaits its closing evaluation (--final-tta, or chosen at a --curve-test-images epoch);
+    # None: a checkpoint older than this field, for which model.json tells (closing_eval_pending)
+    closing_pending: bool | None = None
 
     def to_checkpoint(self) -> dict:
         return {f.name: (self.sums.cpu() if f.name == "sums" else getattr(self, f.name))
@@ -89,7 +92,8 @@ class TrainState:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The keys a checkpoint must hold (best_epoch is newer than the first checkpoints: optional)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("best_epoch", "warned_chance", "lr"))
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.name not in ("best_epoch", "warned_chance", "lr", "closing_pending"))
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: torch.device, main: bool) -> "TrainState":
@@ -583,6 +587,8 @@ def end_epoch(setup: Setup, state: TrainState, row: dict, run, *, quiet: bool, l
         state.best_acc = row["val_acc"] if setup.val_loader is not None else -1.0
         state.best_epoch = row["epoch"]
         run.save_model(setup, state, "best validation accuracy" if setup.val_loader is not None else "final epoch")
+        # its test accuracy is still to be measured: with another TTA, or on all test images (a curve's subset)
+        state.closing_pending = setup.final_tta != setup.tta or bool(row.get("test_images"))
     run.epoch_done(setup, state, row)
     if on_epoch is not None:
         on_epoch(list(state.history))
@@ -730,9 +736,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, *, resu
 def _loop(setup: Setup, state: TrainState, run, *, quiet: bool, log, on_epoch, resumed: bool) -> dict:
     cfg, dist = setup.cfg, setup.dist
     if state.epoch >= cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps):
-        if run is not None and state.epoch >= cfg.epochs and closing_eval_pending(setup, run):
+        if run is not None and state.epoch >= cfg.epochs and closing_eval_pending(setup, state, run):
             # stopped during its closing evaluation: do that, the one thing left
-            return {**state.history[-1], **closing_eval(setup, run, log=log), "run_dir": str(run.path)}
+            return {**state.history[-1], **closing_eval(setup, state, run, log=log), "run_dir": str(run.path)}
         if dist.main:
             log(f"{run.path}: the run already finished ({len(state.history)} epochs, {state.step} steps); nothing to do"
                 + (" (give a higher --max-steps to continue)" if cfg.max_steps is not None else ""))
@@ -791,8 +797,8 @@ def _finish(setup: Setup, state: TrainState, run, *, quiet: bool, log) -> dict:
     if run is None:
         return final
     done = state.epoch >= setup.cfg.epochs
-    if done and closing_eval_pending(setup, run):
-        final.update(closing_eval(setup, run, log=log if not quiet else None))
+    if done and closing_eval_pending(setup, state, run):
+        final.update(closing_eval(setup, state, run, log=log if not quiet else None))
     run.status("finished" if done else "stopped", "" if done else f"--max-steps {setup.cfg.max_steps}")
     # the book's own two closing lines
     log(f"loss {final['train_loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}")
@@ -807,10 +813,13 @@ def _finish(setup: Setup, state: TrainState, run, *, quiet: bool, log) -> dict:
 
 
 # --- the closing evaluation -----------------------------------------------------------------
-def closing_eval_pending(setup: Setup, run) -> bool:
-    """Whether the saved model still awaits its closing evaluation: with ``--final-tta`` (model.json's
-    ``tta`` says which TTA its reported accuracy used), or because it was chosen at an epoch whose test
-    accuracy was a --curve-test-images subset (model.json then records none)."""
+def closing_eval_pending(setup: Setup, state: TrainState, run) -> bool:
+    """Whether the saved model still awaits its closing evaluation: ``state.closing_pending``, set when the
+    model was saved and cleared (and checkpointed) once it is done.  A checkpoint from before that field
+    leaves it to model.json: with ``--final-tta`` its ``tta`` says which TTA its reported accuracy used; a
+    model chosen at an epoch whose test accuracy was a --curve-test-images subset records none."""
+    if state.closing_pending is not None:
+        return state.closing_pending
     try:
         doc = json.loads((run.path / "model.json").read_text())
     except (OSError, ValueError):
@@ -821,7 +830,7 @@ def closing_eval_pending(setup: Setup, run) -> bool:
     return info.get("test_acc") is None and "tta_test_acc" not in info and info.get("epoch") is not None
 
 
-def closing_eval(setup: Setup, run, *, log=None) -> dict:
+def closing_eval(setup: Setup, state: TrainState, run, *, log=None) -> dict:
     """Evaluate the saved model (whichever epoch was chosen) once on the test set with ``--final-tta``
     and record that TTA and accuracy in its model.json, so nin eval/predict/serve use the same TTA.
     The test set chooses nothing here: the weights were fixed before."""
@@ -836,6 +845,8 @@ def closing_eval(setup: Setup, run, *, log=None) -> dict:
     seconds = time.perf_counter() - t0
     info = {**model.meta.info, "tta_test_acc": acc, "tta_test_loss": loss}
     save_model(run.path, model, dataclasses.replace(model.meta, tta=setup.final_tta, info=info))
+    state.closing_pending = False
+    run.checkpoint(setup.state_dict(state))  # so a resume knows it is done
     if log is not None:
         log(f"closing evaluation of the saved model with {setup.final_tta} TTA: test acc {acc:.4f} ({seconds:.0f} s)")
     return {"tta": setup.final_tta, "tta_test_acc": acc, "tta_test_loss": loss}
