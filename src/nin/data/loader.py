@@ -20,6 +20,8 @@ class BatchLoader:
     and shards differ by at most one sample (what evaluation needs: each sample counted once).
     """
 
+    streamed = False  # every image is in memory (StreamLoader reads them from files)
+
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,
                  crop_padding: int = 0, flip: bool = False, erase: float = 0.0, alt_flip: bool = False, rank: int = 0,

@@ -356,6 +356,8 @@ class StreamLoader:
     (see the module doc).  ``size`` = (H, W) the workers produce; ``resize``, ``mean``, ``std``,
     ``crop_padding`` and ``flip`` (with "fit") act on the device exactly as in ``BatchLoader``."""
 
+    streamed = True  # images are read from files during training; unreadable ones reach on_bad
+
     def __init__(self, split: FileSplit, batch_size: int, *, in_chans: int, size: tuple[int, int],
                  transform: str = "fit", eval_resize: int | None = None, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device="cpu", resize: int | None = None, mean=None, std=None,

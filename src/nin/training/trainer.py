@@ -144,12 +144,12 @@ class Setup:
     @property
     def streamed(self) -> bool:
         """Whether the training images are read from files during training (not held in memory)."""
-        return hasattr(self.train_loader, "on_bad")
+        return self.train_loader.streamed
 
     def on_bad_files(self, callback) -> None:
         """Have every streamed loader (train, validation, test) report the files it could not read."""
         for loader in (self.train_loader, self.val_loader, self.test_loader):
-            if loader is not None and hasattr(loader, "on_bad"):
+            if loader is not None and loader.streamed:
                 loader.on_bad = callback
 
     def state_dict(self, state: "TrainState") -> dict | None:
@@ -742,7 +742,7 @@ def _loop(setup: Setup, state: TrainState, run, *, quiet: bool, log, on_epoch, r
         if dist.main:
             log(f"{run.path}: the run already finished ({len(state.history)} epochs, {state.step} steps); nothing to do"
                 + (" (give a higher --max-steps to continue)" if cfg.max_steps is not None else ""))
-        return state.history[-1] if state.history else {}
+        return {**(state.history[-1] if state.history else {}), "run_dir": str(run.path) if run else None}
     if run is not None:
         run.status("running", "")
         if not resumed:
