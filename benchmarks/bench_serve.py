@@ -243,25 +243,31 @@ class Server:
         self._signal("SIGKILL")  # whatever of the group is left (workers)
 
 
-def start_servers(run: Path, tmp: Path) -> list[Server]:
+def start_servers(run: Path, tmp: Path, baseline: tuple[str, Path] | None = None):
+    """nin serve three ways, LitServe, the few-line endpoint, each started when the caller asks for the next
+    (a generator); with ``baseline`` (its name and an exported source tree) also nin serve as it was there, a
+    worker per core and one worker: the A/B of a change."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "RUN": str(run)}
     (tmp / "few_lines.py").write_text(FEW_LINES)
     (tmp / "lit.py").write_text(LITSERVE)
-    servers = []
-    for label, extra in ((NIN, []), ("nin serve, 1 worker", ["--workers", "1"]),
-                         ("nin serve, 1 worker, --max-batch 1", ["--workers", "1", "--max-batch", "1"])):
+    ways = [(NIN, [], env), ("nin serve, 1 worker", ["--workers", "1"], env),
+            ("nin serve, 1 worker, --max-batch 1", ["--workers", "1", "--max-batch", "1"], env)]
+    if baseline is not None:
+        old = {**env, "PYTHONPATH": str(baseline[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        ways += [(f"nin serve at {baseline[0]}", [], old),
+                 (f"nin serve at {baseline[0]}, 1 worker", ["--workers", "1"], old)]
+    for i, (label, extra, where) in enumerate(ways):
         port = free_port()
-        servers.append(Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], env,
-                              "/v1/predict", port, tmp / f"server{len(servers)}.log"))
+        yield Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], where,
+                     "/v1/predict", port, tmp / f"server{i}.log")
     port = free_port()
-    servers.append(Server(LIT, [PY, str(tmp / "lit.py")], {**env, "PORT": str(port), "WORKERS": str(cores())},
-                          "/predict", port, tmp / f"server{len(servers)}.log"))
+    yield Server(LIT, [PY, str(tmp / "lit.py")], {**env, "PORT": str(port), "WORKERS": str(cores())},
+                 "/predict", port, tmp / "server-litserve.log")
     port = free_port()
-    servers.append(Server(FEW, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
-                                "warning", "--no-access-log", "--app-dir", str(tmp)], env, "/predict", port,
-                          tmp / f"server{len(servers)}.log"))
-    return servers
+    yield Server(FEW, [PY, "-m", "uvicorn", "few_lines:app", "--port", str(port), "--log-level",
+                       "warning", "--no-access-log", "--app-dir", str(tmp)], env, "/predict", port,
+                 tmp / "server-few-lines.log")
 
 
 def cores() -> int:
@@ -302,6 +308,7 @@ def measure(args) -> dict:
         sys.exit("bench_serve: wrk is not installed (apt-get install wrk, or `make wrk`)")
     results = {"machine": machine(), "seconds": args.seconds, "rounds": args.rounds, "client": "wrk -t1 (Lua POST)",
                "fmnist_run": args.fmnist_run, "clients": args.clients, "model_names": args.models.split(","),
+               "baseline": args.baseline,
                "models": {}}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -309,11 +316,20 @@ def measure(args) -> dict:
         body = body_file(tmp)
         script = tmp / "post.lua"
         script.write_text(LUA)
+        baseline = None
+        if args.baseline:
+            from time_to_accuracy import export_revision  # the same export as its REV: variants
+
+            baseline = (args.baseline, export_revision(args.baseline, tmp / "baseline")[1])
         for model in args.models.split(","):
-            servers = start_servers(runs[model], tmp)
+            servers = []
             try:
-                for s in servers:
+                # one at a time, the others paused: nin serve's --max-batch auto times batch sizes as it starts,
+                # and a pick made while other servers load differed from run to run
+                for s in start_servers(runs[model], tmp, baseline):
+                    servers.append(s)
                     s.wait_ready(body.read_bytes())
+                    s.pause()
                 for s in servers:  # warm-up, and the first batches' allocations
                     for other in servers:
                         other.pause() if other is not s else other.resume()
@@ -371,7 +387,9 @@ def markdown(res: dict) -> str:
     extra = "".join(f" --{k} {','.join(map(str, v))}" for k, v in (("clients", res.get("clients")),
                                                                     ("models", res.get("model_names")))
                     if v and list(v) != DEFAULTS[k])
-    lines.append("Command: `python benchmarks/bench_serve.py" + (f" --fmnist-run RUN" if res.get("fmnist_run") else "")
+    if res.get("baseline"):
+        extra += f" --baseline {res['baseline']}"
+    lines.append("Command: `python benchmarks/bench_serve.py" + (" --fmnist-run RUN" if res.get("fmnist_run") else "")
                  + f" --seconds {res['seconds']:g} --rounds {res['rounds']}{extra}`.")
     return "\n".join(lines)
 
@@ -384,6 +402,8 @@ def main(argv=None) -> None:
                    help="comma-separated concurrent connections per cell (default 1,8,64)")
     p.add_argument("--models", default="nin_fmnist,nin_d2l", help="comma-separated (default nin_fmnist,nin_d2l)")
     p.add_argument("--fmnist-run", metavar="RUN", help="a trained fast-model run folder (default: untrained weights)")
+    p.add_argument("--baseline", metavar="REV", help="also serve nin as it was at this git revision (git archive), "
+                                                    "in the same rounds: the side-by-side measure of a change")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
     args = p.parse_args(argv)
     res = measure(args)
