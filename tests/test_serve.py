@@ -22,7 +22,7 @@ CI = os.environ.get("CI", "").lower() == "true"
 if not CI:  # under CI the serve extra is installed (Makefile): a missing one must fail, not skip
     pytest.importorskip("fastapi")
     pytest.importorskip("python_multipart")
-    pytest.importorskip("prometheus_fastapi_instrumentator")
+    pytest.importorskip("prometheus_client")
 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
@@ -372,13 +372,35 @@ def test_cam_probabilities_are_predicts_with_the_models_tta(shipped_client, imag
 
 
 def test_metrics(client, images):
-    client.post("/v1/predict", content=images[0].read_bytes())
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        text = client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def count(handler, status, method="POST"):
+        key = ("http_requests_total", (("handler", handler), ("method", method), ("status", str(status))))
+        return now.get(key, 0) - before.get(key, 0)
+
+    before = samples()
+    for _ in range(3):
+        client.post("/v1/predict", content=images[0].read_bytes())
     client.post("/v1/predict", content=b"junk")
-    text = client.get("/metrics").text
-    assert 'http_requests_total{handler="/v1/predict",method="POST",status="200"}' in text
-    assert 'status="415"' in text and 'nin_request_errors_total{reason="not_an_image"}' in text
-    assert "nin_batch_size_bucket" in text and "http_request_duration_seconds_bucket" in text
-    assert "nin_inference_seconds_count" in text and "nin_queue_depth" in text
+    client.post("/v1/predict?topk=0", content=images[0].read_bytes())
+    client.post("/v1/models/nin_fmnist/predict", content=images[0].read_bytes())
+    client.get("/v1/nothing")
+    client.get("/metrics")  # a scrape is not counted
+    now = samples()
+    # each request once, under its route's template (or "none"), with its status
+    assert count("/v1/predict", 200) == 3 and count("/v1/predict", 415) == 1 and count("/v1/predict", 400) == 1
+    assert count("/v1/models/{name}/predict", 200) == 1 and count("none", 404, "GET") == 1
+    assert not any(k[0] == "http_requests_total" and ("handler", "/metrics") in k[1] for k in now)
+    latency = ("http_request_duration_seconds_count", (("handler", "/v1/predict"), ("method", "POST")))
+    assert now[latency] - before.get(latency, 0) == 5
+    errors = ("nin_request_errors_total", (("reason", "not_an_image"),))
+    assert now[errors] - before.get(errors, 0) == 1
+    assert {"nin_batch_size_bucket", "nin_inference_seconds_count", "nin_queue_depth"} <= {k[0] for k in now}
 
 
 def test_page_and_its_assets_are_all_local(client):

@@ -22,13 +22,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..vocab import TTA_REQUESTS, resolve_tta
+from ..vocab import resolve_tta
 from ..data.images import MAX_PIXELS
 from .api import ImageAPI
 from .batching import Batcher, QueueFull
-from .metrics import ServeMetrics
+from .metrics import RequestMetrics, ServeMetrics
 from .model import ServedModel
-from .upload import ApiError, check_key, read_body, upload_file
+from .upload import DESCRIPTIONS, PREDICT_PARAMETERS, ApiError, PredictQuery, check_key, read_body, upload_file
 
 log = logging.getLogger("nin.serve")
 INLINE_DECODE_BYTES = 256 * 1024  # smaller uploads decode on the event loop (~0.1 ms); larger in a thread
@@ -116,11 +116,7 @@ def create_app(served: ServedModel | list[ServedModel], *, max_batch: int = 16, 
     _add_error_handlers(app)
     app.include_router(router)
     _add_page(app)
-    from prometheus_fastapi_instrumentator import Instrumentator
-
-    Instrumentator(should_group_status_codes=False, registry=metrics.registry,
-                   excluded_handlers=["/metrics"]).instrument(app).expose(
-        app, include_in_schema=False, dependencies=[Depends(require_key)])
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 
 
@@ -194,39 +190,37 @@ async def require_key(request: Request) -> None:  # async: a plain def would hop
 
 router = APIRouter()
 keyed = [Depends(require_key)]
-TopK = Query(None, ge=1, le=1000, description="how many classes to return (default: the server's --topk)")
-Invert = Query(False, description="invert the image first (dark object on a light background)")
-Preview = Query(False, description="add the image as the network sees it (PNG data URL)")
-Tta = Query(None, description="test-time augmentation for this request (default run: the model's own, "
-                              "as `nin predict`); none is the fastest")
-TtaChoice = Literal[TTA_REQUESTS]
+Invert = Query(False, description=DESCRIPTIONS["invert"])
+# The predict routes are the hot path: they read their query and check the key themselves (PredictQuery, in
+# upload.py), documented in /openapi.json by PREDICTING; the other routes use FastAPI's parameters.
+PREDICTING = {**UPLOAD, "parameters": PREDICT_PARAMETERS}
 
 
-@router.post("/v1/predict", dependencies=keyed, openapi_extra=UPLOAD)
-async def predict(request: Request, topk: int | None = TopK, invert: bool = Invert, preview: bool = Preview,
-                  tta: TtaChoice | None = Tta):
+@router.post("/v1/predict", openapi_extra=PREDICTING)
+async def predict(request: Request):
     """An image (raw body or multipart field 'file') -> its top-k classes, as `nin predict --json`."""
-    return await _predict(request, None, topk, invert, preview, tta)
+    return await _predict(request, None)
 
 
-@router.post("/v1/models/{name}/predict", dependencies=keyed, openapi_extra=UPLOAD)
-async def predict_with(request: Request, name: str, topk: int | None = TopK, invert: bool = Invert,
-                       preview: bool = Preview, tta: TtaChoice | None = Tta):
+@router.post("/v1/models/{name}/predict", openapi_extra=PREDICTING)
+async def predict_with(request: Request, name: str):
     """/v1/predict with the model called ``name`` (GET /v1/models lists them)."""
-    return await _predict(request, name, topk, invert, preview, tta)
+    return await _predict(request, name)
 
 
-async def _predict(request: Request, name: str | None, topk, invert: bool, preview: bool, tta) -> JSONResponse:
+async def _predict(request: Request, name: str | None) -> JSONResponse:
     service: Service = request.app.state.nin
+    check_key(request.headers, service.api_key)
+    query = PredictQuery.parse(request.query_params)
     slot = service.slot(name)
     with slot.batcher.expect():
-        image, file = await service.read_image(request, slot, invert)
-    tta = resolve_tta(slot.api.meta, tta)  # one batch key for "run", no value and the model's own by name
+        image, file = await service.read_image(request, slot, query.invert)
+    tta = resolve_tta(slot.api.meta, query.tta)  # one batch key for "run", no value and the model's own by name
     probs = await service.probabilities(slot, image, tta)
     # a Response as is: FastAPI's generic serialisation (jsonable_encoder) of a dict of str/float is the same
     # JSON at several times the cost
-    return JSONResponse(slot.api.encode(probs, file, topk=topk or service.topk, image=image if preview else None,
-                                        tta=tta))
+    return JSONResponse(slot.api.encode(probs, file, topk=query.topk or service.topk,
+                                        image=image if query.preview else None, tta=tta))
 
 
 @router.post("/v1/cam", dependencies=keyed, openapi_extra=UPLOAD)
@@ -259,6 +253,14 @@ async def models(request: Request):
     service: Service = request.app.state.nin
     return {"models": [s.api.describe(topk=service.topk, max_upload_bytes=service.limit)
                        for s in service.slots.values()]}
+
+
+@router.get("/metrics", dependencies=keyed, include_in_schema=False)
+async def metrics(request: Request):
+    """Prometheus' text format: requests by route and status, latency, batch sizes, refusals, queue depth."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.nin.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -1,4 +1,5 @@
-"""Reading a request: its body within a size limit, the file inside a multipart form, and the API key.
+"""Reading a request: its body within a size limit, the file inside a multipart form, the predict routes'
+query, and the API key.
 
 Plain functions over a Starlette request (or just its headers), each testable alone; every refusal is
 an ApiError whose status names the kind of problem and whose ``reason`` labels /metrics' refusal counter.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ..errors import ImageError
+from ..vocab import TTA_REQUESTS
 
 # A body over the limit is still read (and dropped) up to this many bytes (or 4x the limit, if more)
 # before the 413: clients that send the whole body before reading the answer (Python's urllib) would
@@ -127,3 +130,81 @@ def check_key(headers: Mapping[str, str], api_key: str | None) -> None:
     if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)",
                        {"WWW-Authenticate": "Bearer"}, reason="api_key")
+
+
+# --- the predict routes' query ----------------------------------------------------------------------
+# /v1/predict parses its query here rather than through FastAPI's parameter validation, which (with the key
+# dependency) cost a third of a request's event-loop time (BENCHMARKS.md, serving).  The rules and messages are
+# pydantic's, as the other routes give them; PREDICT_PARAMETERS documents them in /openapi.json as FastAPI would.
+TOPK_MAX = 1000
+_TRUE, _FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
+DESCRIPTIONS = {"topk": "how many classes to return (default: the server's --topk)",
+                "invert": "invert the image first (dark object on a light background)",
+                "preview": "add the image as the network sees it (PNG data URL)",
+                "tta": "test-time augmentation for this request (default run: the model's own, as `nin predict`); "
+                       "none is the fastest"}
+
+
+def _documented(name: str, schema: dict) -> dict:
+    schema = {**schema, "description": DESCRIPTIONS[name], "title": name.title()}
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": DESCRIPTIONS[name]}
+
+
+PREDICT_PARAMETERS = [
+    _documented("topk", {"anyOf": [{"type": "integer", "maximum": TOPK_MAX, "minimum": 1}, {"type": "null"}]}),
+    _documented("invert", {"type": "boolean", "default": False}),
+    _documented("preview", {"type": "boolean", "default": False}),
+    _documented("tta", {"anyOf": [{"enum": list(TTA_REQUESTS), "type": "string"}, {"type": "null"}]}),
+]
+
+
+@dataclass(frozen=True)
+class PredictQuery:
+    """``?topk=&invert=&preview=&tta=`` of a predict request (unknown names are ignored; a repeated one: the last)."""
+
+    topk: int | None = None
+    invert: bool = False
+    preview: bool = False
+    tta: str | None = None
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> "PredictQuery":
+        """The query's values, or ApiError 400 naming the parameter (``"topk: Input should be ..."``)."""
+        topk, tta = query.get("topk"), query.get("tta")
+        if tta is not None and tta not in TTA_REQUESTS:
+            quoted = [repr(t) for t in TTA_REQUESTS]
+            _bad("tta", f"Input should be {', '.join(quoted[:-1])} or {quoted[-1]}")
+        return cls(topk=None if topk is None else _topk(topk), invert=_bool(query, "invert"),
+                   preview=_bool(query, "preview"), tta=tta)
+
+
+def _bad(name: str, message: str):
+    raise ApiError(400, f"{name}: {message}", reason="parameter")
+
+
+def _topk(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            _bad("topk", "Input should be a valid integer, unable to parse string as an integer")
+        if not number.is_integer():
+            _bad("topk", "Input should be a valid integer, got a number with a fractional part")
+        value = int(number)
+    if value < 1:
+        _bad("topk", "Input should be greater than or equal to 1")
+    if value > TOPK_MAX:
+        _bad("topk", f"Input should be less than or equal to {TOPK_MAX}")
+    return value
+
+
+def _bool(query: Mapping[str, str], name: str) -> bool:
+    text = query.get(name)
+    if text is None:
+        return False
+    text = text.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    _bad(name, "Input should be a valid boolean, unable to interpret input")
