@@ -224,7 +224,7 @@ class _Route(Route):
 
 
 def _add_predict(app: FastAPI) -> None:
-    app.router.routes.extend(_Route(path, predict, methods=["POST"]) for path in PREDICT_ROUTES)
+    app.router.routes[:0] = [_Route(path, predict, methods=["POST"]) for path in PREDICT_ROUTES]  # matched first
     generate = app.openapi
 
     def openapi() -> dict:

@@ -39,6 +39,7 @@ class ServeMetrics:
         self.queue_depth = Gauge("nin_queue_depth", "images waiting for a forward pass", registry=self.registry,
                                  multiprocess_mode="livesum")
         self._queued = lambda: 0
+        self._answered: dict[tuple, tuple] = {}
 
     def watch_queue(self, queued) -> None:
         """``queued()``: images waiting now; read at each scrape, or after each batch with several workers
@@ -57,8 +58,13 @@ class ServeMetrics:
             self.queue_depth.set(self._queued())
 
     def answered(self, handler: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(handler, method, str(status)).inc()
-        self.latency.labels(handler, method).observe(seconds)
+        key = handler, method, status
+        if key not in self._answered:  # labels() takes a lock and builds a key: once per kind of answer
+            self._answered[key] = (self.requests.labels(handler, method, str(status)),
+                                   self.latency.labels(handler, method))
+        count, latency = self._answered[key]
+        count.inc()
+        latency.observe(seconds)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this app's metrics, or every worker's (several workers)."""
