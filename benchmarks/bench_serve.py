@@ -172,13 +172,15 @@ def body_file(tmp: Path) -> Path:
 
 
 class Server:
-    def __init__(self, label: str, cmd: list[str], env: dict, path: str, port: int, log: Path):
+    def __init__(self, label: str, cmd: list[str], env: dict, path: str, port: int, log: Path,
+                 ready_text: str | None = None):
         self.label, self.path, self.port, self.log = label, path, port, log
+        self.ready_text = ready_text  # the line it prints once every worker listens
         # a file, not a pipe: a pipe nobody reads fills up and blocks the server's next log line
         with open(log, "w") as f:
             # its own process group: stop() and pause() reach every process it starts (LitServe's inference
             # workers outlived their server before, and kept polling: CPU taken from the server being measured)
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True,
+            self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
                                          start_new_session=True)
 
     def wait_ready(self, body: bytes, timeout: float = 180) -> None:
@@ -193,8 +195,11 @@ class Server:
                 c.request("POST", self.path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
                 r = c.getresponse()
                 r.read()
+                if r.status == 200 and (self.ready_text is None or self.ready_text in self.log.read_text()):
+                    return  # (a worker answers before the others listen: they would get no connection)
                 if r.status == 200:
-                    return
+                    time.sleep(0.3)
+                    continue
                 raise RuntimeError(f"{self.label}: HTTP {r.status}")
             except OSError:
                 time.sleep(0.3)
@@ -260,7 +265,7 @@ def start_servers(run: Path, tmp: Path, baseline: tuple[str, Path] | None = None
     for i, (label, extra, where) in enumerate(ways):
         port = free_port()
         yield Server(label, [PY, "-m", "nin", "serve", str(run), "--port", str(port), *extra], where,
-                     "/v1/predict", port, tmp / f"server{i}.log")
+                     "/v1/predict", port, tmp / f"server{i}.log", ready_text="nin serve: http://")
     port = free_port()
     yield Server(LIT, [PY, str(tmp / "lit.py")], {**env, "PORT": str(port), "WORKERS": str(cores())},
                  "/predict", port, tmp / "server-litserve.log")

@@ -754,9 +754,10 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(run, images):
 
 
 def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(run, images):
-    """A worker killed under it (out of memory, a crash in a native library): the other keeps answering on
-    the shared socket, a new worker takes the dead one's place and answers alone once the other is killed
-    too, and SIGTERM still drains every worker and exits 0.  (Before, one dead worker stopped the server.)"""
+    """A worker killed under it (out of memory, a crash in a native library): once it is gone (connections
+    waiting on its own socket go with it) the other answers every request, a new worker takes the dead
+    one's place and answers alone once the other is killed too, and SIGTERM still drains every worker and
+    exits 0.  (Before, one dead worker stopped the server.)"""
     s = ServerProcess(str(run), "--backend", "torch", "--workers", "2")
     try:
         body = images[0].read_bytes()
@@ -764,6 +765,7 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(run, images)
         first, second = s.workers()
         want = httpx.post(s.url + "/v1/predict", content=body, timeout=30).json()["top"]
         first.kill()
+        first.wait(10)
         assert all(httpx.post(s.url + "/v1/predict", content=body, timeout=30).json()["top"] == want
                    for _ in range(10))  # the second worker answers while the first is replaced
         said = s.output_until("answers again")

@@ -25,7 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers or (1 if args.device.startswith("cuda") else cores())
     threads = args.threads or default_threads(workers)
     key = args.api_key or os.environ.get("NIN_API_KEY") or None
-    sockets = listen(args.host, args.port)  # a port in use is said now, not after loading the model
+    # a port in use is said now, not after loading the model; several workers: a socket each (listen_again)
+    sockets = listen(args.host, args.port, reuse_port=workers > 1)
     with tempfile.TemporaryDirectory(prefix="nin-serve-") as keep:  # the checked ONNX files the workers load
         try:
             served = []

@@ -1,8 +1,8 @@
 """Running the app under uvicorn: in this process, or in several worker processes on one port.
 
 ``run_server``: one process; SIGTERM/SIGINT drain the in-flight requests, exit 0.
-``run_workers``: N processes (spawned, each with its own model, batch queue and event loop) accept on the
-same listening sockets, made here once; a worker that dies is replaced; SIGTERM/SIGINT to this process
+``run_workers``: N processes (spawned, each with its own model, batch queue, event loop and listening
+sockets on the one port, SO_REUSEPORT); a worker that dies is replaced; SIGTERM/SIGINT to this process
 drain every worker, exit 0.
 """
 from __future__ import annotations
@@ -23,10 +23,11 @@ from ..errors import UsageError
 BACKLOG = 2048  # uvicorn's default
 
 
-def listen(host: str, port: int) -> list[socket.socket]:
+def listen(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on ``host``:``port`` (every address the host name has, as uvicorn would bind),
     made before the model loads, so that a port in use or a wrong --host is one line at once (UsageError),
-    not uvicorn's log and exit 3 after the loading.  Port 0: a free port, the same on every address."""
+    not uvicorn's log and exit 3 after the loading.  Port 0: a free port, the same on every address.
+    ``reuse_port``: SO_REUSEPORT, so that ``listen_again`` can add a socket per worker."""
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     try:
@@ -34,27 +35,49 @@ def listen(host: str, port: int) -> list[socket.socket]:
     except (socket.gaierror, UnicodeError) as e:
         why = getattr(e, "strerror", None) or e
         raise UsageError(f"--host {host}: not an address of this machine ({why})") from None
+    addresses = list(dict.fromkeys((i[0], i[4]) for i in infos))
+    if reuse_port and port:  # a port another nin serve holds would be shared silently under SO_REUSEPORT
+        _close(_bind_all(addresses, host, reuse_port=False))
+    return _bind_all(addresses, host, reuse_port=reuse_port)
+
+
+def listen_again(addresses: list[tuple]) -> list[socket.socket]:
+    """More listening sockets on ``addresses`` (``(family, address)`` of sockets made with
+    ``listen(reuse_port=True)``).  The kernel spreads new connections over all such sockets by a hash of
+    the client's address and port: with one per worker each gets its share, where workers accepting from
+    one shared socket took them in bursts (49 of 64 connections to one worker of two, whose clients
+    waited the longer)."""
+    return _bind_all(addresses, "", reuse_port=True)
+
+
+def _bind_all(addresses: list[tuple], host: str, *, reuse_port: bool) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
-        for family, kind, proto, _, addr in dict.fromkeys((i[0], i[1], i[2], "", i[4]) for i in infos):
-            sock = socket.socket(family, kind, proto)
+        for family, addr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(socks) > 1:  # the free port the first address got
+            if addr[1] == 0 and len(socks) > 1:  # the free port the first address got
                 addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             try:
                 sock.bind(addr)
                 sock.listen(BACKLOG)
             except OSError as e:
-                raise _bind_error(e, host, addr[1]) from None
+                raise _bind_error(e, host or addr[0], addr[1]) from None
             sock.set_inheritable(True)
     except BaseException:
-        for s in socks:
-            s.close()
+        _close(socks)
         raise
     return socks
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for s in sockets:
+        s.close()
 
 
 def _bind_error(e: OSError, host: str, port: int) -> UsageError:
@@ -120,8 +143,9 @@ def run_workers(recipes: list, options: dict, *, workers: int, sockets: list[soc
     """Serve with ``workers`` processes until SIGTERM or Ctrl+C; 0 once every worker has drained.
 
     ``recipes``: ModelRecipe per model (each worker loads its own copy); ``options``: create_app's keyword
-    arguments.  ``ready(host, port)`` once every worker has warmed up and listens.  A worker that dies after
-    start-up is replaced (as gunicorn does; the others keep answering on the shared socket meanwhile);
+    arguments; ``sockets``: ``listen(reuse_port=True)``'s, handed to the first worker (the others listen
+    on their own).  ``ready(host, port)`` once every worker has warmed up and listens.  A worker that dies
+    after start-up is replaced (as gunicorn does; the others keep answering meanwhile);
     one that dies during start-up, or more than ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW`` seconds,
     stops the server (exit 1): a server that keeps crashing is worse than one that is down."""
     import multiprocessing
@@ -130,16 +154,22 @@ def run_workers(recipes: list, options: dict, *, workers: int, sockets: list[soc
     ctx = multiprocessing.get_context("spawn")  # fork after torch/onnxruntime made their threads is unsafe
     metrics_dir = tempfile.mkdtemp(prefix="nin-serve-metrics-")
     started = ctx.Queue()
-    pool = _Pool(ctx, (recipes, options, sockets, log_level, drain_seconds, started), metrics_dir)
+    # The first worker takes over ``sockets`` (connections that come while the workers load wait there);
+    # the others, and every replacement, listen on sockets of their own once loaded.  A worker's sockets
+    # close with it: the connections waiting on them are reset, new ones go to the workers alive.
+    addresses = [(s.family, s.getsockname()) for s in sockets]
+    pool = _Pool(ctx, (recipes, options, log_level, drain_seconds, started), metrics_dir, addresses)
     old = {s: signal.signal(s, pool.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        pool.procs.extend(pool.start(i) for i in range(workers))
+        pool.procs.extend(pool.start(i, sockets if i == 0 else None) for i in range(workers))
         died = not _wait_started(pool.procs, started, pool.stopping) and not pool.stopping
         if died:
             _say_died(next(p for p in pool.procs if not p.is_alive()), " during start-up; stopping")
             pool.stop()
-        elif ready:
-            ready(*sockets[0].getsockname()[:2])
+        else:
+            if ready:
+                ready(*sockets[0].getsockname()[:2])
+            _close(sockets)  # the first worker has its own copies now
         while not pool.stopping and not died:
             wait([p.sentinel for p in pool.procs], timeout=1)
             _say_listening(started, pool.replaced)
@@ -151,8 +181,7 @@ def run_workers(recipes: list, options: dict, *, workers: int, sockets: list[soc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for s in sockets:
-            s.close()
+        _close(sockets)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -164,18 +193,21 @@ class _Pool:
     """The worker processes: started, replaced when one dies, each sent SIGTERM once (a second would make
     its uvicorn quit without draining)."""
 
-    def __init__(self, ctx, args: tuple, metrics_dir: str) -> None:
+    def __init__(self, ctx, args: tuple, metrics_dir: str, addresses: list[tuple]) -> None:
         self.ctx, self.args, self.metrics_dir = ctx, args, metrics_dir
+        self.addresses = addresses  # where a worker started without sockets listens (listen_again)
         self.procs: list = []
         self.stopping: list = []
         self.signalled: set[int] = set()
         self.deaths: list[float] = []
         self.replaced: dict[int, str] = {}  # pid of a replacement -> its name, until it listens
 
-    def start(self, i: int):
+    def start(self, i: int, sockets: list[socket.socket] | None = None):
         from .metrics import MULTIPROC
 
-        p = self.ctx.Process(target=_worker, name=f"nin-serve-{i}", daemon=False, args=self.args)
+        recipes, options, *rest = self.args
+        p = self.ctx.Process(target=_worker, name=f"nin-serve-{i}", daemon=False,
+                             args=(recipes, options, sockets or self.addresses, *rest))
         os.environ[MULTIPROC] = self.metrics_dir  # read by the worker's prometheus_client as it starts
         try:
             p.start()
@@ -257,14 +289,16 @@ def _join(procs, drain_seconds: float) -> int:
     return 0 if all(p.exitcode == 0 for p in procs) else 1
 
 
-def _worker(recipes, options, sockets, log_level, drain_seconds, started) -> None:
-    """One worker process: load the models, serve on the inherited sockets until SIGTERM (from the parent)."""
+def _worker(recipes, options, listening, log_level, drain_seconds, started) -> None:
+    """One worker process: load the models, serve until SIGTERM (from the parent) on ``listening``: the
+    parent's sockets, or addresses to listen on once loaded (listen_again)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the parent, which sends SIGTERM once
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped while loading: nothing to drain yet
     from .app import create_app
 
     app = create_app([r.load() for r in recipes], **options)
+    sockets = listening if isinstance(listening[0], socket.socket) else listen_again(listening)
     code = run_server(app, sockets=sockets, log_level=log_level, drain_seconds=drain_seconds,
                       ready=lambda host, port: started.put(os.getpid()), signals=(signal.SIGTERM,))
     sys.exit(code)
