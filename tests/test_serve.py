@@ -223,6 +223,28 @@ def test_bad_parameters_are_400(client, images, query):
     assert r.status_code == 400 and r.json()["error"].split(":")[0] in query
 
 
+@pytest.mark.parametrize("query", ["topk=0", "topk=abc", "topk=", "topk=1001", "topk=2.5", "topk=1e3", "topk=5.",
+                                   "topk=%D9%A3", "invert=maybe", "invert=", "invert=%20true", "topk=3&topk=0"])
+def test_predicts_own_parameter_checks_say_what_fastapi_says(client, images, query):
+    """/v1/predict reads its query itself (for speed); /v1/cam still goes through FastAPI's validation:
+    the same bad value gets the same 400 and the same words from both."""
+    body = images[0].read_bytes()
+    ours, fastapis = client.post(f"/v1/predict?{query}", content=body), client.post(f"/v1/cam?{query}", content=body)
+    assert ours.status_code == fastapis.status_code == 400
+    assert ours.json() == fastapis.json()
+
+
+def test_predict_takes_the_values_fastapi_would(client, images):
+    body = images[0].read_bytes()
+    for query, (k, preview) in {"topk=5.0": (5, False), "topk=%202&preview=YES": (2, True), "topk=+3&preview=on": (3, True),
+                                "preview=0&x=1": (5, False), "topk=1&topk=4": (4, False), "topk=1_0": (10, False),
+                                "preview=t": (5, True)}.items():
+        answer = client.post(f"/v1/predict?{query}", content=body).json()
+        assert len(answer["top"]) == k and ("input" in answer) == preview, query
+    r = client.post("/v1/predict?tta=bogus", content=body)
+    assert r.status_code == 400 and r.json()["error"] == "tta: Input should be 'run', 'none', 'flip' or 'shift'"
+
+
 def test_unknown_routes_and_methods_are_json(client):
     assert client.get("/v1/nothing").json() == {"error": "Not Found"}
     r = client.get("/v1/predict")

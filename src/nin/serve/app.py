@@ -198,8 +198,8 @@ Invert = Query(False, description=DESCRIPTIONS["invert"])
 
 # The predict routes are the hot path: plain Starlette routes that read their query and check the key
 # themselves (PredictQuery, in upload.py).  FastAPI's per-request machinery (dependencies, parameter
-# validation, its route wrapper) cost about a third of a request's event-loop time; /openapi.json still
-# describes them as FastAPI would (_document_predict).
+# validation, its route wrapper) cost about a third of a request's event-loop time (BENCHMARKS.md,
+# serving); /openapi.json still describes them as FastAPI would (_add_predict).
 async def predict(request: Request) -> JSONResponse:
     """POST /v1/predict and /v1/models/{name}/predict (PREDICT_ROUTES)."""
     return await _predict(request, request.path_params.get("name"))
@@ -227,10 +227,11 @@ def _add_predict(app: FastAPI) -> None:
     app.router.routes[:0] = [_Route(path, predict, methods=["POST"]) for path in PREDICT_ROUTES]  # matched first
     generate = app.openapi
 
+    where = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "title": "Name"}}]
+
     def openapi() -> dict:
         schema = generate()  # FastAPI's, made once and kept in app.openapi_schema
         for path, (name, description) in PREDICT_ROUTES.items():
-            where = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "title": "Name"}}]
             schema["paths"].setdefault(path, {"post": {
                 "summary": name.replace("_", " ").title(), "description": description,
                 "operationId": re.sub(r"\W", "_", name + path) + "_post",  # as FastAPI names them

@@ -8,6 +8,7 @@ Uploads stay in memory: a request never touches the file system.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -183,16 +184,11 @@ def _bad(name: str, message: str):
 
 
 def _topk(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            number = float(text)
-        except ValueError:
-            _bad("topk", "Input should be a valid integer, unable to parse string as an integer")
-        if not number.is_integer():
-            _bad("topk", "Input should be a valid integer, got a number with a fractional part")
-        value = int(number)
+    text = text.strip()
+    whole = re.fullmatch(r"[+-]?[0-9]+(_[0-9]+)*(\.0+)?", text)  # "5.0" is 5, as pydantic reads it
+    if not whole:
+        _bad("topk", "Input should be a valid integer, unable to parse string as an integer")
+    value = int(text.partition(".")[0])
     if value < 1:
         _bad("topk", "Input should be greater than or equal to 1")
     if value > TOPK_MAX:
@@ -204,7 +200,7 @@ def _bool(query: Mapping[str, str], name: str) -> bool:
     text = query.get(name)
     if text is None:
         return False
-    text = text.strip().lower()
+    text = text.lower()
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     _bad(name, "Input should be a valid boolean, unable to interpret input")
