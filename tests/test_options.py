@@ -45,6 +45,8 @@ def _refused(cfg, message):
     ("schedule", ["constant", "onecycle", "cosine", "step"], ["linear"],
      ["--schedule must be one of constant, onecycle, cosine, step, got 'linear'"]),
     ("init", ["default", "xavier", "kaiming"], ["he"], ["--init must be default, xavier or kaiming, got 'he'"]),
+    ("optimizer", ["sgd", "muon"], ["adam"], ["--optimizer must be sgd or muon, got 'adam'"]),
+    ("muon_momentum", [0.0, 0.95], [1.0], ["--muon-momentum must be in [0, 1), got 1.0"]),
 ])
 def test_every_option_limit_accepts_its_bounds_and_refuses_past_them_by_name(name, ok, bad, message):
     """The documented limits exactly: the bound itself passes, one step past it is refused with a message that

@@ -2,6 +2,8 @@
 the counts, autocast, weight decay, Nesterov, and the random seed of each step."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -154,3 +156,82 @@ def test_optimizer_uses_nesterov_only_when_asked_and_with_momentum(nesterov, mom
     opt.step()
     for p, q in zip(net.parameters(), p0):
         torch.testing.assert_close(p.detach(), q - 0.1 * ((1 + momentum) if want else 1.0))
+
+
+# --- --optimizer muon -----------------------------------------------------------------------------
+def _quintic_by_svd(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's Newton-Schulz result computed on the singular values: U p(...p(S / |G|_F)) V^T, float64."""
+    from nin.training.muon import NS_COEFFICIENTS
+
+    a, b, c = NS_COEFFICIENTS
+    u, s, vt = torch.linalg.svd(g.double(), full_matrices=False)
+    s = s / g.double().norm()
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return u @ torch.diag(s) @ vt
+
+
+# guards against: a Newton-Schulz iteration that is not Muon's quintic (coefficients, normalisation, the
+# transpose of a tall matrix) or that leaves the singular values far from 1
+@pytest.mark.parametrize("shape", [(16, 9), (64, 144), (10, 96), (96, 96)])
+def test_orthogonalize_is_the_quintic_on_the_singular_values(shape):
+    from nin.training.muon import orthogonalize
+
+    torch.manual_seed(0)
+    g = torch.randn(*shape)
+    got = orthogonalize(g)
+    assert got.dtype == torch.float32 and got.shape == g.shape
+    torch.testing.assert_close(got.double(), _quintic_by_svd(g), atol=2e-4, rtol=1e-3)
+    s = torch.linalg.svdvals(got.double())
+    assert 0.45 < s.min() and s.max() < 1.25, s  # Muon's "about orthogonal": every direction moves alike
+
+
+# guards against: Muon applied to biases/BN (or not to the filters), a step that ignores --muon-lr,
+# --muon-momentum or the filters' fixed norm, and the other group not following SGD's rule
+def test_muon_steps_the_filters_by_hand_and_the_rest_as_sgd():
+    from nin.training.engine import make_optimizer, train_step
+    from nin.training.muon import ConvMuon, orthogonalize
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    cfg = TrainConfig(optimizer="muon", lr=0.2, muon_lr=0.05, muon_momentum=0.6, momentum=0.9, nesterov=True,
+                      weight_decay=5e-4)
+    opt = make_optimizer(net, cfg, 0.2, torch.device("cpu"))
+    assert isinstance(opt, ConvMuon)
+    filters = [p for p in net.parameters() if p.ndim == 4]
+    rest = [p for p in net.parameters() if p.ndim == 1]
+    assert [g["params"] for g in opt.param_groups] == [filters, rest]
+    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,))
+    bufs = {}
+    for step, lr in enumerate([0.1, 0.2]):  # the schedule's lr; the filters' is lr * 0.05 / 0.2
+        before = [p.detach().clone() for p in net.parameters()]
+        train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, lr=lr, amp_dtype=None,
+                   label_smoothing=0.0, sums=torch.zeros(3, dtype=torch.float64))
+        for p, p0 in zip(net.parameters(), before):
+            g = p.grad
+            buf = bufs[id(p)] = g.clone() if step == 0 else bufs[id(p)] * (0.6 if p.ndim == 4 else 0.9) + g
+            if p.ndim == 4:  # Nesterov momentum 0.6, orthogonalised, on the filters renormalised to sqrt(out)
+                w = p0 * (len(p0) ** 0.5 / p0.norm())
+                want = w - lr * 0.25 * orthogonalize((g + 0.6 * buf).reshape(len(g), -1)).view_as(p)
+            else:  # biases and batch norm: SGD, Nesterov 0.9, no weight decay
+                want = p0 - lr * (g + 0.9 * buf)
+            torch.testing.assert_close(p.detach(), want)
+    assert abs(filters[0].detach().norm() - 2.0) < 0.2  # the step keeps the bank near sqrt(4)
+
+
+# guards against: --optimizer muon breaking a resume (its momentum lost or its groups rebuilt otherwise)
+def test_muon_run_resumes_bit_identically(data, tmp_path):
+    from nin.training.trainer import train
+
+    cfg = tiny(data, epochs=2, optimizer="muon", muon_lr=0.05, momentum=0.9, nesterov=True)
+    train(cfg, tmp_path / "full", **QUIET)
+    train(dataclasses.replace(cfg, max_steps=5), tmp_path / "part", **QUIET)
+    train(None, resume=tmp_path / "part", **QUIET)
+    a = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sgd = tiny(data, epochs=2, momentum=0.9, nesterov=True)
+    train(sgd, tmp_path / "sgd", **QUIET)
+    c = torch.load(tmp_path / "sgd" / "last.ckpt", weights_only=True)
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # the option does something

@@ -79,12 +79,20 @@ def input_dtype(amp_dtype: torch.dtype | None) -> torch.dtype:
     return torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32
 
 
-def make_optimizer(model: nn.Module, cfg, base_lr: float, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg, base_lr: float, device: torch.device) -> torch.optim.Optimizer:
     """SGD with weight decay on weights only; the fused kernel (one pass over all parameters) on CPU/CUDA.
-    ``cfg``: anything with ``momentum``, ``nesterov`` and ``weight_decay`` (a TrainConfig)."""
+    ``cfg``: anything with ``momentum``, ``nesterov`` and ``weight_decay`` (a TrainConfig); with
+    ``optimizer == "muon"`` the weights go to Muon instead (``muon_lr``, ``muon_momentum``; see muon.py)."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN affine
+    if getattr(cfg, "optimizer", "sgd") == "muon":
+        from .muon import ConvMuon
+
+        return ConvMuon([{"params": decay, "muon": True, "momentum": cfg.muon_momentum, "nesterov": True,
+                          "lr_ratio": cfg.muon_lr / cfg.lr},
+                         {"params": no_decay}], lr=base_lr, momentum=cfg.momentum,
+                        nesterov=cfg.nesterov and cfg.momentum > 0)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                            fused=True if device.type in ("cpu", "cuda") else None)
@@ -97,7 +105,7 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, scaler, x: torch.Tens
     Adds (loss sum, correct, seen) to ``sums``; returns (loss, logits).  ``clip_grad_norm`` > 0 rescales
     the gradients to at most that global L2 norm (after unscaling fp16's loss scale) before the step."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_ratio", 1.0)  # Muon's group keeps its own peak (muon.ConvMuon)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         logits = net(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
