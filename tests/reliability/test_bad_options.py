@@ -120,7 +120,7 @@ def _numeric_cases():
     subs["train"] = (["train", "--data-dir", "{data}", "--out", "{tmp}/newrun", *TINY_ARGS], train_flags)
     zero_ok = {"--crop-padding", "--val-split", "--seed", "--save-every", "--weight-decay", "--momentum",
                "--label-smoothing", "--ema", "--warmup-epochs", "--erase", "--workers", "--max-bad",
-               "--clip-grad-norm", "--min-steps-per-epoch"}
+               "--clip-grad-norm", "--min-steps-per-epoch", "--muon-momentum"}
     cases = []
     for name, (argv, flags) in subs.items():
         for flag in flags:
