@@ -81,12 +81,12 @@ def input_dtype(amp_dtype: torch.dtype | None) -> torch.dtype:
 
 def make_optimizer(model: nn.Module, cfg, base_lr: float, device: torch.device) -> torch.optim.Optimizer:
     """SGD with weight decay on weights only; the fused kernel (one pass over all parameters) on CPU/CUDA.
-    ``cfg``: anything with ``momentum``, ``nesterov`` and ``weight_decay`` (a TrainConfig); with
+    ``cfg``: a TrainConfig (``momentum``, ``nesterov``, ``weight_decay``, ``optimizer``); with
     ``optimizer == "muon"`` the weights go to Muon instead (``muon_lr``, ``muon_momentum``; see muon.py)."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN affine
-    if getattr(cfg, "optimizer", "sgd") == "muon":
+    if cfg.optimizer == "muon":
         from .muon import ConvMuon
 
         return ConvMuon([{"params": decay, "muon": True, "momentum": cfg.muon_momentum, "nesterov": True,

@@ -33,14 +33,14 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> 
 
 class ConvMuon(torch.optim.Optimizer):
     """Muon for the groups marked ``muon: True`` (parameters of 2 or more dimensions: conv filters), SGD with
-    momentum (Nesterov if asked) and weight decay for the others, the same update as torch.optim.SGD.
+    momentum (Nesterov if asked) for the others, torch.optim.SGD's update without weight decay (make_optimizer
+    gives that group only biases and batch norm, which take none; the filters' fixed norm stands in for it).
 
     ``lr_ratio`` in a group multiplies the learning rate the schedule sets (``train_step`` sets every group's
     ``lr``): the Muon group's peak is ``--muon-lr`` while the others follow ``--lr``."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=False,
-                        lr_ratio=1.0)
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, muon=False, lr_ratio=1.0)
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
@@ -58,8 +58,6 @@ class ConvMuon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if not group["muon"] and group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
                 if momentum:
                     if "momentum_buffer" not in state:
