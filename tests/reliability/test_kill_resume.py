@@ -207,3 +207,21 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(data, tmp_path):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
     assert torch.load(run / "last.ckpt", weights_only=True)["config"]["epochs"] == 50  # intact: resumable
+
+
+# guards against: a SIGTERM whose KeyboardInterrupt Python swallowed (it landed in an import lock's
+# callback, "Exception ignored in ...") letting the training run on to its end and exit 0 (seen in CI)
+def test_a_stop_whose_raise_was_lost_still_stops_the_run_at_the_next_step(data, tmp_path):
+    """The SIGTERM handler's flag alone (the raise gone): exit 130, status "interrupted", resumable."""
+    from nin.training.trainer import stop_requested
+
+    run = tmp_path / "run"
+    stop_requested.set()
+    try:
+        assert main(["train", "--data-dir", str(data), *TINY_ARGS, "--out", str(run)]) == 130
+    finally:
+        stop_requested.clear()
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 0  # stopped before its first step
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

@@ -35,7 +35,10 @@ def _sigterm_interrupts() -> None:
     import signal
     import threading
 
+    from ..training.trainer import stop_requested
+
     def interrupt(signum, frame):
+        stop_requested.set()  # in case the raise lands where Python ignores it: the step loop raises then
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():

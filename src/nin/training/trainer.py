@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -487,6 +488,12 @@ def show_progress(bar, state: TrainState, world_size: int, seconds: float, lr: f
                         f"{seen * world_size / max(seconds, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
 
 
+# Set by `nin train`'s SIGTERM handler besides raising KeyboardInterrupt: a signal that lands while Python
+# runs a callback whose exceptions it ignores (an import lock's or a weakref's) loses that raise, and the
+# run would go on to its end; the step loop raises it instead, at the next step.
+stop_requested = threading.Event()
+
+
 def run_epoch(setup: Setup, state: TrainState, run, *, quiet: bool, dry_run: bool = False) -> bool:
     """Train from (st.epoch, st.batch) to the epoch's end; True if --max-steps (or the dry run) stopped it."""
     cfg, dist = setup.cfg, setup.dist
@@ -495,6 +502,9 @@ def run_epoch(setup: Setup, state: TrainState, run, *, quiet: bool, dry_run: boo
     bar = epoch_bar(setup, state, quiet)
     t0, last_save, stop = time.perf_counter(), time.monotonic(), False
     for x, y in setup.train_loader.iterate(state.epoch, start_batch=state.batch):
+        if stop_requested.is_set():
+            bar.close()
+            raise KeyboardInterrupt
         torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch, dist.rank))
         lr = lr_at(cfg, state.step, setup.steps_per_epoch, setup.base_lr)
         loss, _ = train_step(setup.net, setup.opt, setup.scaler, x, y, lr=lr, amp_dtype=setup.amp_dtype,
