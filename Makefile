@@ -71,10 +71,10 @@ mutation: setup
 
 # Trains the shipped weights with nin's own recipes and publishes them into src/nin/weights/ (about 3 hours
 # on this 2-core CPU); the commands are recorded in each file and in weights/index.json.  The thread count
-# each file was trained with (one for nin_fmnist, two for nin_d2l): the same count gives the same weights
-# bit for bit.
+# each file was trained with (two for the fast file and nin_d2l, one for best): the same count gives the
+# same weights bit for bit.
 weights: setup
-	OMP_NUM_THREADS=1 .venv/bin/nin train --recipe fast --out runs/weights-fast
+	OMP_NUM_THREADS=2 .venv/bin/nin train --recipe fast --out runs/weights-fast
 	$(PY) tools/publish_weights.py runs/weights-fast nin_fmnist.fashion_mnist_fast --default --command "nin train --recipe fast"
 	OMP_NUM_THREADS=1 .venv/bin/nin train --recipe best --out runs/weights-best
 	$(PY) tools/publish_weights.py runs/weights-best nin_fmnist.fashion_mnist_best --command "nin train --recipe best"

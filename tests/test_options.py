@@ -71,3 +71,17 @@ def test_options_that_depend_on_each_other_are_checked_together():
     _refused(dataclasses.replace(base, transform="imagenet", resize=64),
              "--transform imagenet crops to --crop-size; drop --resize")
     dataclasses.replace(base, transform="fit", resize=64).validate()
+
+
+# guards against: --muon-lr / --muon-momentum given with the SGD optimizer being silently unused
+def test_muon_values_without_the_muon_optimizer_are_refused_by_name(capsys):
+    from nin.cli import main
+
+    for flags in (["--muon-lr", "0.05"], ["--muon-momentum", "0.9"], ["--muon-lr", "0.05", "--muon-momentum", "0.9"]):
+        assert main(["train", "--recipe", "fast", *flags, "--print-config"]) == 2
+        err = capsys.readouterr().err
+        named = " and ".join(f for f in flags if f.startswith("--"))
+        assert err == (f"nin train: error: {named} set the Muon optimizer's values; the sgd optimizer takes none "
+                       "(add --optimizer muon, or drop them)\n")
+        assert main(["train", "--recipe", "fast", *flags, "--optimizer", "muon", "--print-config"]) == 0
+        assert '"optimizer": "muon"' in capsys.readouterr().out

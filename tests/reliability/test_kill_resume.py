@@ -211,16 +211,23 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(data, tmp_path):
 
 # guards against: a SIGTERM whose KeyboardInterrupt Python swallowed (it landed in an import lock's
 # callback, "Exception ignored in ...") letting the training run on to its end and exit 0 (seen in CI)
-def test_a_stop_whose_raise_was_lost_still_stops_the_run_at_the_next_step(data, tmp_path):
-    """The SIGTERM handler's flag alone (the raise gone): exit 130, status "interrupted", resumable."""
-    from nin.training.trainer import stop_requested
+def test_a_stop_whose_raise_was_lost_still_stops_the_run_at_the_next_step(data, tmp_path, monkeypatch):
+    """The signal handler's flag alone (set during set-up, the raise gone): exit 130, status "interrupted",
+    resumable; and a stop left over from an earlier command in the same process stops nothing."""
+    from nin.training import trainer
+
+    set_up = trainer.set_up
+
+    def set_up_then_signalled(cfg):
+        setup = set_up(cfg)
+        trainer.stop_requested.set()
+        return setup
 
     run = tmp_path / "run"
-    stop_requested.set()
-    try:
-        assert main(["train", "--data-dir", str(data), *TINY_ARGS, "--out", str(run)]) == 130
-    finally:
-        stop_requested.clear()
+    monkeypatch.setattr(trainer, "set_up", set_up_then_signalled)
+    assert main(["train", "--data-dir", str(data), *TINY_ARGS, "--out", str(run)]) == 130
+    monkeypatch.setattr(trainer, "set_up", set_up)
+    assert trainer.stop_requested.is_set()  # left over: the resume below must not stop on it
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
     assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 0  # stopped before its first step
     assert main(["train", "--resume", str(run), "--quiet"]) == 0

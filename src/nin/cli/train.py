@@ -41,8 +41,11 @@ def _sigterm_interrupts() -> None:
         stop_requested.set()  # in case the raise lands where Python ignores it: the step loop raises then
         raise KeyboardInterrupt
 
+    stop_requested.clear()  # a stop from before this command (in the same process) is not for it
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same, flag included
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,6 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               quiet=args.quiet, tensorboard=args.tensorboard)
         return 0
     cfg = get_recipe(args.recipe, **overrides)
+    unused = [k for k in ("muon_lr", "muon_momentum") if k in overrides and cfg.optimizer != "muon"]
+    if unused:  # else they would be silently ignored
+        raise UsageError(" and ".join(map(flag, unused)) + f" set the Muon optimizer's values; the {cfg.optimizer} "
+                         "optimizer takes none (add --optimizer muon, or drop them)")
     if args.print_config:
         cfg.validate()
         print(json.dumps(cfg.to_dict(), indent=2))
