@@ -31,7 +31,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 def _sigterm_interrupts() -> None:
     """SIGTERM (a scheduler's or `kill`'s stop) ends a training as Ctrl-C does: status.json says
-    "interrupted" and the last checkpoint is kept.  Python's default for SIGTERM is to die on the spot."""
+    "interrupted" and the last checkpoint is kept.  Python's default for SIGTERM is to die on the spot.
+    Both also set a flag the step loop checks, for a raise that lands where Python ignores it."""
     import signal
     import threading
 
