@@ -21,7 +21,7 @@ and the machine; --from-jsonl FILE prints it again, and --figure draws the curve
 The real benchmark (15 full trainings, one at a time; nothing else should run on the machine meanwhile):
     python benchmarks/time_to_accuracy.py --variant old=f77f30f:fast --variant fast=fast \\
         --variant fast94=fast94 --seeds 0 1 2 3 4 --eval-none --target 0.93 --target 0.94 \\
-        --figure docs/img/time-to-accuracy.png
+        --figure docs/time-to-accuracy.png
 --smoke makes every run tiny (one epoch on 512 images) for the tests; its numbers mean nothing.
 """
 from __future__ import annotations
