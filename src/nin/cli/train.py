@@ -29,11 +29,12 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _sigterm_interrupts() -> None:
+def _stop_on_signals() -> None:
     """SIGTERM (a scheduler's or `kill`'s stop) ends a training as Ctrl-C does: status.json says
     "interrupted" and the last checkpoint is kept.  Python's default for SIGTERM is to die on the spot.
     Both also set a flag the step loop checks, for a raise that lands where Python ignores it."""
     import signal
+    import sys
     import threading
 
     from ..training.trainer import stop_requested
@@ -42,7 +43,12 @@ def _sigterm_interrupts() -> None:
         stop_requested.set()  # in case the raise lands where Python ignores it: the step loop raises then
         raise KeyboardInterrupt
 
+    def unraisable(u):  # and Python's "Exception ignored in ... Traceback" report of that lost raise is not shown
+        if not (stop_requested.is_set() and isinstance(u.exc_value, KeyboardInterrupt)):
+            sys.__unraisablehook__(u)
+
     stop_requested.clear()  # a stop from before this command (in the same process) is not for it
+    sys.unraisablehook = unraisable
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same, flag included
@@ -55,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.recipes import flag, get_recipe
     from ..training.trainer import train
 
-    _sigterm_interrupts()
+    _stop_on_signals()
     overrides = _train_overrides(args)
     if args.resume:
         other = [k for k in overrides if k not in RESUMABLE]

@@ -488,9 +488,9 @@ def show_progress(bar, state: TrainState, world_size: int, seconds: float, lr: f
                         f"{seen * world_size / max(seconds, 1e-9):.0f} img/s lr {lr:.3g}", refresh=False)
 
 
-# Set by `nin train`'s SIGTERM and Ctrl-C handler besides raising KeyboardInterrupt: a signal that lands while Python
-# runs a callback whose exceptions it ignores (an import lock's or a weakref's) loses that raise, and the
-# run would go on to its end; the step loop raises it instead, at the next step.
+# Set by `nin train`'s SIGTERM and Ctrl-C handler besides raising KeyboardInterrupt: a signal that lands
+# while Python runs a callback whose exceptions it ignores (an import lock's or a weakref's) loses that
+# raise, and the run would go on to its end; the step loop raises it instead, at the next step.
 stop_requested = threading.Event()
 
 
