@@ -14,9 +14,13 @@ loaded 2-core machine two threads lose more than half their speed waiting on eac
 (benchmarks/README.md), so the one-thread pair is the like-for-like comparison there.
 A segment's rate is images / wall seconds over its steps, data loading included, after one untimed step.
 The headline is the ratio of the median rates.  The same run measures this machine's bf16 and fp32 convolution
-peak (the book's 5x5 conv 96->256 at 26x26, batch 128, forward) and nin's share of it.
+peak (the book's 5x5 conv 96->256 at 26x26, batch 128, forward) and nin's share of it.  The peak is measured with
+the heap setting training uses (nin.training.engine.keep_freed_memory): without it every call page-faults its
+44 MB output afresh, which read the peak about 25% low on an AMX Xeon (before 2026-12-04 it was measured so).
+--baseline REV adds a third worker: nin's step as it was at git revision REV (`git archive`, imported through
+PYTHONPATH), in the same rounds, for a before/after ratio of nin's own step.
 
-Run:  .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--book-steps 4] [--nin-steps 8] [--json FILE]
+Run:  .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--book-steps 4] [--nin-steps 8] [--baseline REV] [--json FILE]
 """
 from __future__ import annotations
 
@@ -244,12 +248,12 @@ def worker(kind: str, args) -> None:
 
 
 class Worker:
-    def __init__(self, kind: str, args) -> None:
+    def __init__(self, kind: str, args, env: dict | None = None) -> None:
         cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--batch-size",
                str(args.batch_size), "--raw-dir", args.raw_dir, "--recipe", args.recipe, "--warmup", str(args.warmup)]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.kind = kind
 
     def wait_ready(self) -> None:
@@ -271,11 +275,22 @@ class Worker:
 
 
 def measure(args) -> dict:
+    from nin.training.engine import keep_freed_memory
+
     kinds = ["book", "nin"] + (["book1", "nin1"] if args.one_thread else [])
     workers = {k: Worker(k, args) for k in kinds}
+    if args.baseline:  # nin's step at REV: its source tree first on the worker's path
+        from time_to_accuracy import export_revision
+
+        sha, tree = export_revision(args.baseline, Path(tempfile.mkdtemp(prefix="bench-train-src-")))
+        args.baseline_sha = sha
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
+        workers["base"] = Worker("base", args, env)
+        kinds.append("base")
     for w in workers.values():
         w.wait_ready()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the conv peak with training's heap setting (see the docstring)
     rounds = []
     try:
         for r in range(args.rounds):
@@ -291,7 +306,8 @@ def measure(args) -> dict:
             print(f"round {r + 1}/{args.rounds}: the book {row['book']['rate']:.1f} img/s, "
                   f"nin {row['nin']['rate']:.1f} img/s ({row['nin']['rate'] / row['book']['rate']:.2f}x)"
                   + (f"; one thread: the book {row['book1']['rate']:.1f}, nin {row['nin1']['rate']:.1f} img/s"
-                     if "nin1" in row else "") + f", conv peak bf16 {row['peak_bf16']:.0f} "
+                     if "nin1" in row else "")
+                  + (f"; nin at {args.baseline} {row['base']['rate']:.1f} img/s" if "base" in row else "") + f", conv peak bf16 {row['peak_bf16']:.0f} "
                   f"fp32 {row['peak_fp32']:.0f} GFLOP/s, load {row['load_before']:.2f}->{row['load_after']:.2f}",
                   file=sys.stderr, flush=True)
     finally:
@@ -314,6 +330,9 @@ def measure(args) -> dict:
         res["nin1_rate"], res["book1_rate"] = med("nin1", "rate"), med("book1", "rate")
         res["ratio1"] = res["nin1_rate"] / res["book1_rate"]
         res["ratios1"] = [r["nin1"]["rate"] / r["book1"]["rate"] for r in rounds]
+    if args.baseline:
+        res["baseline"], res["baseline_sha"], res["base_rate"] = args.baseline, args.baseline_sha, med("base", "rate")
+        res["ratios_base"] = [r["nin"]["rate"] / r["base"]["rate"] for r in rounds]
     res["limit_bf16"] = res["peak_bf16"] * 1e9 / flops
     res["limit_fp32"] = res["peak_fp32"] * 1e9 / flops
     return res
@@ -352,6 +371,10 @@ def markdown(res: dict) -> str:
                  f"| nin, one thread: `OMP_NUM_THREADS=1 nin train --recipe d2l` step | {res['nin1_rate']:.1f} | "
                  f"{per_round('nin1')} | **{res['ratio1']:.2f}x** (vs the book at default threads: "
                  f"{res['nin1_rate'] / res['book_rate']:.2f}x) |"]
+    if "base_rate" in res:
+        rows.append(f"| nin's step at {res['baseline']} ({res['baseline_sha'][:7]}), same rounds | {res['base_rate']:.1f} | "
+                    f"{per_round('base')} | {res['base_rate'] / res['book_rate']:.2f}x (nin now: "
+                    f"**{statistics.median(res['ratios_base']):.2f}x** of it, median of rounds) |")
     gf = res["train_gflop_per_image"]
     lines = [
         "### Training throughput, the book's configuration (nin_d2l, Fashion-MNIST at 224, batch 128)", "",
@@ -365,17 +388,20 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|",
         f"| bf16, channels_last | {res['peak_bf16']:.0f} | {res['limit_bf16']:.0f} images/s | "
         f"{res['nin_rate'] / res['limit_bf16']:.0%}"
-        + (f" (one thread: {res['nin1_rate'] / res['limit_bf16']:.0%})" if "nin1_rate" in res else "") + " |",
+        + (f" (one thread: {res['nin1_rate'] / res['limit_bf16']:.0%})" if "nin1_rate" in res else "")
+        + (f" (at {res['baseline']}: {res['base_rate'] / res['limit_bf16']:.0%})" if "base_rate" in res else "") + " |",
         f"| fp32, channels_last | {res['peak_fp32']:.0f} | {res['limit_fp32']:.0f} images/s | "
         f"(the book: {res['book_rate'] / res['limit_fp32']:.0%}) |",
         "",
         f"{c['rounds']} rounds, each: the book's pipeline {c['book_steps']} steps, then nin {c['nin_steps']} steps"
-        + (", then the same two with one thread each" if "nin1_rate" in res else "") + " (each after one "
+        + (", then the same two with one thread each" if "nin1_rate" in res else "")
+        + (f", then nin at {res['baseline']}" if "base_rate" in res else "") + " (each after one "
         "untimed step; rate = images / wall seconds, data loading included), then the conv peaks. "
         f"Load average (1 min) before/after each round: {', '.join(f'{x:.2f}' for x in res['loads'])}. "
         f"{res['machine']}. Command: `.venv/bin/python benchmarks/bench_train.py --rounds {c['rounds']} "
         + (f"--threads {c['threads']} " if c["threads"] != os.cpu_count() else "")
-        + f"--book-steps {c['book_steps']} --nin-steps {c['nin_steps']}`.",
+        + f"--book-steps {c['book_steps']} --nin-steps {c['nin_steps']}"
+        + (f" --baseline {res['baseline']}" if "base_rate" in res else "") + "`.",
     ]
     return "\n".join(lines)
 
@@ -396,8 +422,9 @@ def main(argv=None) -> None:
     p.add_argument("--one-thread", action=argparse.BooleanOptionalAction, default=True,
                    help="also time nin with one thread (as OMP_NUM_THREADS=1): on a loaded machine two threads "
                         "wait on each other at every op (default on)")
+    p.add_argument("--baseline", metavar="REV", help="also time nin's step as it was at this git revision")
     p.add_argument("--json", help="also write the raw results to this JSON file")
-    p.add_argument("--worker", choices=["book", "nin", "book1", "nin1"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["book", "nin", "book1", "nin1", "base"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args)

@@ -31,6 +31,7 @@ from torch import nn
 from . import runfolder
 from .engine import (Dist, Ema, all_reduce_sum, debug_dump, init_weights, input_dtype, keep_freed_memory, make_optimizer, resolve_precision, setup_distributed, step_seed, train_step, weights_finite)
 from ..errors import CheckpointError, TrainingDiverged, UsageError
+from .fused import fuse_conv_relu
 from .recipes import RECIPES, TrainConfig, lr_at, min_steps_per_epoch
 
 __all__ = ["train", "set_up", "Setup", "TrainState", "TrainingDiverged", "loader_accuracy", "loader_eval",
@@ -335,6 +336,8 @@ def set_up(cfg: TrainConfig) -> Setup:
     model = _model(cfg, model_kwargs, (in_chans, h, w), dist, device, list(ds.classes), src)
     loaders = _loaders(cfg, ds, train_split, val_split, model, dist, device, amp_dtype, (h, w))
     base_lr = cfg.lr * (dist.world_size if cfg.lr_scale == "linear" else 1)
+    if device.type == "cpu" and not cfg.compile:
+        fuse_conv_relu(model)  # each conv and its ReLU in one oneDNN call (fused.py); same numbers
     net = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
