@@ -78,10 +78,14 @@ def test_muon_values_without_the_muon_optimizer_are_refused_by_name(capsys):
     from nin.cli import main
 
     for flags in (["--muon-lr", "0.05"], ["--muon-momentum", "0.9"], ["--muon-lr", "0.05", "--muon-momentum", "0.9"]):
-        assert main(["train", "--recipe", "fast", *flags, "--print-config"]) == 2
+        assert main(["train", "--recipe", "best", *flags, "--print-config"]) == 2  # best: SGD
         err = capsys.readouterr().err
         named = " and ".join(f for f in flags if f.startswith("--"))
         assert err == (f"nin train: error: {named} set the Muon optimizer's values; the sgd optimizer takes none "
                        "(add --optimizer muon, or drop them)\n")
-        assert main(["train", "--recipe", "fast", *flags, "--optimizer", "muon", "--print-config"]) == 0
+        assert main(["train", "--recipe", "best", *flags, "--optimizer", "muon", "--print-config"]) == 0
+        assert '"optimizer": "muon"' in capsys.readouterr().out
+        assert main(["train", "--recipe", "fast", *flags, "--optimizer", "sgd", "--print-config"]) == 2
+        capsys.readouterr()
+        assert main(["train", "--recipe", "fast", *flags, "--print-config"]) == 0  # fast trains with Muon
         assert '"optimizer": "muon"' in capsys.readouterr().out
