@@ -85,7 +85,8 @@ def test_nin_eval_on_an_alphabetical_folder_equals_nin_predict(photos, tmp_path,
     model = nin.load(DEFAULT)
     expected = predict_accuracy(model, held_out(photos))
     assert expected > 0.85  # the shipped model classifies these well
-    assert main(["eval", DEFAULT, "--data", f"folder:{photos}", "--json", "--out", str(tmp_path)]) == 0
+    # in fp32, as predict_files computes (nin eval's default is the run's precision: bf16 where the CPU has it)
+    assert main(["eval", DEFAULT, "--data", f"folder:{photos}", "--json", "--precision", "fp32", "--out", str(tmp_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["n"] == 120 and doc["accuracy"] == pytest.approx(expected)
     bag = next(row for row in doc["per_class"] if row["class"] == "Bag")
@@ -312,7 +313,7 @@ def test_a_few_steps_on_fashion_mnist_are_evaluated_with_settled_statistics(fmni
     from nin.evaluation import evaluate
 
     # the last epoch's row is evaluated without TTA (the recipe's saved model then once more with flip)
-    assert evaluate(result.model, fmnist.test, tta="none").accuracy == pytest.approx(result.test_acc)
+    assert evaluate(result.model, fmnist.test, tta="none", precision="run").accuracy == pytest.approx(result.test_acc)
 
 
 def test_nin_evaluate_of_a_run_checks_the_folder_split_as_nin_eval_does(fmnist, tmp_path, capsys):

@@ -75,7 +75,7 @@ def test_every_step_gets_the_schedules_lr(data, monkeypatch):
     """The lr the optimizer steps with is lr_at's for that step (onecycle, fractional warm-up)."""
     import nin.training.engine as engine
 
-    cfg = tiny(data, epochs=2, schedule="onecycle", warmup_epochs=0.5, lr=0.3)
+    cfg = tiny(data, epochs=2, schedule="onecycle", warmup_epochs=0.5, lr=0.3, optimizer="sgd")  # the spy is SGD's
     used = []
     real = engine.torch.optim.SGD.step
 
@@ -92,7 +92,7 @@ def test_every_step_gets_the_schedules_lr(data, monkeypatch):
     rows = read_metrics(data.parent / "lr-run")
     assert [r["lr"] for r in rows] == [used[3], used[7]]  # exactly: the row records the applied value
     used.clear()
-    t.train(tiny(data, epochs=3, limit_train=64, schedule="onecycle", warmup_epochs=2.0, lr=0.3),
+    t.train(tiny(data, epochs=3, limit_train=64, schedule="onecycle", warmup_epochs=2.0, lr=0.3, optimizer="sgd"),
             data.parent / "lr-run-1", **QUIET)
     rows = read_metrics(data.parent / "lr-run-1")
     assert len(used) == 3 and used[0] < used[1]  # the first epoch's single step is still warming up

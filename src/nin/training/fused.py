@@ -6,8 +6,9 @@ in-place form on bf16 runs at half the speed of the out-of-place one), while one
 a convolution's output before writing it, for free.  ``fuse_conv_relu`` swaps every (Conv2d, ReLU)
 pair of a model's Sequentials for (FusedConvReLU, Identity), as ``torch.ao.quantization.fuse_modules``
 does: the convolution keeps its parameters and their names (checkpoints and weights files are
-unchanged) and computes exactly what the pair computed (ReLU commutes with rounding to bf16; the
-backward pass is the same two kernels, ReLU's mask then the convolution's).
+unchanged) and computes what the pair computed: bit for bit in channels_last, as nin trains (ReLU
+commutes with rounding to bf16; the backward pass is the same two kernels, ReLU's mask then the
+convolution's); in NCHW oneDNN may pick another fp32 kernel for the fused call (1 ulp apart).
 
 The book's first layer is an 11 x 11 convolution with stride 4 over one channel: a matrix product
 with K = 121 that oneDNN runs at a fraction of its speed elsewhere (its weight gradient alone took
