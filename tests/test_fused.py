@@ -124,3 +124,21 @@ def test_cpu_training_fuses_and_trains_as_the_plain_layers_do(data, tmp_path, mo
     for k in a:  # two steps apart only by the stem's order of summation (and a kernel choice: 1e-4 is loose)
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), (k, (a[k] - b[k]).abs().max().item())
     assert type(load(tmp_path / "fused").features[0][0]) is nn.Conv2d  # the saved model is the plain network
+
+
+def test_where_onednn_has_no_bf16_the_fused_layer_runs_the_plain_pair(monkeypatch):
+    """On CPUs without AVX-512 oneDNN refuses bf16 convolutions; PyTorch's own conv does not."""
+    import nin.training.fused as fused_module
+
+    calls = []
+    real = fused_module._ConvReLU.apply
+    monkeypatch.setattr(fused_module, "_mkldnn_bf16", lambda: False)
+    monkeypatch.setattr(fused_module._ConvReLU, "apply", lambda *a: calls.append(a) or real(*a))
+    torch.manual_seed(0)
+    plain, fused = pair_and_fused(nn.Conv2d(4, 8, 3, padding=1))
+    x = torch.randn(2, 4, 10, 10)
+    y0, _, _ = forward_backward(plain, x, amp=True)
+    y1, _, _ = forward_backward(fused, x, amp=True)
+    assert not calls and y1.dtype == torch.bfloat16 and torch.equal(y0, y1)
+    forward_backward(fused, x, amp=False)  # fp32 still takes the fused call
+    assert len(calls) == 1

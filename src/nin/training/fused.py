@@ -20,6 +20,7 @@ convolution.  Only on CPU: CUDA has its own fusions (cuDNN), and ``--compile`` i
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,6 +76,12 @@ def _stem_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return h % s == 0 and w % s == 0 and (h - k) // s == h // s - math.ceil(k / s) and (w - k) // s == w // s - math.ceil(k / s)
 
 
+@functools.lru_cache(maxsize=1)
+def _mkldnn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 at least); where not, the fused call would fail."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class FusedConvReLU(nn.Conv2d):
     """An nn.Conv2d whose output has already been through a ReLU (see the module's docstring)."""
 
@@ -83,7 +90,8 @@ class FusedConvReLU(nn.Conv2d):
         if torch.is_autocast_enabled("cpu"):  # the casts autocast would make, outside the fused op
             dtype = torch.get_autocast_dtype("cpu")
             x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        if x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype or x.device.type != "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype or x.device.type != "cpu" \
+                or (x.dtype == torch.bfloat16 and not _mkldnn_bf16()):  # PyTorch's own conv has a non-oneDNN path
             return F.relu(super().forward(x))
         stride, padding = list(self.stride), list(self.padding)
         if _stem_fits(self, x):
