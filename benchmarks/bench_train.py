@@ -280,11 +280,9 @@ def measure(args) -> dict:
     kinds = ["book", "nin"] + (["book1", "nin1"] if args.one_thread else [])
     workers = {k: Worker(k, args) for k in kinds}
     if args.baseline:  # nin's step at REV: its source tree first on the worker's path
-        from time_to_accuracy import export_revision
+        from time_to_accuracy import revision_env
 
-        sha, tree = export_revision(args.baseline, Path(tempfile.mkdtemp(prefix="bench-train-src-")))
-        args.baseline_sha = sha
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
+        args.baseline_sha, env = revision_env(args.baseline, Path(tempfile.mkdtemp(prefix="bench-train-src-")))
         workers["base"] = Worker("base", args, env)
         kinds.append("base")
     for w in workers.values():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -61,10 +60,9 @@ def main(argv=None) -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rev and not args.child:  # run again with REV's source first on the path
-        from time_to_accuracy import export_revision
+        from time_to_accuracy import revision_env
 
-        sha, tree = export_revision(args.rev, Path(tempfile.mkdtemp(prefix="profile-step-src-")))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")]))
+        _, env = revision_env(args.rev, Path(tempfile.mkdtemp(prefix="profile-step-src-")))
         cmd = [sys.executable, __file__, "--child", "--recipe", args.recipe, "--steps", str(args.steps), "--warmup",
                str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else []) \
             + (["--json", args.json] if args.json else [])

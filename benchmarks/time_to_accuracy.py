@@ -84,6 +84,13 @@ def export_revision(rev: str, into: Path) -> tuple[str, Path]:
     return sha, dest
 
 
+def revision_env(rev: str, into: Path) -> tuple[str, dict]:
+    """(full sha, this process's environment with REV's src/ first on PYTHONPATH): for benchmarks whose workers
+    import nin as it was at REV (bench_train.py --baseline, profile_step.py --rev)."""
+    sha, tree = export_revision(rev, into)
+    return sha, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree / "src"), os.environ.get("PYTHONPATH")]))}
+
+
 def nin_file(env: dict) -> str:
     """The `nin` a run with this environment imports (its __init__.py)."""
     p = subprocess.run([sys.executable, "-c", "import nin; print(nin.__file__)"], env=env, capture_output=True,

@@ -337,7 +337,7 @@ def set_up(cfg: TrainConfig) -> Setup:
     loaders = _loaders(cfg, ds, train_split, val_split, model, dist, device, amp_dtype, (h, w))
     base_lr = cfg.lr * (dist.world_size if cfg.lr_scale == "linear" else 1)
     if device.type == "cpu" and not cfg.compile:
-        fuse_conv_relu(model)  # each conv and its ReLU in one oneDNN call (fused.py); same numbers
+        fuse_conv_relu(model)  # each conv and its ReLU in one oneDNN call (fused.py): the pair's numbers
     net = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
